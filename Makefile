@@ -1,0 +1,24 @@
+# The two commands of README.md: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: env demo test test-fast bench clean
+
+env:
+	@bash scripts/bootstrap.sh
+
+demo: env
+	$(PY) scripts/demo.py --out demo_out
+
+test: env
+	$(PY) -m pytest tests -q -rs --durations=15
+
+test-fast: env
+	$(PY) -m pytest tests -q -m "not slow"
+
+bench: env
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf .cache demo_out

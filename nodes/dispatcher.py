@@ -1,0 +1,413 @@
+"""The attention dispatcher: one owner per attn2 slot, an ordered list of stages.
+
+Every mechanism node of this pack adds one *stage* to a MODEL. Stages are not
+installed as separate patches: one :class:`AttentionDispatcher` per MODEL clone
+owns all our attn2 ``patches_replace`` slots and runs its stages in the order
+the nodes were applied. Applying a node clones the MODEL and installs a new
+dispatcher with one more stage (``stages`` is a tuple, dispatchers are
+immutable), so the upstream MODEL is never changed and graphs can branch.
+
+Per attn2 call (``q, k, v`` already projected by the layer, ``[B, N, H*D]``)::
+
+    out = text attention            # the slot's previous (foreign) replace if any,
+                                    # else the host's optimized_attention, exactly
+    for stage in stages:            # in node order
+        if stage inactive here (weight 0, sigma outside its window, layer filtered,
+                                    no batch chunk it applies to): skip
+        rows   = batch chunks the stage applies to (cond / uncond / both)
+        region = its MASK resized to this layer's token grid, [b, N, 1] (or None)
+        out[rows] = stage.forward(call[rows], out[rows], region)
+    return out                      # the layer applies to_out
+
+A stage with ``region`` must leave ``out`` unchanged where ``region`` is 0
+(helpers :func:`add_in_region` and :func:`blend_in_region` do that exactly).
+With no active stage the dispatcher returns the unpatched computation bit for
+bit.
+
+A patch another pack installed in a slot before ours (3-tuple key, or the
+2-tuple block-wide key) is kept as that slot's *fallback*: it computes the
+text attention our stages build on, so it still runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..adapters.spatial import mask_to_tokens, token_grid
+from .errors import IdentityAttentionError
+from .host import (
+    LayerInfo,
+    LayerKey,
+    SigmaReader,
+    activations_hw,
+    cross_attention_layers,
+    host_attention,
+    latent_hw,
+    layer_key_of,
+)
+
+PACK_KEY = "identity_attention"
+"""Our key in ``model_options["transformer_options"]``: the installed dispatcher."""
+
+HIDDEN_STATES_KEY = "identity_attention_hidden_states"
+"""Where the attn2_patch stash puts the layer's pre-projection hidden states."""
+
+APPLY_TO_CHOICES = ("both", "cond", "uncond")
+_COND, _UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """When and where a stage acts. Built by nodes from the standard inputs.
+
+    weight:       the mechanism's strength; 0 makes the stage a no-op.
+    sigma_start:  active while sigma <= sigma_start (``inf`` = from the first step).
+    sigma_end:    ... and sigma >= sigma_end (``0`` = to the last step).
+    apply_to:     "both", "cond" (positive prompt only) or "uncond" (negative only).
+    mask:         ``[Bm, H, W]`` in [0, 1], pixel space, or None for everywhere.
+    layers:       restrict to these layer keys (None = every cross-attention layer).
+    """
+
+    weight: float = 1.0
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    apply_to: str = "both"
+    mask: Optional[torch.Tensor] = None
+    layers: Optional[frozenset] = None
+
+    def __post_init__(self):
+        if self.apply_to not in APPLY_TO_CHOICES:
+            raise ValueError(f"apply_to must be one of {APPLY_TO_CHOICES}, got {self.apply_to!r}")
+
+    def active_at(self, sigma: Optional[float]) -> bool:
+        if sigma is None or (self.sigma_start == math.inf and self.sigma_end <= 0.0):
+            return True
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def applies_to_chunk(self, code: int) -> bool:
+        return self.apply_to == "both" or (self.apply_to == "cond") == (code == _COND)
+
+
+class AttentionCall:
+    """One attn2 call at one layer, as stages see it.
+
+    q: ``[B, N, H*D]``; k, v: ``[B, M, H*D]`` (the layer's projections of the text context).
+    chunks: ComfyUI's ``cond_or_uncond`` for these rows (0 = cond, 1 = uncond);
+    the batch is ``len(chunks)`` equal chunks in that order.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        extra_options: dict,
+        layer: LayerKey,
+        fallback: Optional[Callable] = None,
+        sigma: Optional[float] = None,
+        chunks: Optional[Sequence[int]] = None,
+        text: Optional[torch.Tensor] = None,
+        hidden: Optional[torch.Tensor] = None,
+    ):
+        self.q, self.k, self.v = q, k, v
+        self.extra_options = extra_options
+        self.layer = layer
+        self.heads = int(extra_options["n_heads"])
+        self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
+        self.sigma = sigma
+        self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
+        self._fallback = fallback
+        self._text = text
+        self._hidden = hidden if hidden is not None else extra_options.get(HIDDEN_STATES_KEY)
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def rows_per_chunk(self) -> int:
+        if self.batch % len(self.chunks):
+            raise IdentityAttentionError(
+                f"the batch of {self.batch} rows cannot be split into {len(self.chunks)} cond/uncond chunks",
+                fix="report this with your workflow: the sampler sent an unexpected batch",
+            )
+        return self.batch // len(self.chunks)
+
+    def token_grid(self) -> Tuple[int, int]:
+        """``(H, W)`` of this layer's query tokens."""
+        hw = latent_hw(self.extra_options)
+        if hw is None:
+            side = int(round(math.sqrt(self.q.shape[1])))
+            return side, self.q.shape[1] // max(side, 1)
+        return token_grid(self.q.shape[1], hw, activations_hw(self.extra_options))
+
+    # --- attention ---------------------------------------------------------------------------
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The host's optimized attention with this layer's heads and precision."""
+        return host_attention(q, k, v, self.heads, self.extra_options)
+
+    def text_attention(self) -> torch.Tensor:
+        """The layer's own text cross-attention output (what an unpatched model computes).
+
+        Computed once per call; the slot's foreign patch, if any, produces it.
+        """
+        if self._text is None:
+            if self._fallback is not None:
+                self._text = self._fallback(self.q, self.k, self.v, self.extra_options)
+            else:
+                self._text = self.attention(self.q, self.k, self.v)
+        return self._text
+
+    def hidden_states(self) -> torch.Tensor:
+        """The layer's input to ``to_q`` (after norm2), ``[B, N, C]``.
+
+        Only available to stages that set ``needs_hidden_states``.
+        """
+        if self._hidden is None:
+            raise RuntimeError("hidden states were not stashed: the stage must set needs_hidden_states = True")
+        return self._hidden
+
+    # --- batch chunks ------------------------------------------------------------------------
+    def per_row(self, values: Dict[int, torch.Tensor]) -> torch.Tensor:
+        """Stack per-chunk tensors into per-row ones.
+
+        ``values`` maps a chunk code (0 cond, 1 uncond) to ``[1, ...]`` or
+        ``[rows_per_chunk, ...]``; returns ``[B, ...]`` in this call's row order.
+        """
+        n = self.rows_per_chunk
+        parts = []
+        for code in self.chunks:
+            t = values[code]
+            parts.append(t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def select_chunks(self, keep: Sequence[bool]) -> "AttentionCall":
+        """A view of this call restricted to the chunks where ``keep`` is True."""
+        rows = self._row_slices(keep)
+
+        def take(t):
+            if t is None:
+                return None
+            return torch.cat([t[s] for s in rows], dim=0) if len(rows) > 1 else t[rows[0]]
+
+        return AttentionCall(
+            take(self.q),
+            take(self.k),
+            take(self.v),
+            self.extra_options,
+            self.layer,
+            fallback=self._fallback,
+            sigma=self.sigma,
+            chunks=[c for c, kept in zip(self.chunks, keep) if kept],
+            text=take(self._text),
+            hidden=take(self._hidden),
+        )
+
+    def _row_slices(self, keep: Sequence[bool]) -> List[slice]:
+        n = self.rows_per_chunk
+        return [slice(i * n, (i + 1) * n) for i, kept in enumerate(keep) if kept]
+
+    def scatter_chunks(self, full: torch.Tensor, part: torch.Tensor, keep: Sequence[bool]) -> torch.Tensor:
+        """Put ``part`` (rows of the kept chunks) back into a copy of ``full``."""
+        n = self.rows_per_chunk
+        pieces, offset = [], 0
+        for i, kept in enumerate(keep):
+            if kept:
+                pieces.append(part[offset : offset + n])
+                offset += n
+            else:
+                pieces.append(full[i * n : (i + 1) * n])
+        return torch.cat(pieces, dim=0)
+
+
+def add_in_region(out: torch.Tensor, delta: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out + region * delta`` (``region`` ``[b, N, 1]`` or None = everywhere)."""
+    if region is None:
+        return out + delta
+    return out + delta * region.to(delta.dtype)
+
+
+def blend_in_region(out: torch.Tensor, new: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+    """``new`` where ``region`` is 1, ``out`` where it is 0, linear between."""
+    if region is None:
+        return new
+    return torch.lerp(out, new, region.to(out.dtype))
+
+
+class AttentionStage:
+    """Base class of a mechanism's contribution to every attn2 call.
+
+    Subclasses implement :meth:`forward` and set ``label`` (shown in errors and
+    inspect nodes). Instances are shared between MODEL clones, so they must not
+    change after construction except for caches of derived tensors.
+    """
+
+    label = "stage"
+    needs_hidden_states = False
+
+    def __init__(self, schedule: StageSchedule):
+        self.schedule = schedule
+        self._region_cache: Dict[tuple, torch.Tensor] = {}
+
+    # ComfyUI deep-copies model_options on every clone; a stage is immutable, so share it.
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+        """Return the new attention output ``[b, N, H*D]`` for ``call``'s rows."""
+        raise NotImplementedError
+
+    def is_active(self, call: AttentionCall) -> bool:
+        """Whether the stage acts at this layer and step (besides chunks)."""
+        s = self.schedule
+        if s.weight == 0.0:
+            return False
+        if s.layers is not None and call.layer not in s.layers:
+            return False
+        return s.active_at(call.sigma)
+
+    def region(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """The stage's MASK at this layer's grid for ``call``'s rows: ``[b, N, 1]`` or None."""
+        mask = self.schedule.mask
+        if mask is None:
+            return None
+        grid = call.token_grid()
+        key = (grid, call.q.device, call.q.dtype)
+        tokens = self._region_cache.get(key)
+        if tokens is None:
+            tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
+            self._region_cache[key] = tokens
+        per_chunk = call.rows_per_chunk
+        if tokens.shape[0] == 1:
+            return tokens.expand(call.batch, -1, -1)
+        if tokens.shape[0] == per_chunk:
+            return tokens.repeat(len(call.chunks), 1, 1)
+        raise IdentityAttentionError(
+            f"the mask has {tokens.shape[0]} frames but the latent batch has {per_chunk} images",
+            node=self.label,
+            input_name="mask",
+            fix="give one mask for all images, or exactly one mask per image in the batch",
+        )
+
+
+class HiddenStateStash:
+    """An ``attn2_patch`` that keeps the layer's pre-``to_q`` hidden states for our stages.
+
+    It returns its inputs unchanged, so it has no numerical effect.
+    """
+
+    identity_attention_stash = True
+
+    def __call__(self, n, context, value, extra_options):
+        extra_options[HIDDEN_STATES_KEY] = n
+        return n, context, value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class AttentionDispatcher:
+    """Owns our attn2 slots of one MODEL clone; runs the stages in order.
+
+    stages:    the applied stages, first applied first.
+    fallbacks: per layer key, the foreign replace that held the slot before us.
+    layers:    the model's cross-attention layers (key -> LayerInfo).
+    """
+
+    identity_attention_dispatcher = True
+
+    def __init__(self, stages: Tuple[AttentionStage, ...], fallbacks: Dict[LayerKey, Callable], layers: Dict[LayerKey, LayerInfo]):
+        self.stages = tuple(stages)
+        self.fallbacks = dict(fallbacks)
+        self.layers = dict(layers)
+        self._sigma = SigmaReader()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        layer = layer_key_of(extra_options)
+        fallback = self.fallbacks.get(layer)
+        call = AttentionCall(q, k, v, extra_options, layer, fallback=fallback, sigma=self._sigma(extra_options))
+        out = None
+        for stage in self.stages:
+            if not stage.is_active(call):
+                continue
+            keep = [stage.schedule.applies_to_chunk(code) for code in call.chunks]
+            if not any(keep):
+                continue
+            if out is None:
+                out = call.text_attention()
+            if all(keep):
+                out = stage.forward(call, out, stage.region(call))
+            else:
+                sub = call.select_chunks(keep)
+                sub_out = out[call._row_slices(keep)[0]] if sum(keep) == 1 else torch.cat([out[s] for s in call._row_slices(keep)])
+                new = stage.forward(sub, sub_out, stage.region(sub))
+                out = call.scatter_chunks(out, new, keep)
+        return out if out is not None else call.text_attention()
+
+
+def is_dispatcher(obj) -> bool:
+    return getattr(obj, "identity_attention_dispatcher", False) is True
+
+
+def installed_dispatcher(model_patcher) -> Optional[AttentionDispatcher]:
+    """The dispatcher installed on a MODEL by our nodes, if any."""
+    found = model_patcher.model_options.get("transformer_options", {}).get(PACK_KEY)
+    return found if is_dispatcher(found) else None
+
+
+def apply_attention_stage(model_patcher, stage: AttentionStage):
+    """Return a clone of ``model_patcher`` with ``stage`` appended to its dispatcher.
+
+    The input MODEL is not modified. Slots that another pack patched before
+    us keep that patch as their fallback.
+    """
+    layers = cross_attention_layers(model_patcher)
+    if not layers:
+        raise IdentityAttentionError(
+            "this MODEL has no UNet cross-attention layers to patch",
+            node=stage.label,
+            input_name="model",
+            fix="use an SD1.5, SD2 or SDXL model",
+        )
+    m = model_patcher.clone()
+    previous = installed_dispatcher(m)
+    replace = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    fallbacks: Dict[LayerKey, Callable] = {}
+    for info in layers:
+        current = replace.get(info.key)
+        if current is None:
+            current = replace.get(info.key[:2])  # a block-wide patch applies to every depth
+        if is_dispatcher(current):
+            if current.fallbacks.get(info.key) is not None:
+                fallbacks[info.key] = current.fallbacks[info.key]
+        elif current is not None:
+            fallbacks[info.key] = current
+    stages = (previous.stages if previous is not None else ()) + (stage,)
+    dispatcher = AttentionDispatcher(stages, fallbacks, {info.key: info for info in layers})
+    for info in layers:
+        m.set_model_attn2_replace(dispatcher, info.key[0], info.key[1], info.key[2])
+    m.model_options["transformer_options"][PACK_KEY] = dispatcher
+    if any(s.needs_hidden_states for s in stages):
+        _ensure_hidden_state_stash(m)
+    return m
+
+
+def _ensure_hidden_state_stash(model_patcher) -> None:
+    """Make our stash the last attn2_patch, so it sees the hidden states ``to_q`` gets."""
+    patches = model_patcher.model_options["transformer_options"].setdefault("patches", {})
+    current = [p for p in patches.get("attn2_patch", []) if not getattr(p, "identity_attention_stash", False)]
+    patches["attn2_patch"] = current + [HiddenStateStash()]

@@ -1,0 +1,46 @@
+"""Inspect nodes: what a MODEL's cross-attention looks like and what this pack installed."""
+
+from __future__ import annotations
+
+from .dispatcher import installed_dispatcher
+from .host import base_model_of, cross_attention_layers
+from .stage_inputs import CATEGORY
+
+
+class ModelAttentionInfo:
+    NODE_ID = "IdentityAttentionModelInfo"
+    DISPLAY_NAME = "Show attention patches"
+    CATEGORY = f"{CATEGORY}/inspect"
+    DESCRIPTION = "Lists the model's cross-attention layers and the Identity Attention effects applied to it, in order. Connect the text to any text display node."
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("A plain-text report: base model, layer count, and every applied effect with its settings.",)
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "The model to describe (after any Identity Attention nodes)."})}}
+
+    def report(self, model):
+        layers = cross_attention_layers(model)
+        lines = [f"base model: {base_model_of(model)}", f"cross-attention layers: {len(layers)}"]
+        if layers:
+            dims = sorted({info.inner_dim for info in layers})
+            lines.append(f"context size: {layers[0].context_dim}; layer channels: {', '.join(map(str, dims))}")
+        dispatcher = installed_dispatcher(model)
+        if dispatcher is None or not dispatcher.stages:
+            lines.append("effects: none")
+        else:
+            lines.append("effects, in the order they run:")
+            for i, stage in enumerate(dispatcher.stages, 1):
+                s = stage.schedule
+                window = "all steps" if s.sigma_start == float("inf") and s.sigma_end <= 0 else f"sigma {s.sigma_start:.3g} to {s.sigma_end:.3g}"
+                where = "masked" if s.mask is not None else "everywhere"
+                lines.append(f"  {i}. {stage.label}: weight {s.weight:g}, {window}, {s.apply_to}, {where}")
+            chained = len(dispatcher.fallbacks)
+            if chained:
+                lines.append(f"patches from other packs kept underneath ours: {chained} layers")
+        return ("\n".join(lines),)
+
+
+NODES = [ModelAttentionInfo]

@@ -1,0 +1,200 @@
+"""Test kit: nodes that exist only in the test and demo hosts (never in a user's ComfyUI).
+
+- ``IdentityAttentionTestKit_TinyModels``: MODEL, CLIP, VAE of tiny random SD1.5 / SDXL
+  architectures (see tiny_models.py); the demo and the workflow tests swap real
+  checkpoint loaders for it.
+- ``IdentityAttentionTestKit_DummyStage``: a known contribution added through the
+  pack's dispatcher (to test stacking, masks, cond/uncond, start/end).
+- ``IdentityAttentionTestKit_HandPatch``: the same contributions written by hand as
+  a plain attn2 replace, without the dispatcher (the expected result).
+- ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
+  install it, to prove ours chains it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+
+_CACHE = {}
+_LOCK = threading.Lock()
+
+
+def pack():
+    """The loaded Identity Attention package (ComfyUI names it after its folder)."""
+    for module in list(sys.modules.values()):
+        # read __dict__: some modules (torch.ops) answer any getattr
+        if getattr(module, "__dict__", {}).get("IDENTITY_ATTENTION_PACK") is True and hasattr(module, "__path__"):
+            return module
+    raise RuntimeError("the Identity Attention pack is not loaded in this host")
+
+
+def pack_module(relative: str):
+    import importlib
+
+    return importlib.import_module(f"{pack().__name__}.{relative}")
+
+
+def _tiny_models():
+    from . import tiny_models
+
+    return tiny_models
+
+
+# --- the contributions, shared by the dispatcher stage and the hand-written patch ------------------
+
+
+def contribution(kind: str, weight: float, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The new attention output after one dummy contribution.
+
+    add_tanh_q: ``out + w * tanh(q)``; scale_out: ``out * (1 + w)``. They do not
+    commute, so stacking order is visible.
+    """
+    if kind == "add_tanh_q":
+        return out + weight * torch.tanh(q)
+    if kind == "scale_out":
+        return out * (1.0 + weight)
+    raise ValueError(kind)
+
+
+class TinyModels:
+    NODE_ID = "IdentityAttentionTestKit_TinyModels"
+    DISPLAY_NAME = "Tiny test models (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    DESCRIPTION = "Random-weight SD1.5 / SDXL architectures small enough for a CPU. Test and demo hosts only."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "arch": (["sd15", "sdxl"], {"tooltip": "Which real architecture to imitate."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
+            }
+        }
+
+    def load(self, arch, seed):
+        tm = _tiny_models()
+        with _LOCK:
+            key = (arch, seed)
+            if key not in _CACHE:
+                _CACHE[key] = (tm.build_unet(arch, seed=seed), tm.build_clip(arch, seed=seed + 1), tm.build_vae(seed=seed + 2))
+            model, clip, vae = _CACHE[key]
+        return (model.clone(), clip.clone(), vae)
+
+
+class DummyStage:
+    NODE_ID = "IdentityAttentionTestKit_DummyStage"
+    DISPLAY_NAME = "Dummy attention stage (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        stage_inputs = pack_module("nodes.stage_inputs")
+        required = {
+            "model": ("MODEL", {"tooltip": "Model to patch."}),
+            "kind": (["add_tanh_q", "scale_out"], {"tooltip": "Which known contribution to add."}),
+        }
+        required.update(stage_inputs.schedule_inputs())
+        return {"required": required, "optional": stage_inputs.mask_input()}
+
+    def apply(self, model, kind, weight, start_percent, end_percent, apply_to, mask=None):
+        stage_inputs = pack_module("nodes.stage_inputs")
+        dispatcher = pack_module("nodes.dispatcher")
+        schedule = stage_inputs.build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=self.DISPLAY_NAME)
+        return (dispatcher.apply_attention_stage(model, make_dummy_stage(kind, schedule)),)
+
+
+def make_dummy_stage(kind, schedule):
+    dispatcher = pack_module("nodes.dispatcher")
+
+    class _Stage(dispatcher.AttentionStage):
+        label = f"dummy {kind}"
+
+        def forward(self, call, out, region):
+            return dispatcher.blend_in_region(out, contribution(kind, self.schedule.weight, call.q, out), region)
+
+    return _Stage(schedule)
+
+
+class HandPatch:
+    NODE_ID = "IdentityAttentionTestKit_HandPatch"
+    DISPLAY_NAME = "Hand-written attention patch (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Model to patch."}),
+                "ops": ("STRING", {"default": "add_tanh_q:0.5", "tooltip": "Comma-separated kind:weight contributions, applied in order."}),
+            }
+        }
+
+    def apply(self, model, ops):
+        host = pack_module("nodes.host")
+        steps = [(kind, float(w)) for kind, w in (item.split(":") for item in ops.split(",") if item.strip())]
+        previous = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+
+        def make(key):
+            foreign = previous.get(key) or previous.get(key[:2])
+
+            def replace(q, k, v, extra_options):
+                out = foreign(q, k, v, extra_options) if foreign else host.host_attention(q, k, v, extra_options["n_heads"], extra_options)
+                for kind, w in steps:
+                    out = contribution(kind, w, q, out)
+                return out
+
+            return replace
+
+        m = model.clone()
+        for info in host.cross_attention_layers(m):
+            m.set_model_attn2_replace(make(info.key), *info.key)
+        return (m,)
+
+
+class ForeignReplace:
+    NODE_ID = "IdentityAttentionTestKit_ForeignReplace"
+    DISPLAY_NAME = "Foreign attn2 replace (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CALLS = {"count": 0}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Model to patch."}),
+                "factor": ("FLOAT", {"default": 0.5, "min": -4.0, "max": 4.0, "step": 0.01, "tooltip": "The foreign patch scales attention by this."}),
+                "block_wide": ("BOOLEAN", {"default": False, "tooltip": "Install under the 2-tuple block key, as some packs do."}),
+            }
+        }
+
+    def apply(self, model, factor, block_wide):
+        host = pack_module("nodes.host")
+        calls = self.CALLS
+
+        def foreign(q, k, v, extra_options):
+            calls["count"] += 1
+            return host.host_attention(q, k, v, extra_options["n_heads"], extra_options) * factor
+
+        m = model.clone()
+        for info in host.cross_attention_layers(m):
+            if block_wide:
+                m.set_model_attn2_replace(foreign, info.key[0], info.key[1])
+            else:
+                m.set_model_attn2_replace(foreign, *info.key)
+        return (m,)
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace]
+NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

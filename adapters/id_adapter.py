@@ -80,6 +80,7 @@ class TokenProjector(torch.nn.Module):
             arcface_normed=torch.zeros_like(features.arcface_normed[:1]),
             clip_embeds=black(features.clip_embeds, features.clip_embeds_uncond),
             clip_hidden=black(features.clip_hidden, features.clip_hidden_uncond),
+            face_tokens=None if features.face_tokens is None else torch.zeros_like(features.face_tokens[:1]),
         )
 
     def forward(self, features: IdentityFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +166,7 @@ def _features_to(features: IdentityFeatures, device, dtype) -> IdentityFeatures:
         clip_hidden=move(features.clip_hidden),
         clip_embeds_uncond=move(features.clip_embeds_uncond),
         clip_hidden_uncond=move(features.clip_hidden_uncond),
+        face_tokens=move(features.face_tokens),
     )
 
 

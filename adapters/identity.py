@@ -15,6 +15,8 @@ Shapes (R = number of references, E = recognizer width, 512 for ArcFace):
   (257 x 1280 for ViT-H/14); ``clip_embeds``: ``[R, De]`` projected image embeds.
 - ``Identity.clip_hidden_uncond`` / ``clip_embeds_uncond``: the same for an all-black image
   (IP-Adapter's negative image prompt), ``[1, T, Dh]`` / ``[1, De]``.
+- ``Identity.face_tokens``: ``[R, P, Df]`` patch tokens of a face encoder run on the crops
+  (FACT's TransFace ViT: 144 x 512), filled by the node that runs that encoder.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class IdentityFeatures:
     clip_hidden: Optional[torch.Tensor] = None
     clip_embeds_uncond: Optional[torch.Tensor] = None
     clip_hidden_uncond: Optional[torch.Tensor] = None
+    face_tokens: Optional[torch.Tensor] = None
 
     @property
     def count(self) -> int:
@@ -75,13 +78,14 @@ class Identity:
     clip_embeds: Optional[torch.Tensor] = None  # [R, De]
     clip_hidden_uncond: Optional[torch.Tensor] = None  # [1, T, Dh]
     clip_embeds_uncond: Optional[torch.Tensor] = None  # [1, De]
+    face_tokens: Optional[torch.Tensor] = None  # [R, P, Df]
     notes: Tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if not self.faces:
             raise ValueError("an Identity needs at least one face")
         r = len(self.faces)
-        for name in ("clip_hidden", "clip_embeds"):
+        for name in ("clip_hidden", "clip_embeds", "face_tokens"):
             t = getattr(self, name)
             if t is not None and t.shape[0] != r:
                 raise ValueError(f"{name} has {t.shape[0]} rows for {r} faces")
@@ -122,4 +126,5 @@ class Identity:
             clip_hidden=fuse(self.clip_hidden),
             clip_embeds_uncond=self.clip_embeds_uncond,
             clip_hidden_uncond=self.clip_hidden_uncond,
+            face_tokens=fuse(self.face_tokens),
         )

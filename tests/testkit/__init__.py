@@ -195,6 +195,57 @@ class ForeignReplace:
         return (m,)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace]
+class SyntheticIdentity:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticIdentity"
+    DISPLAY_NAME = "Synthetic identity (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("IDENTITY",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "references": ("INT", {"default": 1, "min": 1, "max": 8, "tooltip": "How many reference faces."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Everything is a function of this seed."}),
+                "with_clip": ("BOOLEAN", {"default": True, "tooltip": "Include CLIP-vision features (257 x 1280 hidden, 1024 embeds)."}),
+                "with_face_tokens": ("BOOLEAN", {"default": False, "tooltip": "Include face-encoder patch tokens (144 x 512)."}),
+            }
+        }
+
+    def make(self, references, seed, with_clip, with_face_tokens):
+        from .synthetic import synthetic_identity
+
+        return (synthetic_identity(references, seed, clip=with_clip, face_tokens=with_face_tokens),)
+
+
+class SyntheticAdapter:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticAdapter"
+    DISPLAY_NAME = "Synthetic identity adapter (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("ID_ADAPTER",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The adapter gets K/V projections for every cross-attention layer of this model."}),
+                "num_tokens": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Identity tokens per reference."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
+                "visual_q": ("BOOLEAN", {"default": False, "tooltip": "Also give each layer a separate identity query projection (PVA's to_visual_q)."}),
+            }
+        }
+
+    def make(self, model, num_tokens, seed, visual_q):
+        from .synthetic import synthetic_adapter
+
+        host = pack_module("nodes.host")
+        layers = host.cross_attention_layers(model)
+        base = host.base_model_of(model)
+        return (synthetic_adapter(layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q),)
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

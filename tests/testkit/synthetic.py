@@ -1,0 +1,126 @@
+"""Synthetic IDENTITY and ID_ADAPTER values for mechanism tests (no face models, no weight files).
+
+- :func:`synthetic_identity`: R random reference faces (embeddings, boxes, crops) with
+  optional CLIP-vision features and face tokens of the usual shapes.
+- :class:`SyntheticProjector`: a deterministic linear token projector from the
+  normalised ArcFace embedding (``input_kind = "arcface_normed"``).
+- :func:`synthetic_adapter`: an ID_ADAPTER with random per-layer ``to_k`` / ``to_v``
+  (and optionally PVA-style ``to_q``) for every cross-attention layer of a model.
+
+All values are functions of the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+
+
+def _pack(relative: str):
+    from . import pack_module
+
+    return pack_module(relative)
+
+
+def synthetic_identity(
+    references: int = 1,
+    seed: int = 0,
+    clip: bool = True,
+    clip_tokens: int = 257,
+    clip_hidden_dim: int = 1280,
+    clip_embed_dim: int = 1024,
+    face_tokens: bool = False,
+):
+    identity_mod = _pack("adapters.identity")
+    gen = torch.Generator().manual_seed(seed)
+    faces = []
+    for i in range(references):
+        x0, y0 = 40.0 + 3 * i, 50.0 + 2 * i
+        faces.append(
+            identity_mod.FaceRecord(
+                image_index=i,
+                image_size=(256, 256),
+                bbox=torch.tensor([x0, y0, x0 + 120.0, y0 + 140.0]),
+                landmarks=torch.tensor([[80.0, 100.0], [140.0, 100.0], [110.0, 130.0], [88.0, 160.0], [132.0, 160.0]]) + i,
+                det_score=0.9,
+                embedding=torch.randn(512, generator=gen) * 20.0,
+                crop=torch.rand(112, 112, 3, generator=gen),
+            )
+        )
+    kwargs = {}
+    if clip:
+        kwargs.update(
+            clip_hidden=torch.randn(references, clip_tokens, clip_hidden_dim, generator=gen),
+            clip_embeds=torch.randn(references, clip_embed_dim, generator=gen),
+            clip_hidden_uncond=torch.randn(1, clip_tokens, clip_hidden_dim, generator=gen) * 0.1,
+            clip_embeds_uncond=torch.randn(1, clip_embed_dim, generator=gen) * 0.1,
+        )
+    if face_tokens:
+        kwargs["face_tokens"] = torch.randn(references, 144, 512, generator=gen)
+    return identity_mod.Identity(faces=tuple(faces), recognizer="synthetic", **kwargs)
+
+
+def _projector_class():
+    TokenProjector = _pack("adapters.id_adapter").TokenProjector
+
+    class SyntheticProjector(TokenProjector):
+        """tokens = reshape(W @ arcface_normed + b) -> [N, T, D], then LayerNorm."""
+
+        input_kind = "arcface_normed"
+
+        def __init__(self, num_tokens: int, token_dim: int, seed: int = 0):
+            super().__init__()
+            self.num_tokens, self.token_dim = num_tokens, token_dim
+            self.proj = torch.nn.Linear(512, num_tokens * token_dim)
+            self.norm = torch.nn.LayerNorm(token_dim)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=gen) / math.sqrt(512))
+                self.proj.bias.copy_(torch.randn(self.proj.bias.shape, generator=gen) * 0.02)
+
+        def project(self, features):
+            x = self.proj(features.arcface_normed)
+            return self.norm(x.reshape(x.shape[0], self.num_tokens, self.token_dim))
+
+    return SyntheticProjector
+
+
+def synthetic_projector(num_tokens: int, token_dim: int, seed: int = 0):
+    return _projector_class()(num_tokens, token_dim, seed)
+
+
+def synthetic_adapter(
+    layers: Iterable,
+    base: str,
+    context_dim: int,
+    num_tokens: int = 4,
+    seed: int = 0,
+    visual_q: bool = False,
+    token_dim: Optional[int] = None,
+    fmt: str = "ip_adapter",
+    mechanism: str = "decoupled",
+):
+    """An ID_ADAPTER for the given LayerInfo list (from ``nodes.host.cross_attention_layers``)."""
+    id_adapter = _pack("adapters.id_adapter")
+    token_dim = token_dim or context_dim
+    gen = torch.Generator().manual_seed(seed + 1)
+    per_layer = {}
+    for info in layers:
+        entry = {
+            "to_k": torch.randn(info.inner_dim, token_dim, generator=gen) / math.sqrt(token_dim),
+            "to_v": torch.randn(info.inner_dim, token_dim, generator=gen) / math.sqrt(token_dim),
+        }
+        if visual_q:
+            entry["to_q"] = torch.randn(info.inner_dim, info.inner_dim, generator=gen) / math.sqrt(info.inner_dim)
+        per_layer[info.key] = entry
+    return id_adapter.IdAdapter(
+        format=fmt,
+        base=base,
+        context_dim=context_dim,
+        projector=synthetic_projector(num_tokens, token_dim, seed),
+        layers=per_layer,
+        metadata={"source": "synthetic test adapter"},
+        mechanism=mechanism,
+    )

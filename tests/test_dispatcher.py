@@ -140,3 +140,136 @@ def test_foreign_replace_still_runs(tiny, block_wide):
     for info in host.cross_attention_layers(expected_model):
         expected_model.set_model_attn2_replace(foreign_then_add, *info.key)
     torch.testing.assert_close(got, sample(expected_model, "sd15"), rtol=1e-5, atol=1e-5)
+
+
+# --- one attn2 call driven by hand --------------------------------------------------------------
+
+
+def fake_call(batch_per_chunk=2, chunks=(1, 0), tokens=16, heads=2, dim_head=8, latent_hw=(4, 4), sigma=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b = batch_per_chunk * len(chunks)
+    q = torch.randn(b, tokens, heads * dim_head, generator=gen)
+    k = torch.randn(b, 77, heads * dim_head, generator=gen)
+    v = torch.randn(b, 77, heads * dim_head, generator=gen)
+    eo = {
+        "n_heads": heads,
+        "dim_head": dim_head,
+        "block": ("input", 1),
+        "block_index": 0,
+        "cond_or_uncond": list(chunks),
+        "original_shape": [b, 4, *latent_hw],
+        "sigmas": torch.tensor([sigma]),
+    }
+    return q, k, v, eo
+
+
+def run_dispatcher(stages, q, k, v, eo, fallbacks=None):
+    d = dispatcher.AttentionDispatcher(tuple(stages), fallbacks or {}, {})
+    return d(q, k, v, eo)
+
+
+def test_no_active_stage_returns_host_attention_exactly():
+    q, k, v, eo = fake_call()
+    expected = host.host_attention(q, k, v, eo["n_heads"], eo)
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.0))], q, k, v, eo)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("apply_to", ["cond", "uncond"])
+def test_apply_to_selects_chunks(apply_to):
+    q, k, v, eo = fake_call(chunks=(1, 0))
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, apply_to=apply_to))], q, k, v, eo)
+    rows = slice(2, 4) if apply_to == "cond" else slice(0, 2)  # uncond chunk first
+    other = slice(0, 2) if apply_to == "cond" else slice(2, 4)
+    torch.testing.assert_close(got[rows], base[rows] + 0.7 * torch.tanh(q[rows]))
+    assert torch.equal(got[other], base[other])
+
+
+def test_apply_to_cond_with_a_cond_only_batch():
+    q, k, v, eo = fake_call(chunks=(0,))
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, apply_to="uncond"))], q, k, v, eo)
+    assert torch.equal(got, base)
+
+
+@pytest.mark.parametrize("sigma,active", [(5.0, False), (2.0, True), (0.5, True), (0.1, False)])
+def test_sigma_window(sigma, active):
+    q, k, v, eo = fake_call(sigma=sigma)
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    stage = Dummy(dispatcher.StageSchedule(weight=0.7, sigma_start=2.0, sigma_end=0.5))
+    got = run_dispatcher([stage], q, k, v, eo)
+    if active:
+        torch.testing.assert_close(got, base + 0.7 * torch.tanh(q))
+    else:
+        assert torch.equal(got, base)
+
+
+def test_mask_resized_to_layer_grid():
+    # a 4x4 layer grid on a 4x4 latent; the mask (32x32 pixels) covers the left half
+    q, k, v, eo = fake_call(tokens=16, latent_hw=(4, 4))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1.0
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, mask=mask))], q, k, v, eo)
+    left = torch.tensor([i % 4 < 2 for i in range(16)])
+    torch.testing.assert_close(got[:, left], base[:, left] + 0.7 * torch.tanh(q[:, left]))
+    assert torch.equal(got[:, ~left], base[:, ~left])
+
+
+def test_mask_per_image_and_wrong_batch():
+    q, k, v, eo = fake_call(batch_per_chunk=2, tokens=4, latent_hw=(4, 4))  # 2x2 grid (second level)
+    masks = torch.stack([torch.ones(8, 8), torch.zeros(8, 8)])  # image 1 patched, image 2 not
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, mask=masks))], q, k, v, eo)
+    for chunk in range(2):
+        r0, r1 = chunk * 2, chunk * 2 + 1
+        torch.testing.assert_close(got[r0], base[r0] + 0.7 * torch.tanh(q[r0]))
+        assert torch.equal(got[r1], base[r1])
+    three = torch.ones(3, 8, 8)
+    with pytest.raises(pack("nodes.errors").IdentityAttentionError, match="mask has 3 frames"):
+        run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, mask=three))], q, k, v, eo)
+
+
+def test_fallback_computes_the_base():
+    q, k, v, eo = fake_call()
+    foreign = lambda q, k, v, eo: host.host_attention(q, k, v, eo["n_heads"], eo) * 0.25  # noqa: E731
+    got = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7))], q, k, v, eo, {("input", 1, 0): foreign})
+    torch.testing.assert_close(got, foreign(q, k, v, eo) + 0.7 * torch.tanh(q))
+    # and with no active stage the foreign patch alone runs
+    got0 = run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.0))], q, k, v, eo, {("input", 1, 0): foreign})
+    assert torch.equal(got0, foreign(q, k, v, eo))
+
+
+def test_schedule_from_percents(tiny):
+    model = tiny.unet("sd15")
+    s = stage_inputs.build_schedule(model, 0.5, 0.0, 1.0)
+    assert s.sigma_start == math.inf and s.sigma_end == 0.0
+    s = stage_inputs.build_schedule(model, 0.5, 0.2, 0.8)
+    ms = host.model_sampling(model)
+    assert s.sigma_start == pytest.approx(float(ms.percent_to_sigma(0.2)))
+    assert s.sigma_end == pytest.approx(float(ms.percent_to_sigma(0.8)))
+    assert s.sigma_start > s.sigma_end
+    with pytest.raises(pack("nodes.errors").IdentityAttentionError, match="start_percent"):
+        stage_inputs.build_schedule(model, 0.5, 0.8, 0.2)
+
+
+def test_hidden_state_stash_is_last_and_exact(tiny):
+    model = tiny.unet("sd15")
+    seen = {}
+
+    class NeedsHidden(dispatcher.AttentionStage):
+        label = "needs hidden"
+        needs_hidden_states = True
+
+        def forward(self, call, out, region):
+            seen[call.layer] = call.hidden_states().shape
+            return out
+
+    plain = sample(model, "sd15")
+    patched = dispatcher.apply_attention_stage(model, NeedsHidden(dispatcher.StageSchedule()))
+    patches = patched.model_options["transformer_options"]["patches"]["attn2_patch"]
+    assert getattr(patches[-1], "identity_attention_stash", False)
+    assert torch.equal(sample(patched, "sd15"), plain)
+    assert len(seen) == 16
+    assert seen[("input", 1, 0)][-1] == 32  # the layer's channels (micro SD1.5: 32 at level 1)

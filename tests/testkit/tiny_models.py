@@ -261,7 +261,8 @@ def full_clip_l_state_dict(seed: int = 4) -> Dict[str, torch.Tensor]:
     """A random full-size CLIP-L text encoder (its config is fixed by ComfyUI), HF key layout."""
     import comfy.sd1_clip
 
-    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    with torch.no_grad():  # the host initialises text_projection in place
+        clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     randomize_(clip.transformer, seed)
     sd = clip.transformer.state_dict()
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items() if "position_ids" not in k}

@@ -1,0 +1,49 @@
+"""Write the example workflows (example_workflows/*.json) from their specs.
+
+    python scripts/build_workflows.py [--only NAME]
+
+Starts the host to read the node definitions (/object_info) so widget order and
+defaults are the host's, then runs every spec in scripts/workflow_specs.py.
+The JSON files are committed; the workflow tests check them against the host
+and run them on the tiny models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from harness.host import CACHE, prepare_instance  # noqa: E402
+from harness.server import ComfyServer  # noqa: E402
+from harness.workflow import WorkflowBuilder  # noqa: E402
+import workflow_specs  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    instance = prepare_instance(CACHE / "build-instance", with_testkit=False)
+    with ComfyServer(instance) as server:
+        info = server.object_info()
+    target = REPO / "example_workflows"
+    target.mkdir(exist_ok=True)
+    for name, spec in workflow_specs.SPECS.items():
+        if args.only and args.only not in name:
+            continue
+        builder = WorkflowBuilder(info)
+        description = spec(builder)
+        path = target / f"{name}.json"
+        path.write_text(json.dumps(builder.build(description), indent=1) + "\n")
+        print(f"wrote {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

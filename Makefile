@@ -12,10 +12,10 @@ demo: env
 	$(PY) scripts/demo.py --out demo_out
 
 test: env
-	$(PY) -m pytest tests -q -rs --durations=15
+	$(PY) -m pytest -c tests/pytest.ini tests -q -rs --durations=15
 
 test-fast: env
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest -c tests/pytest.ini tests -q -m "not slow"
 
 bench: env
 	$(PY) -m benchmarks.run

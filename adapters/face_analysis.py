@@ -597,9 +597,12 @@ def _crop_tensor(crop_bgr_112: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crop_bgr_112[..., ::-1])).float().div(255.0)
 
 
-def no_face_error(image_number: int, sizes_tried: Sequence[int], retry: bool, det_size: int) -> NoFaceError:
+def no_face_error(image_number: int, sizes_tried: Sequence[int], retry: bool, det_size: int, fixed: bool = False) -> NoFaceError:
     tried = ", ".join(str(s) for s in sizes_tried)
-    if retry:
+    if fixed:
+        fix = (f"use a clearer frontal photo; this pack's detector works only at {tried}, so crop the photo around the face "
+               "if it is small, or leave more room around it if it fills the photo")
+    elif retry:
         fix = ("use a clearer frontal photo or lower det_size on the Load face analysis model node; "
                "if the face is small in a large photo, crop the photo around the face (or raise det_size)")
     else:
@@ -636,7 +639,7 @@ def encode_identity(
         bgr = rgb_to_bgr(rgb)
         faces, used, tried = model.detect_with_retry(bgr, retry)
         if not faces:
-            raise no_face_error(number, tried, retry, model.det_size)
+            raise no_face_error(number, tried, retry, model.det_size, model.static_det_size is not None)
         chosen = choose_face(faces, rgb.shape[:2], face, face_index, number)
         if used != model.det_size:
             notes.append(f"image {number}: face found at detection size {used} (not at {model.det_size})")

@@ -11,13 +11,14 @@ CLIP_VISION.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 
 from ..adapters import face_analysis as fa
 from ..adapters import face_visuals as fv
+from ..adapters.identity import Identity
 from .errors import IdentityAttentionError, MissingDependencyError
 from .folders import folder_list
 from .stage_inputs import CATEGORY
@@ -272,6 +273,9 @@ class IdentitySimilarity:
         if not isinstance(face_analysis, fa.FaceAnalysisModel):
             raise IdentityAttentionError("this input needs a face analysis model", node=node, input_name="face_analysis",
                                          fix="connect Load face analysis model")
+        if not isinstance(identity, Identity):
+            raise IdentityAttentionError("this input needs an IDENTITY", node=node, input_name="identity",
+                                         fix="connect the identity output of Encode identity")
         try:
             result = fa.identity_similarity(face_analysis, identity, images, face=face)
         except fa.FaceAnalysisError as err:

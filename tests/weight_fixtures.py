@@ -107,9 +107,9 @@ def faceid_layout(tokens, token_dim, id_dim=512) -> Layout:
     }
 
 
-def faceid_plus_layout(tokens, token_dim, clip_dim=1280, depth=4) -> Layout:
+def faceid_plus_layout(tokens, token_dim, clip_dim=1280, depth=4, ff_mult=4) -> Layout:
     layout = faceid_layout(tokens, token_dim)
-    inner = resampler_layout(token_dim, depth, token_dim // 64, tokens, clip_dim, token_dim, latents=False)
+    inner = resampler_layout(token_dim, depth, token_dim // 64, tokens, clip_dim, token_dim, ff_mult=ff_mult, latents=False)
     layout.update({f"perceiver_resampler.{k}": v for k, v in inner.items()})
     return layout
 
@@ -190,3 +190,82 @@ def prefixed(prefix: str, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
 def meta_state(layout: Layout) -> Dict[str, torch.Tensor]:
     """Shape-only tensors (no memory) for layout checks at full size."""
     return {k: torch.empty(v, device="meta") for k, v in layout.items()}
+
+
+# --- whole files (real key names; projector internals small, outward widths real) ----------------
+
+
+def ip_family_state(fmt: str, base: str, scale: int = 10, seed: int = 0, dtype=torch.float32, lora_rank: int = 0):
+    """A checkpoint of ``fmt`` ("ip_adapter", "ip_adapter_plus", "ip_adapter_full_face", "faceid",
+    "faceid_plus", "instantid") for ``base``; returns ``(state, {to_k tensor name: ComfyUI key})``."""
+    ctx = CONTEXT[base]
+    layers, where = ip_layer_layout(base, scale=scale, lora_rank=lora_rank)
+    proj = {
+        "ip_adapter": lambda: image_proj_layout(1280 if base == "sdxl" else 1024, 4, ctx),
+        "ip_adapter_plus": lambda: resampler_layout(64, 1, 1, 16, 1280, ctx),
+        "ip_adapter_full_face": lambda: full_face_layout(1280, ctx),
+        "faceid": lambda: faceid_layout(4, ctx),
+        "faceid_plus": lambda: faceid_plus_layout(4, ctx, clip_dim=1280, depth=1, ff_mult=1),
+        "instantid": lambda: resampler_layout(64, 1, 1, 16, 512, ctx),
+    }[fmt]()
+    state = random_state(layers, seed=seed, dtype=dtype)
+    state.update(prefixed("image_proj.", random_state(proj, seed=seed + 1, dtype=dtype)))
+    return state, where
+
+
+def pulid_state(version: str = "v1.1", seed: int = 0, scale: int = 10, dtype=torch.float32):
+    layers, where = ip_layer_layout("sdxl", scale=scale, k="id_to_k.weight", v="id_to_v.weight", prefix="id_adapter_attn_layers")
+    if version == "v1.1":
+        encoder = pulid_v11_layout(dim=64, depth=5, heads=1, num_queries=8, output_dim=2048, eva=32, hidden=32)
+    else:
+        encoder = pulid_v1_layout(context_dim=2048, eva=32, hidden=32)
+    state = random_state(layers, seed=seed, dtype=dtype)
+    state.update(prefixed("id_adapter.", random_state(encoder, seed=seed + 1, dtype=dtype)))
+    return state, where
+
+
+def fact_state(scale: int = 10, seed: int = 0, moved_norm: bool = True, dtype=torch.float32):
+    """FACT: ``<unet path>.attn2.processor.<name>`` for the 16 SD1.5 layers + ``local_fac_prj.*``."""
+    state = {}
+    where = {}
+    for i, (path, hidden, key) in enumerate(diffusers_attention_blocks("sd15")):
+        proc = random_state(fact_processor_layout(hidden // scale, 768, moved_norm), seed=seed + i, dtype=dtype)
+        state.update(prefixed(f"{path}.attn2.processor.", proc))
+        where[f"{path}.attn2.processor.linear.weight"] = key
+    state.update(prefixed("local_fac_prj.", random_state(resampler_layout(64, 1, 1, 16, 512, 768), seed=seed + 99, dtype=dtype)))
+    return state, where
+
+
+def pva_checkpoint(scale: int = 10, seed: int = 0, with_transform: bool = True, dtype=torch.float32):
+    """PVA's FPIP.bin as saved: ``{"unet": {...attn2.to_visual_q/k/v.weight}, "transform_network": {...}, "modifier_vec": [1024]}``."""
+    unet, where = {}, {}
+    gen = torch.Generator().manual_seed(seed)
+    for path, hidden, key in diffusers_attention_blocks("sd2"):
+        c = hidden // scale
+        unet[f"{path}.attn2.to_visual_q.weight"] = (torch.randn(c, c, generator=gen) / math.sqrt(c)).to(dtype)
+        unet[f"{path}.attn2.to_visual_k.weight"] = (torch.randn(c, 1024, generator=gen) / 32).to(dtype)
+        unet[f"{path}.attn2.to_visual_v.weight"] = (torch.randn(c, 1024, generator=gen) / 32).to(dtype)
+        where[f"{path}.attn2.to_visual_q.weight"] = key
+    ckpt = {"unet": unet, "modifier_vec": torch.randn(1024, generator=gen).to(dtype)}
+    if with_transform:
+        ckpt["transform_network"] = random_state(pva_transform_layout(512, 1024, 10, 1, 64), seed=seed + 1, dtype=dtype)
+    return ckpt, where
+
+
+def flatten_nested(obj, prefix=""):
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(flatten_nested(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def nested_ip(state):
+    """The ``.bin`` layout of IP-Adapter files: ``{"image_proj": {...}, "ip_adapter": {...}}``."""
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for k, v in state.items():
+        group, _, rest = k.partition(".")
+        out[group][rest] = v
+    return out

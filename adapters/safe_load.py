@@ -135,7 +135,9 @@ def _read_safetensors(path: str):
 
 def _read_pytorch(path: str):
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # an open file, not the path: torch.load would route a path ending in .safetensors by its name
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "weights_only" in text or "Unsupported" in text or "global" in text.lower():

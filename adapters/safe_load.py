@@ -24,11 +24,10 @@ keys, the same keys the ``.safetensors`` versions of those files use.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -38,7 +37,6 @@ MAX_BYTES = 8 * 1024**3  # the largest identity adapter known is 1.7 GB (Instant
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
 WRAPPER_PREFIXES = ("state_dict.", "module.")
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -209,21 +207,6 @@ def resolve_in_folders(name: str, roots: Sequence[str]) -> str:
     raise WeightError(f"'{name}' was not found in {', '.join(roots) or 'any model folder'}", fix="put the file there, or pick another file from the list")
 
 
-# --- hashing --------------------------------------------------------------------------------------
+# --- hashing (shared with the CLI, which must not import torch) ----------------------------------
 
-
-def sha256_file(path: str, progress: Optional[Progress] = None, chunk: int = 8 * 1024**2) -> str:
-    """Hex sha256 of a file; ``progress(done_bytes, total_bytes)`` after every chunk."""
-    total = os.path.getsize(path)
-    digest = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
+from .file_hash import sha256_file  # noqa: E402,F401

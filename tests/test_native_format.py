@@ -46,7 +46,7 @@ def _features(n=2):
     )
 
 
-@pytest.mark.parametrize("make", ["ip_adapter_plus-sd15", "faceid_plus-sdxl", "fact", "pva", "pulid"])
+@pytest.mark.parametrize("make", ["ip_adapter_plus-sd15", "faceid_plus-sd15", "fact", "pva", "pulid"])
 def test_round_trip_of_converted_adapters(tmp_path, make):
     if make == "fact":
         state, _ = wf.fact_state(seed=1)

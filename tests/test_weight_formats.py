@@ -117,7 +117,7 @@ def test_faceid_plus_version_hint():
     assert v1.projector.shortcut is False and "v1" in v1.metadata["faceid_plus_version"]
 
 
-@pytest.mark.parametrize("version,cls,tokens", [("v1.1", "PuLIDIDFormer", 8), ("v1", "PuLIDIDEncoder", 10)])
+@pytest.mark.parametrize("version,cls,tokens", [("v1.1", "PuLIDIDFormer", 8), ("v1", "PuLIDIDEncoder", 6)])
 def test_pulid(tiny, version, cls, tokens):
     state, where = wf.pulid_state(version, seed=6)
     assert formats.detect_format(state) == "pulid"

@@ -218,7 +218,7 @@ def pulid_state(version: str = "v1.1", seed: int = 0, scale: int = 10, dtype=tor
     if version == "v1.1":
         encoder = pulid_v11_layout(dim=64, depth=5, heads=1, num_queries=8, output_dim=2048, eva=32, hidden=32)
     else:
-        encoder = pulid_v1_layout(context_dim=2048, eva=32, hidden=32)
+        encoder = pulid_v1_layout(context_dim=2048, num_token=1, eva=32, hidden=32)  # 1 body token keeps it small
     state = random_state(layers, seed=seed, dtype=dtype)
     state.update(prefixed("id_adapter.", random_state(encoder, seed=seed + 1, dtype=dtype)))
     return state, where

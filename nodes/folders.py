@@ -1,11 +1,12 @@
 """Model folders this pack reads, registered with ComfyUI's ``folder_paths``.
 
 Artists keep weights where other packs put them: ``models/ipadapter/``,
+``models/instantid/`` (ComfyUI_InstantID), ``models/pulid/`` (PuLID packs),
 ``models/insightface/models/<pack>/``, ``models/clip_vision/``; the pack's own
 native weights go to ``models/identity_attention/``. Paths users add through
-``extra_model_paths.yaml`` (keys ``ipadapter``, ``identity_attention``,
-``insightface``) are kept: registration only appends the default folder and
-sets the file extensions.
+``extra_model_paths.yaml`` (keys ``ipadapter``, ``instantid``, ``pulid``,
+``identity_attention``, ``insightface``) are kept: registration only appends
+the default folder and sets the file extensions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 FOLDERS = {
     "ipadapter": WEIGHT_EXTENSIONS,
+    "instantid": WEIGHT_EXTENSIONS,
+    "pulid": WEIGHT_EXTENSIONS,
     "identity_attention": WEIGHT_EXTENSIONS,
     "insightface": {".onnx"},
 }

@@ -246,6 +246,34 @@ class SyntheticAdapter:
         return (synthetic_adapter(layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q),)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter]
+class AdapterReport:
+    NODE_ID = "IdentityAttentionTestKit_AdapterReport"
+    DISPLAY_NAME = "Report identity adapter (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"id_adapter": ("ID_ADAPTER", {"tooltip": "The adapter to describe in the prompt's history."})}}
+
+    def report(self, id_adapter):
+        """Format, base, layer count, projector shape and a checksum of every tensor, for host tests."""
+        total = sum(float(t.double().sum()) for entries in id_adapter.layers.values() for t in entries.values())
+        p = id_adapter.projector
+        summary = {
+            "format": id_adapter.format,
+            "base": id_adapter.base,
+            "context_dim": id_adapter.context_dim,
+            "layers": sorted([list(k) for k in id_adapter.layers]),
+            "projector": None if p is None else [type(p).__name__, p.input_kind, p.num_tokens, p.token_dim],
+            "layer_checksum": total,
+            "projector_checksum": None if p is None else sum(float(t.double().sum()) for t in p.state_dict().values()),
+        }
+        return {"ui": {"adapter": [summary]}}
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

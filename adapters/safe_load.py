@@ -1,0 +1,212 @@
+"""Reading weight files without running code from them.
+
+- The file's CONTENT decides how it is read, not its name: safetensors (an
+  8-byte header length, then JSON) through ``safetensors``; PyTorch files
+  (zip archives or legacy pickles) ONLY through
+  ``torch.load(weights_only=True)``, whose unpickler accepts tensors and plain
+  containers and rejects everything else. A file it rejects is refused with
+  :class:`UnsafeFileError`; there is no fallback to full unpickling.
+- Size sanity: empty files, files too short to hold a header, files over
+  :data:`MAX_BYTES`, and (with ``expected_bytes``) files smaller than the
+  released file (an interrupted download) are refused before reading.
+- Paths: :func:`resolve_in_folders` turns a file name from a node's list into
+  a path and refuses names that leave the registered model folders
+  (absolute paths, ``..``); :func:`check_inside` does the same for full paths.
+  Paths are compared after ``normpath``, not ``realpath``, so a models folder
+  that is itself a symbolic link to another drive keeps working.
+- :func:`sha256_file` hashes in chunks and reports progress to a callback
+  (``nodes/`` passes a ComfyUI progress bar).
+
+Nested dicts (IP-Adapter ``.bin`` = ``{"image_proj": {...}, "ip_adapter": {...}}``,
+PVA's ``{"unet": {...}, "transform_network": {...}}``) are flattened to dotted
+keys, the same keys the ``.safetensors`` versions of those files use.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from .weight_errors import UnsafeFileError, WeightError
+
+MAX_BYTES = 8 * 1024**3  # the largest identity adapter known is 1.7 GB (InstantID); CLIP-vision bigG is 3.7 GB
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
+WRAPPER_PREFIXES = ("state_dict.", "module.")
+
+
+
+@dataclass
+class WeightFile:
+    """What :func:`read_weight_file` returns. Tensors stay on the CPU in their stored dtype."""
+
+    path: str
+    kind: str  # "safetensors" or "pytorch"
+    size: int
+    tensors: Dict[str, torch.Tensor]
+    metadata: Dict[str, str] = field(default_factory=dict)
+    ignored: List[str] = field(default_factory=list)  # non-tensor entries of a PyTorch file (names)
+
+
+def _name(path: str) -> str:
+    return os.path.basename(path)
+
+
+def sniff(path: str) -> str:
+    """"safetensors" or "pytorch" from the first bytes; :class:`WeightError` otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise WeightError(f"'{_name(path)}' is only {len(head)} bytes long: it is not a weight file (or the download was cut short)", fix="download the file again")
+    header_len = int.from_bytes(head[:8], "little")
+    if 2 <= header_len <= MAX_HEADER_BYTES and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pytorch"
+    raise WeightError(
+        f"'{_name(path)}' is neither a safetensors file nor a PyTorch checkpoint (its first bytes match neither format)",
+        fix="check that the file finished downloading and is a weight file",
+    )
+
+
+def check_size(path: str, expected_bytes: Optional[int] = None, max_bytes: int = MAX_BYTES) -> int:
+    if not os.path.isfile(path):
+        raise WeightError(f"the file '{path}' does not exist", fix="pick a file from the list, or put the file in one of the model folders")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise WeightError(f"'{_name(path)}' is empty (0 bytes)", fix="download the file again")
+    if size > max_bytes:
+        raise WeightError(f"'{_name(path)}' is {size / 1024**3:.1f} GB, larger than any identity adapter ({max_bytes / 1024**3:.0f} GB limit)", fix="pick the adapter file, not a full model checkpoint")
+    if expected_bytes is not None and size < expected_bytes:
+        raise WeightError(
+            f"'{_name(path)}' is {size:,} bytes but the released file is {expected_bytes:,} bytes: the download is incomplete",
+            fix="download it again (the pack's download command resumes and checks it)",
+        )
+    return size
+
+
+def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None):
+    """Nested dicts -> ``{"a.b.c": tensor}``; non-tensor leaves are listed in ``ignored``."""
+    tensors = {} if tensors is None else tensors
+    ignored = [] if ignored is None else ignored
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix.rstrip(".")] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            flatten(value, f"{prefix}{key}.", tensors, ignored)
+    else:
+        ignored.append(prefix.rstrip(".") or "<root>")
+    return tensors, ignored
+
+
+def strip_wrappers(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove a ``state_dict.`` / ``module.`` prefix that EVERY key has (training wrappers)."""
+    changed = True
+    while changed and tensors:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                changed = True
+    return tensors
+
+
+def _read_safetensors(path: str):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors = {}
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightError(
+            f"'{_name(path)}' is a damaged safetensors file ({err})",
+            fix="download the file again; with the pack's download command the result is checked against the published sha256",
+        ) from None
+    return tensors, metadata
+
+
+def _read_pytorch(path: str):
+    try:
+        # an open file, not the path: torch.load would route a path ending in .safetensors by its name
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights_only" in text or "Unsupported" in text or "global" in text.lower():
+            raise UnsafeFileError(
+                f"'{_name(path)}' contains Python objects besides tensors, and loading it could run code from the file; "
+                "it was not loaded (only torch.load(weights_only=True) is used)",
+                fix="use the .safetensors version of this file, or a copy from the original publisher",
+            ) from None
+        raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({text.splitlines()[0] if text else 'unpickling failed'})", fix="download the file again") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", fix="download the file again") from None
+    tensors, ignored = flatten(obj)
+    return tensors, ignored
+
+
+def read_weight_file(path: str, roots: Optional[Sequence[str]] = None, expected_bytes: Optional[int] = None) -> WeightFile:
+    """Read a weight file safely (see module docstring). ``roots``: folders the path must be inside."""
+    if roots is not None:
+        check_inside(path, roots)
+    size = check_size(path, expected_bytes)
+    kind = sniff(path)
+    if kind == "safetensors":
+        tensors, metadata = _read_safetensors(path)
+        ignored: List[str] = []
+    else:
+        tensors, ignored = _read_pytorch(path)
+        metadata = {}
+    if not tensors:
+        raise WeightError(f"'{_name(path)}' holds no tensors", fix="pick a weight file")
+    return WeightFile(path=path, kind=kind, size=size, tensors=strip_wrappers(tensors), metadata=metadata, ignored=ignored)
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+
+def _norm(path: str) -> str:
+    return os.path.normcase(os.path.normpath(os.path.abspath(path)))
+
+
+def is_inside(path: str, root: str) -> bool:
+    path, root = _norm(path), _norm(root)
+    return path != root and path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_inside(path: str, roots: Iterable[str]) -> None:
+    roots = list(roots)
+    if not any(is_inside(path, root) for root in roots):
+        raise WeightError(
+            f"'{path}' is outside the model folders this node reads ({', '.join(roots) or 'none registered'})",
+            fix="put the file in one of those folders and pick it from the list",
+        )
+
+
+def safe_relative_name(name: str) -> str:
+    """Refuse names that could leave a folder: absolute, drive-qualified, ``..`` parts, NUL bytes."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+        raise WeightError(f"the file name '{name}' points outside the model folders", fix="pick a file from the list")
+    return name
+
+
+def resolve_in_folders(name: str, roots: Sequence[str]) -> str:
+    """The full path of ``name`` inside the first of ``roots`` that has it."""
+    safe_relative_name(name)
+    for root in roots:
+        candidate = os.path.join(root, name)
+        if is_inside(candidate, root) and os.path.isfile(candidate):
+            return candidate
+    raise WeightError(f"'{name}' was not found in {', '.join(roots) or 'any model folder'}", fix="put the file there, or pick another file from the list")
+
+
+# --- hashing (shared with the CLI, which must not import torch) ----------------------------------
+
+from .file_hash import sha256_file  # noqa: E402,F401

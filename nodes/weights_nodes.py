@@ -1,0 +1,233 @@
+"""Weights nodes: load an identity-adapter file as one ID_ADAPTER.
+
+The file list is the union of the model folders other packs already use
+(``ipadapter``, ``instantid``, ``pulid``) and the pack's own
+(``identity_attention``), shown as ``<folder>/<file>``. Loading goes through
+``adapters.safe_load`` (safetensors, or ``torch.load(weights_only=True)``),
+the format comes from the tensors (``adapters.weight_formats``), and the
+adapter is checked against the MODEL it will patch before any sampling.
+
+Memory: tensors stay on ComfyUI's offload device (the CPU in the usual
+setups) in the dtype of the file; the mechanisms copy what they need to the
+sampling device once per sampling (``adapters.id_adapter.DeviceCache``).
+Converted adapters are kept for the two most recent files, so changing only
+the MODEL does not read the file again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+import torch
+
+import folder_paths
+
+from ..adapters.file_hash import sha256_file
+from ..adapters.id_adapter import IdAdapter
+from ..adapters.layer_tables import BASE_NAMES
+from ..adapters.safe_load import read_weight_file, resolve_in_folders
+from ..adapters.weight_errors import WeightError
+from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
+from ..adapters.weights_manifest import load_manifest
+from .errors import IdentityAttentionError
+from .folders import folder_list
+from .host import cross_attention_layers
+from .stage_inputs import CATEGORY
+
+ADAPTER_FOLDERS = ("ipadapter", "instantid", "pulid", "identity_attention")
+DOWNLOAD_HINT = "python -m comfyui-identity-attention.weights"
+
+_ADAPTERS: "OrderedDict[tuple, IdAdapter]" = OrderedDict()
+_VERIFIED: dict = {}
+_KEEP = 2
+
+INPUT_KIND_WORDS = {
+    "clip_embeds": "the CLIP-vision image embedding",
+    "clip_hidden": "CLIP-vision hidden states",
+    "arcface": "the raw ArcFace embedding",
+    "arcface_normed": "the normalised ArcFace embedding",
+    "arcface_normed+clip_hidden": "the normalised ArcFace embedding + CLIP-vision hidden states",
+    "face_tokens": "TransFace face tokens",
+    "arcface+eva_clip": "the raw ArcFace embedding + EVA02-CLIP features",
+}
+
+
+def adapter_choices() -> list:
+    names = []
+    for folder in ADAPTER_FOLDERS:
+        try:
+            files = folder_paths.get_filename_list(folder)
+        except KeyError:
+            continue
+        names += [f"{folder}/{name}" for name in files]
+    return names
+
+
+def _split(choice: str) -> Tuple[str, str]:
+    folder, _, name = str(choice).replace("\\", "/").partition("/")
+    if folder not in ADAPTER_FOLDERS or not name:
+        raise WeightError(
+            f"'{choice}' is not a file from the adapter folders ({', '.join(f'models/{f}' for f in ADAPTER_FOLDERS)})",
+            fix="pick a file from the list; new files appear after refreshing the page",
+        )
+    return folder, name
+
+
+def _manifest():
+    try:
+        return load_manifest()
+    except (OSError, ValueError):
+        return None
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _progress_bar(total_bytes: int):
+    try:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(max(1, math.ceil(total_bytes / 2**20)))
+    except Exception:  # a host without progress bars still verifies
+        return None
+    return lambda done, total: bar.update_absolute(math.ceil(done / 2**20))
+
+
+def _verify(path: str, folder: str, name: str, entry: Optional[dict]) -> str:
+    if entry is None or not entry.get("sha256"):
+        raise WeightError(
+            f"verify_sha256 is on, but weights_manifest.json has no published sha256 for '{folder}/{name}'",
+            fix=f"turn verify_sha256 off, or use a listed file under its listed name ({DOWNLOAD_HINT} list)",
+        )
+    key = _file_key(path)
+    digest = _VERIFIED.get(key)
+    if digest is None:
+        digest = sha256_file(path, progress=_progress_bar(key[1]))
+        _VERIFIED[key] = digest
+    if digest != entry["sha256"]:
+        raise WeightError(
+            f"'{name}' is not the published file {entry['id']} (sha256 {digest[:12]}..., expected {entry['sha256'][:12]}...): it is damaged or another version",
+            fix=f"download it again: {DOWNLOAD_HINT} download {entry['id']} --force",
+        )
+    return digest
+
+
+def _hints(manifest, size: int) -> dict:
+    """What no tensor records: FaceID-Plus v1 vs PlusV2, from the released file sizes."""
+    if manifest is None:
+        return {"faceid_plus_reason": "assumed (no manifest)"}
+    same = manifest.with_size(size, "faceid_plus")
+    if len(same) == 1 and same[0].get("variant") in ("v1", "v2"):
+        return {"faceid_plus_shortcut": same[0]["variant"] == "v2", "faceid_plus_reason": f"same size as the released {same[0]['id']}"}
+    return {"faceid_plus_shortcut": True, "faceid_plus_reason": "assumed: the size matches no released file, PlusV2 is the current version"}
+
+
+def _offload(adapter: IdAdapter) -> IdAdapter:
+    """Move an adapter to ComfyUI's offload device when that is not the CPU (--gpu-only), keeping dtypes."""
+    try:
+        import comfy.model_management as mm
+
+        device = mm.unet_offload_device()
+    except Exception:
+        return adapter
+    if torch.device(device).type == "cpu":
+        return adapter
+    adapter.layers = {k: {n: t.to(device) for n, t in v.items()} for k, v in adapter.layers.items()}
+    if adapter.projector is not None:
+        adapter.projector.to(device)
+    adapter.extras = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in adapter.extras.items()}
+    return adapter
+
+
+def load_adapter_file(path: str, roots, entry: Optional[dict], manifest) -> IdAdapter:
+    key = _file_key(path)
+    cached = _ADAPTERS.get(key)
+    if cached is not None:
+        _ADAPTERS.move_to_end(key)
+        return cached
+    loaded = read_weight_file(path, roots=roots, expected_bytes=entry["bytes"] if entry else None)
+    adapter = convert(loaded.tensors, loaded.metadata, source=os.path.basename(path), hints=_hints(manifest, loaded.size))
+    adapter.metadata["file"] = f"{loaded.kind}, {loaded.size / 1e6:.1f} MB"
+    adapter = _offload(adapter)
+    _ADAPTERS[key] = adapter
+    while len(_ADAPTERS) > _KEEP:
+        _ADAPTERS.popitem(last=False)
+    return adapter
+
+
+def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:
+    lines = [f"file: {choice} ({adapter.metadata.get('file', '')})"]
+    fmt = KNOWN_FORMATS.get(adapter.format, adapter.format)
+    if adapter.format == "native":
+        fmt += f" (from {adapter.metadata.get('source_format', 'native')})"
+    lines.append(f"format: {fmt}; mechanism: {adapter.mechanism}")
+    lines.append(f"base model: {BASE_NAMES.get(adapter.base, adapter.base)} (text context {adapter.context_dim}); layers with weights: {len(adapter.layers)}")
+    p = adapter.projector
+    if p is not None:
+        lines.append(f"identity tokens: {p.num_tokens} x {p.token_dim} from {INPUT_KIND_WORDS.get(p.input_kind, p.input_kind)} ({type(p).__name__})")
+    else:
+        lines.append("identity tokens: none (this file has no token projector)")
+    for key in ("identity_input", "faceid_plus_version", "pulid_version", "requires", "note"):
+        if adapter.metadata.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {adapter.metadata[key]}")
+    lora = adapter.extras.get("lora")
+    if isinstance(lora, dict):
+        lines.append(f"LoRA in the file: {lora['layers']} layers, rank {lora['rank']} (not applied). {lora['note']}")
+    lines.append(f"sha256: verified ({verified[:16]}...)" if verified else "sha256: not checked (turn on verify_sha256 to compare with the published file)")
+    return "\n".join(lines)
+
+
+class LoadIdentityAdapter:
+    NODE_ID = "IdentityAttentionLoadIdentityAdapter"
+    DISPLAY_NAME = "Load identity adapter"
+    CATEGORY = f"{CATEGORY}/weights"
+    DESCRIPTION = (
+        "Loads identity-adapter weights for the attention nodes: IP-Adapter (plus, plus-face, full-face), IP-Adapter-FaceID and "
+        "FaceID-Plus(V2), InstantID, PuLID, FaceChain-FACT, PVA, or this pack's own files. The kind of file is recognised from its "
+        "contents, and it is checked against the model it will patch. Put files in models/ipadapter, models/instantid, models/pulid "
+        f"or models/identity_attention ({DOWNLOAD_HINT} download ID fetches the known ones)."
+    )
+    RETURN_TYPES = ("ID_ADAPTER", "STRING")
+    RETURN_NAMES = ("id_adapter", "info")
+    OUTPUT_TOOLTIPS = (
+        "The identity adapter: connect it to an Identity Attention attention node together with the same model.",
+        "What was loaded: format, base model, token count, what identity features it reads, and anything still needed (a LoRA, an encoder).",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "adapter": (adapter_choices(), {"tooltip": "The adapter file, as <model folder>/<file name>. The loader works out which kind of adapter it is from the file itself."}),
+                "model": ("MODEL", {"tooltip": "The model this adapter will patch. It is only read, to check that the adapter was made for it (SD1.5, SD2 or SDXL, same layer sizes)."}),
+            },
+            "optional": {
+                "verify_sha256": ("BOOLEAN", {"default": False, "tooltip": "Compare the file with the published one (sha256) before loading. Slow for big files the first time; works for files listed in weights_manifest.json under their listed names."}),
+            },
+        }
+
+    def load(self, adapter, model, verify_sha256=False):
+        try:
+            folder, name = _split(adapter)
+            roots = folder_list(folder)
+            path = resolve_in_folders(name, roots)
+            manifest = _manifest()
+            entry = manifest.find(folder, name) if manifest is not None else None
+            verified = _verify(path, folder, name, entry) if verify_sha256 else None
+            result = load_adapter_file(path, roots, entry, manifest)
+        except WeightError as err:
+            raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="adapter", fix=err.fix) from None
+        try:
+            check_against_model(result, cross_attention_layers(model))
+        except WeightError as err:
+            raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="model", fix=err.fix) from None
+        return (result, describe(result, adapter, verified))
+
+
+NODES = [LoadIdentityAdapter]

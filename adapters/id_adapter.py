@@ -81,6 +81,8 @@ class TokenProjector(torch.nn.Module):
             clip_embeds=black(features.clip_embeds, features.clip_embeds_uncond),
             clip_hidden=black(features.clip_hidden, features.clip_hidden_uncond),
             face_tokens=None if features.face_tokens is None else torch.zeros_like(features.face_tokens[:1]),
+            eva_clip_embeds=None if features.eva_clip_embeds is None else torch.zeros_like(features.eva_clip_embeds[:1]),
+            eva_clip_hidden=None if features.eva_clip_hidden is None else torch.zeros_like(features.eva_clip_hidden[:1]),
         )
 
     def forward(self, features: IdentityFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +169,8 @@ def _features_to(features: IdentityFeatures, device, dtype) -> IdentityFeatures:
         clip_embeds_uncond=move(features.clip_embeds_uncond),
         clip_hidden_uncond=move(features.clip_hidden_uncond),
         face_tokens=move(features.face_tokens),
+        eva_clip_embeds=move(features.eva_clip_embeds),
+        eva_clip_hidden=move(features.eva_clip_hidden),
     )
 
 

@@ -17,6 +17,9 @@ Shapes (R = number of references, E = recognizer width, 512 for ArcFace):
   (IP-Adapter's negative image prompt), ``[1, T, Dh]`` / ``[1, De]``.
 - ``Identity.face_tokens``: ``[R, P, Df]`` patch tokens of a face encoder run on the crops
   (FACT's TransFace ViT: 144 x 512), filled by the node that runs that encoder.
+- ``Identity.eva_clip_embeds`` / ``eva_clip_hidden``: ``[R, 768]`` / ``[R, 5, 577, 1024]``
+  EVA02-CLIP-L-14-336 features of the crops, which PuLID's ID encoder reads (no ComfyUI node
+  computes them yet; the PuLID projector says so when they are missing).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class IdentityFeatures:
     clip_embeds_uncond: Optional[torch.Tensor] = None
     clip_hidden_uncond: Optional[torch.Tensor] = None
     face_tokens: Optional[torch.Tensor] = None
+    eva_clip_embeds: Optional[torch.Tensor] = None
+    eva_clip_hidden: Optional[torch.Tensor] = None
 
     @property
     def count(self) -> int:
@@ -79,13 +84,15 @@ class Identity:
     clip_hidden_uncond: Optional[torch.Tensor] = None  # [1, T, Dh]
     clip_embeds_uncond: Optional[torch.Tensor] = None  # [1, De]
     face_tokens: Optional[torch.Tensor] = None  # [R, P, Df]
+    eva_clip_embeds: Optional[torch.Tensor] = None  # [R, 768]
+    eva_clip_hidden: Optional[torch.Tensor] = None  # [R, 5, 577, 1024]
     notes: Tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if not self.faces:
             raise ValueError("an Identity needs at least one face")
         r = len(self.faces)
-        for name in ("clip_hidden", "clip_embeds", "face_tokens"):
+        for name in ("clip_hidden", "clip_embeds", "face_tokens", "eva_clip_embeds", "eva_clip_hidden"):
             t = getattr(self, name)
             if t is not None and t.shape[0] != r:
                 raise ValueError(f"{name} has {t.shape[0]} rows for {r} faces")
@@ -127,4 +134,6 @@ class Identity:
             clip_embeds_uncond=self.clip_embeds_uncond,
             clip_hidden_uncond=self.clip_hidden_uncond,
             face_tokens=fuse(self.face_tokens),
+            eva_clip_embeds=fuse(self.eva_clip_embeds),
+            eva_clip_hidden=fuse(self.eva_clip_hidden),
         )

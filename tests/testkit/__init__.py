@@ -9,6 +9,8 @@
   a plain attn2 replace, without the dispatcher (the expected result).
 - ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
   install it, to prove ours chains it.
+- ``IdentityAttentionTestKit_TinyClipVision``: a tiny CLIP vision model with the real
+  widths (clip_vision.py); the demo and the workflow tests swap CLIPVisionLoader for it.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ class AdapterReport:
         return {"ui": {"adapter": [summary]}}
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport]
+from .clip_vision import TinyClipVision  # noqa: E402
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, TinyClipVision]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

@@ -240,7 +240,7 @@ def mix_with_text(text_out: torch.Tensor, id_part: torch.Tensor, share: torch.Te
     """``(1 - a) * text_out + id_part`` per head: ``[B, N, H*D]`` (``share`` ``[B, N, H, 1]``)."""
     th = rearrange(text_out, "b n (h d) -> b n h d", h=heads)
     ih = rearrange(id_part, "b n (h d) -> b n h d", h=heads)
-    return rearrange(th * (1.0 - share.to(th.dtype)) + ih.to(th.dtype), "b n h d -> b n (h d)")
+    return rearrange(torch.addcmul(ih.to(th.dtype), th, 1.0 - share.to(th.dtype)), "b n h d -> b n (h d)")
 
 
 def joint_attention(

@@ -226,6 +226,8 @@ class ParallelAttentionStage(AttentionStage):
             id_out = decoupled_attention(query, k_id, v_id, call.heads, lambda q, k, v, heads: call.attention(q, k, v))
             if self.ortho != "none":
                 id_out = orthogonalize(id_out, call.text_attention(), self.ortho, q=query, k_id=k_id, heads=call.heads, body=self.body)
+            if region is None:
+                return torch.add(out, id_out, alpha=self.schedule.weight)  # one fused launch
             return add_in_region(out, id_out * self.schedule.weight, region)
         q_joint, keys, values, bias = self._joint_inputs(call, share_only=False)
         id_part, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)

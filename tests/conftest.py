@@ -32,7 +32,9 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("IDENTITY_ATTENTION_TEST_THREADS", "1")))
+_THREADS = os.environ.get("IDENTITY_ATTENTION_TEST_THREADS", "1")
+torch.set_num_threads(int(_THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)  # inherited by the test servers
 
 
 def _register_package() -> types.ModuleType:

@@ -15,10 +15,15 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+import comfy.sample
 from conftest import pack
+from testkit.synthetic import synthetic_adapter
 
 dispatcher = pack("nodes.dispatcher")
 host = pack("nodes.host")
+
+SD15_KEY = ("input", 1, 0)  # an SD1.5 layer at the latent's own resolution
+SDXL_KEY = ("input", 4, 1)  # SDXL: second transformer of the first cross-attention block
 
 
 @dataclass
@@ -115,3 +120,25 @@ def tokens_mask(mask_hw: torch.Tensor, batch: int) -> torch.Tensor:
 
 def close(got: torch.Tensor, expected: torch.Tensor, tol: float = 2e-5) -> None:
     torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol)
+
+
+# --- models, adapters, sampling -----------------------------------------------------------------------
+
+
+def adapter_for(model, **kwargs):
+    layers = host.cross_attention_layers(model)
+    return synthetic_adapter(layers, host.base_model_of(model), layers[0].context_dim, **kwargs)
+
+
+def assert_same_sampling(got, expected):
+    """Equal up to float32 noise: random tiny UNets amplify kernel rounding (values reach ~300)."""
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def sample(model, arch, steps=2, size=8, seed=0, cfg=4.0):
+    from testkit.tiny_models import random_conditioning
+
+    pos, neg = random_conditioning(arch, 100), random_conditioning(arch, 200)
+    latent = torch.zeros(1, 4, size, size)
+    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=seed, disable_pbar=True)

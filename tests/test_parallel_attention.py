@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-import comfy.sample
 from conftest import pack
 from layer_harness import (
+    SD15_KEY,
+    SDXL_KEY,
+    adapter_for,
+    assert_same_sampling,
     attention64,
     close,
     heads_of,
@@ -18,10 +21,11 @@ from layer_harness import (
     merge,
     rows_of,
     run_layer,
+    sample,
     tokens_mask,
     unpatched,
 )
-from testkit.synthetic import synthetic_adapter, synthetic_identity
+from testkit.synthetic import synthetic_identity
 
 pa = pack("adapters.parallel_attention")
 core = pack("adapters.attention_core")
@@ -33,17 +37,10 @@ pva_nodes = pack("nodes.parallel_attention_nodes")
 id_adapter_mod = pack("adapters.id_adapter")
 
 NODE = pva_nodes.ApplyParallelAttention()
-SD15_KEY = ("input", 1, 0)  # full-resolution layer: a 4x4 latent gives a 4x4 grid
-SDXL_KEY = ("input", 4, 1)  # SDXL's first cross-attention level (after one downsample)
 
 
 def apply(model, adapter, identity, weight=1.0, mode="joint", projections="adapter", references="fused", apply_to="both", mask=None, start=0.0, end=1.0):
     return NODE.apply(model, adapter, identity, weight, start, end, apply_to, mode, projections, references, mask=mask)[0]
-
-
-def adapter_for(model, **kwargs):
-    layers = host.cross_attention_layers(model)
-    return synthetic_adapter(layers, host.base_model_of(model), layers[0].context_dim, **kwargs)
 
 
 def joint64(q, q_id, k_text, v_text, k_id, v_id, heads, weight):
@@ -275,20 +272,6 @@ def test_input_model_unchanged(tiny):
 # --- sampling in-process ----------------------------------------------------------------------------------
 
 
-def assert_same_sampling(got, expected):
-    """Equal up to float32 noise: random tiny UNets amplify kernel rounding (values reach ~300)."""
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-
-
-def sample(model, arch, steps=2, size=8, seed=0, cfg=4.0):
-    from testkit.tiny_models import random_conditioning
-
-    pos, neg = random_conditioning(arch, 100), random_conditioning(arch, 200)
-    latent = torch.zeros(1, 4, size, size)
-    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=seed, disable_pbar=True)
-
-
 def context_append_patch(model, tokens):
     """PVA at initialisation by hand: an attn2_patch appending the identity tokens to context and value."""
     m = model.clone()
@@ -377,10 +360,10 @@ def test_host_parallel_attention(server):
 
 
 @pytest.mark.host
-def test_host_wrong_base_is_explained(server):
+def test_host_bad_input_is_explained(server):
     from harness.server import PromptFailed
 
     with pytest.raises(PromptFailed) as info:
-        server.run(pva_prompt(adapter_arch="sdxl"))
+        server.run(pva_prompt(mode="joint", weight=-0.5))
     message = info.value.exception_message()
-    assert "Apply parallel visual attention" in message and "id_adapter" in message and "Fix:" in message
+    assert "Apply parallel visual attention" in message and "'weight'" in message and "Fix:" in message

@@ -24,11 +24,14 @@ PuLID extras (``pulid/attention_processor.py``, IDAttnProcessor2_0, read at comm
 - ``ortho_v2`` (fidelity mode): ``a = sum_{j in first 5 ID tokens} mean_heads softmax(q k_id^T)``
   (no 1/sqrt(D) in that softmax, as in PuLID), ``id_out <- id_out + (a - 1) * proj``.
   Both projections are computed in float32 as PuLID does.
+  PuLID's demo (``app.py``) defaults to "fidelity"; that is also our default for PuLID weights
+  whose loader did not say (see ``nodes/identity_inputs.pulid_settings``). "The first 5" are the
+  first 5 tokens of the whole sequence, literally as PuLID (``attn_mean[:, :, :5]``): with several
+  references PuLID's demo concatenates the references' tokens (``app.py``, ID Mix) and still sums
+  only the first 5, the main reference's ArcFace-body tokens; ``per_reference`` tokens do the same.
   Choices where PuLID is silent: ``h`` is the layer's *text* attention (what PuLID projects
   against), not the output of stages stacked before this one; a zero denominator (a channel that
-  is exactly 0 at every pixel) gives ``proj = 0`` instead of PuLID's NaN; with several references
-  (``per_reference`` tokens) "the first 5" are the first 5 of *each* reference's token set
-  (PuLID's IDEncoder puts its 5 ArcFace-body tokens first, then 5 EVA-CLIP tokens).
+  is exactly 0 at every pixel) gives ``proj = 0`` instead of PuLID's NaN.
 
 Joint (PVA, ``AtlantixJJ/PVA-CelebAHQ-IDI`` ``lib/pva.py`` pva_forward; one softmax over both)::
 
@@ -97,12 +100,9 @@ def append_zero_tokens(x: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([x, zeros], dim=-2)
 
 
-def body_token_mask(total_tokens: int, tokens_per_reference: int, zero_tokens: int = 0, body: int = PULID_BODY_TOKENS) -> torch.Tensor:
-    """Boolean ``[total_tokens + zero_tokens]``: True on each reference's first ``body`` tokens."""
-    index = torch.arange(total_tokens)
-    per = max(int(tokens_per_reference), 1)
-    mask = (index % per) < body
-    return torch.cat([mask, torch.zeros(zero_tokens, dtype=torch.bool)])
+def body_token_mask(total_tokens: int, zero_tokens: int = 0, body: int = PULID_BODY_TOKENS) -> torch.Tensor:
+    """Boolean ``[total_tokens + zero_tokens]``: True on the first ``body`` tokens (PuLID's ``[:5]``)."""
+    return torch.arange(total_tokens + zero_tokens) < min(body, total_tokens)
 
 
 # --- decoupled -----------------------------------------------------------------------------------
@@ -128,11 +128,11 @@ def pulid_projection(text_out: torch.Tensor, id_out: torch.Tensor) -> torch.Tens
 def pulid_body_attention(q: torch.Tensor, k_id: torch.Tensor, heads: int, body: torch.Tensor) -> torch.Tensor:
     """ORTHO_v2's ``a``: unscaled ``softmax(q k_id^T)`` mean over heads, summed on ``body`` columns.
 
-    q ``[B, N, H*D]``, k_id ``[B, T, H*D]``, body bool ``[T]`` -> ``[B, N, 1]`` float32.
+    q ``[B, N, H*D]``, k_id ``[B, T, H*D]``, body ``[T]`` (bool or 0/1, on q's device) -> ``[B, N, 1]`` float32.
     """
     logits = torch.einsum("bhnd,bhtd->bhnt", split_heads(q.float(), heads), split_heads(k_id.float(), heads))
     probs = logits.softmax(dim=-1).mean(dim=1)  # [B, N, T]
-    return (probs * body.to(device=probs.device, dtype=probs.dtype)).sum(dim=-1, keepdim=True)
+    return (probs * body.to(dtype=probs.dtype)).sum(dim=-1, keepdim=True)
 
 
 def orthogonalize(

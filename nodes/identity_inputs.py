@@ -149,12 +149,18 @@ def query_weights(layers: Sequence[LayerInfo], adapter: IdAdapter, node: str, in
     return found
 
 
+PULID_DEFAULT_ZERO_TOKENS = 8
+PULID_DEFAULT_ORTHO = "ortho_v2"
+"""PuLID's default "fidelity" mode (``app.py``: mode value 'fidelity' -> NUM_ZERO 8, ORTHO_v2)."""
+
+
 def pulid_settings(adapter: IdAdapter, node: str, input_name: str = "id_adapter"):
-    """``(zero_tokens, ortho)`` for PuLID weights (read from the loader's extras), else ``(0, "none")``."""
+    """``(zero_tokens, ortho)`` for PuLID weights (the loader's extras, else PuLID's fidelity mode); ``(0, "none")`` otherwise."""
     if adapter.format != "pulid":
         return 0, "none"
-    zero = int(adapter.extras.get("num_zero_tokens", 0) or 0)
-    ortho = str(adapter.extras.get("ortho", "none") or "none")
+    zero = adapter.extras.get("num_zero_tokens")
+    zero = PULID_DEFAULT_ZERO_TOKENS if zero is None else int(zero)
+    ortho = str(adapter.extras.get("ortho") or PULID_DEFAULT_ORTHO)
     if zero < 0 or ortho not in ORTHO_MODES:
         raise IdentityAttentionError(
             f"PuLID settings not understood: num_zero_tokens={zero}, ortho={ortho!r}",
@@ -163,11 +169,6 @@ def pulid_settings(adapter: IdAdapter, node: str, input_name: str = "id_adapter"
             fix=f"reload the PuLID weights; ortho must be one of {', '.join(ORTHO_MODES)}",
         )
     return zero, ortho
-
-
-def tokens_per_reference(adapter: IdAdapter, tokens: IdentityTokens) -> int:
-    n = int(getattr(adapter.projector, "num_tokens", 0) or 0)
-    return n if n > 0 and tokens.count % n == 0 else tokens.count
 
 
 def as_float_tokens(tokens: IdentityTokens) -> IdentityTokens:

@@ -18,7 +18,6 @@ from .identity_inputs import (
     model_layers,
     pulid_settings,
     query_weights,
-    tokens_per_reference,
 )
 from .parallel_attention_stage import IdentitySource, ParallelAttentionStage
 from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
@@ -115,7 +114,7 @@ class ApplyParallelAttention:
             queries = None
         source = IdentitySource(tokens, tokens, keys, values, queries, zero_tokens if tokens.count else 0)
         ortho = ortho if mode == "decoupled" else "none"
-        body = body_token_mask(tokens.count, tokens_per_reference(id_adapter, tokens), source.zero_tokens) if ortho == "ortho_v2" else None
+        body = body_token_mask(tokens.count, source.zero_tokens) if ortho == "ortho_v2" else None
         stage = ParallelAttentionStage(schedule, source, mode, label=f"{node} ({mode}, {id_adapter.format}, {projections} projections)", ortho=ortho, body=body)
         return (apply_attention_stage(model, stage),)
 

@@ -57,7 +57,7 @@ class WeightProjection:
 
     def project(self, cache: DeviceCache, key, tokens: torch.Tensor, device, dtype) -> torch.Tensor:
         """``tokens`` ``[n, T, D]`` (CPU float32) -> ``[n, T, C]`` on ``device``, computed once."""
-        return cache.get(key, device, dtype, lambda: project_tokens(tokens, self.weight))
+        return cache.get(key, device, dtype, lambda: project_tokens(tokens.to(self.weight.device), self.weight))
 
 
 class ModuleProjection:
@@ -225,7 +225,8 @@ class ParallelAttentionStage(AttentionStage):
             query = call.q if q_id is None else q_id
             id_out = decoupled_attention(query, k_id, v_id, call.heads, lambda q, k, v, heads: call.attention(q, k, v))
             if self.ortho != "none":
-                id_out = orthogonalize(id_out, call.text_attention(), self.ortho, q=query, k_id=k_id, heads=call.heads, body=self.body)
+                body = None if self.body is None else self._block(call, "body", lambda: self.body.to(call.q.device))
+                id_out = orthogonalize(id_out, call.text_attention(), self.ortho, q=query, k_id=k_id, heads=call.heads, body=body)
             if region is None:
                 return torch.add(out, id_out, alpha=self.schedule.weight)  # one fused launch
             return add_in_region(out, id_out * self.schedule.weight, region)

@@ -82,7 +82,7 @@ def test_pulid_decoupled_formula(ortho):
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     q, text, ki, vi = r(B, N, H * D), r(B, N, H * D), r(B, T, H * D), r(B, T, H * D)
     kz, vz = pa.append_zero_tokens(ki, Z), pa.append_zero_tokens(vi, Z)
-    body = pa.body_token_mask(T, 10, Z)
+    body = pa.body_token_mask(T, Z)
     id_out = pa.decoupled_attention(q, kz, vz, H, core.reference_attention)
     got = text + 0.8 * pa.orthogonalize(id_out, text, ortho, q=q, k_id=kz, heads=H, body=body).double()
 
@@ -164,27 +164,32 @@ def test_decoupled_mask_and_cond_only(tiny):
     assert torch.equal(got[:2], unpatched(inputs)[:2])
 
 
-@pytest.mark.parametrize("ortho", ["ortho", "ortho_v2"])
-def test_pulid_stage(tiny, ortho):
+@pytest.mark.parametrize("ortho,references", [("ortho", 1), ("ortho_v2", 2), (None, 1)])
+def test_pulid_stage(tiny, ortho, references):
+    """PuLID weights: zero tokens + ORTHO / ORTHO_v2 from the adapter's extras (None: PuLID's default, fidelity)."""
     model = tiny.unet("sdxl")
     adapter = adapter_for(model, num_tokens=10, fmt="pulid")
-    adapter.extras.update({"num_zero_tokens": 8, "ortho": ortho})
-    identity = synthetic_identity(1, seed=6, clip=False)
-    patched = apply(model, adapter, identity, weight=0.8, mode="decoupled")
+    if ortho is not None:
+        adapter.extras.update({"num_zero_tokens": 16 if ortho == "ortho" else 8, "ortho": ortho})
+    zero = 16 if ortho == "ortho" else 8
+    identity = synthetic_identity(references, seed=6, clip=False)
+    per_reference = "per_reference" if references > 1 else "fused"
+    patched = apply(model, adapter, identity, weight=0.8, mode="decoupled", references=per_reference)
     inputs = layer_inputs(patched, SDXL_KEY, grid=(8, 8), rows=1)
     got = run_layer(patched, inputs)
 
     H = inputs.info.heads
     text = attention64(inputs.q, inputs.k, inputs.v, H)
     w = adapter.layers[SDXL_KEY]
-    k_id, v_id = id_kv64(inputs, adapter.identity_tokens(identity), w["to_k"], w["to_v"])
-    zeros = torch.zeros(k_id.shape[0], 8, k_id.shape[-1], dtype=torch.float64)
+    k_id, v_id = id_kv64(inputs, adapter.identity_tokens(identity, per_reference=references > 1), w["to_k"], w["to_v"])
+    assert k_id.shape[1] == 10 * references
+    zeros = torch.zeros(k_id.shape[0], zero, k_id.shape[-1], dtype=torch.float64)
     K, V = torch.cat([k_id, zeros], 1), torch.cat([v_id, zeros], 1)
     ident = attention64(inputs.q, K, V, H)
     proj = (text * ident).sum(1, keepdim=True) / (text * text).sum(1, keepdim=True) * text
     if ortho == "ortho":
         contribution = ident - proj
-    else:
+    else:  # PuLID: attn_mean[:, :, :5], the first 5 tokens of the whole sequence
         a = (heads_of(inputs.q, H) @ heads_of(K, H).transpose(-1, -2)).softmax(-1).mean(1)[:, :, :5].sum(-1, keepdim=True)
         contribution = ident + (a - 1) * proj
     close(got, text + 0.8 * contribution, tol=1e-4)

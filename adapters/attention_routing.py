@@ -12,9 +12,9 @@ model computes, ``[b, N, H*D]``), ``personalized`` = the attention output of the
 mechanisms applied before the routing node (PVA, KV-mixed...). Routers:
 
 ``learned``: a two-layer MLP on the layer's hidden states ``X`` ``[b, N, C]`` (the input of the
-  layer's ``to_q``, i.e. after ``norm2``), with per-layer weights stored under these names (in an
-  ID_ADAPTER's ``layers[key]``, in this pack's native safetensors as
-  ``"<block>.<id>.<index>.router.0.weight"`` etc., and produced by the trainer)::
+  layer's ``to_q``, i.e. after ``norm2``), with per-layer weights under these names in an
+  ID_ADAPTER's ``layers[key]`` (``key`` = ComfyUI's ``(block, id, index)``; the native file
+  stores them per layer with the loader's usual layer prefix; the trainer produces them)::
 
       router.0.weight [Hr, C]   router.0.bias [Hr]      # Linear(C -> Hr)
       (router.1 = GELU, exact erf form; no parameters)

@@ -301,3 +301,32 @@ def test_host_pva_moa_and_router_maps(server):
     assert len(maps) == 4 and len(steps) == 1  # tiny SD1.5 at 64 px: grids 8x8, 4x4, 2x2, 1x1
     entry = server.run(prompt)  # runs again (the maps change with every sampling)
     assert [p for p in server.output_files(entry) if p.exists() and p.name.startswith("router_maps")]
+
+
+def test_two_people_with_masks_and_the_identity_router(tiny):
+    """Two decoupled identity nodes with left/right masks, then routing by their attention shares."""
+    model = tiny.unet("sd15")
+    left, right = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    left[..., :2], right[..., 2:] = 1.0, 1.0
+    people = [(adapter_for(model, seed=20), synthetic_identity(1, seed=21, clip=False), left, 0.9), (adapter_for(model, seed=22), synthetic_identity(1, seed=23, clip=False), right, 1.1)]
+    m = model
+    for adapter, identity, mask, weight in people:
+        m = pva_nodes.ApplyParallelAttention().apply(m, adapter, identity, weight, 0.0, 1.0, "both", "decoupled", "adapter", "fused", mask=mask)[0]
+    routed = moa(m, router="identity_attention", temperature=0.6)
+    inputs = layer_inputs(routed, SD15_KEY)
+    H, M = inputs.info.heads, inputs.k.shape[1]
+    text = attention64(inputs.q, inputs.k, inputs.v, H)
+    personalized, share = text, 0
+    for adapter, identity, mask, weight in people:
+        tokens = adapter.identity_tokens(identity)
+        t = rows_of(inputs, {0: tokens.cond, 1: tokens.uncond})
+        w = adapter.layers[SD15_KEY]
+        k_id, v_id = t @ w["to_k"].double().T, t @ w["to_v"].double().T
+        region = tokens_mask(mask[0], 4)
+        personalized = personalized + weight * region * attention64(inputs.q, k_id, v_id, H)
+        mass = torch.cat([logits64(inputs.q, inputs.k, H), logits64(inputs.q, k_id, H)], -1).softmax(-1)[..., M:].sum(-1).mean(1)
+        share = share + mass.unsqueeze(-1) * region  # each person's share only inside their own mask
+    share = share.clamp(0, 1)
+    m_norm = (share - share.amin(1, keepdim=True)) / (share.amax(1, keepdim=True) - share.amin(1, keepdim=True))
+    r1 = torch.sigmoid(10 * (m_norm - 0.5) / 0.6)
+    close(run_layer(routed, inputs), (1 - r1) * text + r1 * personalized)

@@ -213,7 +213,11 @@ class ParallelAttentionStage(AttentionStage):
         bias = None
         if self.mode == "joint":
             bias = self._block(call, "bias", lambda: joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype))
-        return joint_query(call.q, q_id, heads), keys, values, bias
+        q_joint = joint_query(call.q, q_id, heads)
+        if call.extra_options.get("attn_precision") == torch.float32 and q_joint.dtype != torch.float32:
+            # the host upcasts this model's attention (SD2.x overflows in fp16): do the same
+            q_joint, keys, values = q_joint.float(), keys.float(), values.float()
+        return q_joint, keys, values, bias
 
     # --- the stage ----------------------------------------------------------------------------
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
@@ -232,7 +236,8 @@ class ParallelAttentionStage(AttentionStage):
             return add_in_region(out, id_out * self.schedule.weight, region)
         q_joint, keys, values, bias = self._joint_inputs(call, share_only=False)
         id_part, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
-        return blend_in_region(out, mix_with_text(out, id_part, share, call.heads), region)
+        mixed = mix_with_text(out, id_part.to(out.dtype), share.to(out.dtype), call.heads)
+        return blend_in_region(out, mixed, region)
 
     def identity_share(self, call: AttentionCall) -> Optional[torch.Tensor]:
         """Mean over heads of the joint-softmax mass on this stage's identity keys: ``[b, N, 1]``.
@@ -247,7 +252,7 @@ class ParallelAttentionStage(AttentionStage):
             return None
         q_joint, keys, values, bias = self._joint_inputs(call, share_only=True)
         _, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
-        share = share.mean(dim=2)  # [b, N, 1]
+        share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:
             share = share * region

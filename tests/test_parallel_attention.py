@@ -372,3 +372,20 @@ def test_host_bad_input_is_explained(server):
         server.run(pva_prompt(mode="joint", weight=-0.5))
     message = info.value.exception_message()
     assert "Apply parallel visual attention" in message and "'weight'" in message and "Fix:" in message
+
+
+def test_joint_honours_the_hosts_fp32_attention_precision(tiny):
+    """Where the host upcasts attention (attn_precision float32, SD2.x), the fused joint call runs in float32."""
+    model = tiny.unet("sd15")
+    adapter, identity = adapter_for(model, visual_q=True), synthetic_identity(1, seed=10, clip=False)
+    patched = apply(model, adapter, identity, weight=1.0)
+    inputs = layer_inputs(patched, SD15_KEY)
+    expected = run_layer(patched, inputs)
+    half = layer_inputs(patched, SD15_KEY)
+    for name in ("q", "k", "v", "hidden"):
+        setattr(half, name, getattr(half, name).to(torch.bfloat16))
+    half.extra_options[dispatcher.HIDDEN_STATES_KEY] = half.hidden
+    half.extra_options["attn_precision"] = torch.float32
+    got = run_layer(patched, half)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)

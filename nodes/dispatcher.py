@@ -279,8 +279,16 @@ class AttentionStage:
         mask = self.schedule.mask
         if mask is None:
             return None
+        return self.mask_tokens(call, mask, "mask")
+
+    def mask_tokens(self, call: AttentionCall, mask: torch.Tensor, input_name: str = "mask") -> torch.Tensor:
+        """Any ``[Bm, H, W]`` mask of this stage at ``call``'s layer grid, per row: ``[b, N, 1]``.
+
+        Resized once per (mask, grid, device, dtype) and cached; one frame applies to every
+        image, otherwise one frame per image of the latent batch.
+        """
         grid = call.token_grid()
-        key = (grid, call.q.device, call.q.dtype)
+        key = (id(mask), grid, call.q.device, call.q.dtype)
         tokens = self._region_cache.get(key)
         if tokens is None:
             tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
@@ -293,7 +301,7 @@ class AttentionStage:
         raise IdentityAttentionError(
             f"the mask has {tokens.shape[0]} frames but the latent batch has {per_chunk} images",
             node=self.label,
-            input_name="mask",
+            input_name=input_name,
             fix="give one mask for all images, or exactly one mask per image in the batch",
         )
 

@@ -23,11 +23,12 @@ class Ceilings:
     bandwidth: float  # bytes/s, read + write
 
     def describe(self) -> str:
-        return f"matmul {self.flops / 1e12:.1f} TFLOP/s, copy {self.bandwidth / 1e9:.0f} GB/s (measured)"
+        rate = f"{self.flops / 1e12:.1f} TFLOP/s" if self.flops >= 1e12 else f"{self.flops / 1e9:.1f} GFLOP/s"
+        return f"matmul {rate}, copy {self.bandwidth / 1e9:.1f} GB/s (measured)"
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` (CUDA events on a GPU, perf_counter on the CPU)."""
+    """Median seconds of ``fn`` (CUDA events on a GPU, process CPU time on the CPU)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -39,9 +40,9 @@ def _time(fn, device: torch.device, repeats: int) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = time.process_time()  # CPU time: not inflated by other processes on shared cores
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     return statistics.median(times)
 
 

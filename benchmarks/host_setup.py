@@ -82,7 +82,7 @@ def describe(device: str) -> dict:
         props = torch.cuda.get_device_properties(0)
         machine = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
     else:
-        machine = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        machine = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), {torch.get_num_threads()} torch thread(s)"
     return {
         "device": machine,
         "torch": torch.__version__ + (f" (CUDA {torch.version.cuda})" if device == "cuda" else ""),

@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="all", help="comma-separated task names, 'all' or 'none'")
     p.add_argument("--size", choices=("micro", "full_size"), default="", help="model size (default: full_size on GPU, micro on CPU)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="", help="UNet dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs; default 1: CPU time per step stays meaningful on shared cores)")
     p.add_argument("--rounds", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=-1, help="untimed calls per round")
@@ -58,7 +59,7 @@ def plan(args) -> dict:
         rounds, steps, warmup = 5, 5, 2
         configs = GPU_QUICK_CONFIGS if args.quick else GPU_CONFIGS
     else:
-        rounds, steps, warmup = (4, 3, 1) if args.quick else (4, 5, 1)
+        rounds, steps, warmup = (6, 5, 1) if args.quick else (8, 6, 1)
         configs = CPU_QUICK_CONFIGS if args.quick else CPU_CONFIGS
     return {
         "device": torch.device("cuda" if gpu else "cpu"),
@@ -72,7 +73,10 @@ def plan(args) -> dict:
 
 
 def timing_note(p: dict, quick: bool) -> str:
-    clock = "CUDA events around each call, no host sync between calls" if p["device"].type == "cuda" else "perf_counter around each call"
+    if p["device"].type == "cuda":
+        clock = "CUDA events around each call, no host sync between calls"
+    else:
+        clock = f"process CPU time around each call ({torch.get_num_threads()} torch thread(s); other processes on shared cores not counted)"
     total = p["rounds"] * p["steps"]
     few = f" (quick mode: fewer than 20)" if total < 20 else ""
     return (
@@ -103,12 +107,16 @@ def main(argv=None) -> int:
         p["device"] = comfy.model_management.get_torch_device()  # the device object ComfyUI compares against
     root = logging.getLogger()
     level = root.level
+    threads = torch.get_num_threads()
+    if p["device"].type == "cpu":
+        torch.set_num_threads(args.threads)
     if not args.verbose:
         root.setLevel(logging.WARNING)  # ComfyUI logs every model load, i.e. every round
     try:
         return _run(args, p)
     finally:
         root.setLevel(level)
+        torch.set_num_threads(threads)
 
 
 def _run(args, p) -> int:

@@ -10,8 +10,9 @@ step with cond and uncond batched into one UNet call (batch 2), every
 ComfyUI's setup (cond processing, model loading) outside the timing.
 
 Per round: ``warmup`` untimed calls, then ``steps`` timed calls with no host
-synchronisation between them (CUDA events around each call on a GPU,
-``perf_counter`` on the CPU). Memory on a GPU: the scenario's persistent
+synchronisation between them (CUDA events around each call on a GPU; on the
+CPU the process's CPU time, ``time.process_time``, which other processes on
+shared cores do not inflate: run.py sets one torch thread there). Memory on a GPU: the scenario's persistent
 allocations (made during its first round, e.g. cached identity K/V) and the
 transient peak of a step (``max_memory_allocated`` over the timed calls minus
 what was allocated before them).
@@ -77,9 +78,9 @@ def run_round(model, inputs: StepInputs, warmup: int, steps: int, noise_mask=Non
             result.transient_peak = torch.cuda.max_memory_allocated(device) - start_alloc
         else:
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 out = denoiser(x, sigma, **extra_args)
-                result.times.append(time.perf_counter() - t0)
+                result.times.append(time.process_time() - t0)
         if out is not None:
             result.finite = bool(torch.isfinite(out).all())
         if count_flops:

@@ -17,8 +17,9 @@ test: env
 test-fast: env
 	$(PY) -m pytest -c tests/pytest.ini tests -q -m "not slow"
 
+# make bench BENCH_ARGS="--quick"  (see benchmarks/README.md)
 bench: env
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf .cache demo_out

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -83,10 +83,31 @@ class StageSchedule:
         if self.apply_to not in APPLY_TO_CHOICES:
             raise ValueError(f"apply_to must be one of {APPLY_TO_CHOICES}, got {self.apply_to!r}")
 
+    @property
+    def full_window(self) -> bool:
+        return self.sigma_start == math.inf and self.sigma_end <= 0.0
+
     def active_at(self, sigma: Optional[float]) -> bool:
-        if sigma is None or (self.sigma_start == math.inf and self.sigma_end <= 0.0):
+        if sigma is None or self.full_window:
             return True
         return self.sigma_end <= sigma <= self.sigma_start
+
+    def window(self, sigmas) -> Union[bool, torch.Tensor]:
+        """Whether the current step is inside the window, without waiting for the GPU.
+
+        ``sigmas`` is ``extra_options["sigmas"]``. Returns a Python bool when that
+        is free to decide (full window, no sigma, a CPU tensor); for a sigma on an
+        accelerator, a ``[1]`` bool tensor on that device, so the dispatcher
+        selects with ``torch.where`` instead of reading the value (a host sync).
+        """
+        if sigmas is None or self.full_window:
+            return True
+        if not torch.is_tensor(sigmas):
+            return self.active_at(float(sigmas))
+        first = sigmas.detach().reshape(-1)[:1]
+        if first.device.type == "cpu":
+            return self.active_at(float(first[0]))
+        return (first <= self.sigma_start) & (first >= self.sigma_end)
 
     def applies_to_chunk(self, code: int) -> bool:
         return self.apply_to == "both" or (self.apply_to == "cond") == (code == _COND)
@@ -108,7 +129,7 @@ class AttentionCall:
         extra_options: dict,
         layer: LayerKey,
         fallback: Optional[Callable] = None,
-        sigma: Optional[float] = None,
+        sigma_reader: Optional[Callable[[], Optional[float]]] = None,
         chunks: Optional[Sequence[int]] = None,
         text: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
@@ -118,11 +139,17 @@ class AttentionCall:
         self.layer = layer
         self.heads = int(extra_options["n_heads"])
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
-        self.sigma = sigma
+        self._sigma_reader = sigma_reader
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
         self._fallback = fallback
         self._text = text
         self._hidden = hidden if hidden is not None else extra_options.get(HIDDEN_STATES_KEY)
+
+    @property
+    def sigma(self) -> Optional[float]:
+        """The current sigma as a float. Reading it waits for the GPU once per UNet call:
+        only inspect recorders should need it (windows are checked without it)."""
+        return self._sigma_reader() if self._sigma_reader is not None else None
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -186,14 +213,18 @@ class AttentionCall:
             parts.append(t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
+    def take_chunks(self, t: Optional[torch.Tensor], keep: Sequence[bool]) -> Optional[torch.Tensor]:
+        """The rows of ``t`` (``[B, ...]``) that belong to the kept chunks."""
+        if t is None:
+            return None
+        rows = self._row_slices(keep)
+        return torch.cat([t[s] for s in rows], dim=0) if len(rows) > 1 else t[rows[0]]
+
     def select_chunks(self, keep: Sequence[bool]) -> "AttentionCall":
         """A view of this call restricted to the chunks where ``keep`` is True."""
-        rows = self._row_slices(keep)
 
         def take(t):
-            if t is None:
-                return None
-            return torch.cat([t[s] for s in rows], dim=0) if len(rows) > 1 else t[rows[0]]
+            return self.take_chunks(t, keep)
 
         return AttentionCall(
             take(self.q),
@@ -202,7 +233,7 @@ class AttentionCall:
             self.extra_options,
             self.layer,
             fallback=self._fallback,
-            sigma=self.sigma,
+            sigma_reader=self._sigma_reader,
             chunks=[c for c, kept in zip(self.chunks, keep) if kept],
             text=take(self._text),
             hidden=take(self._hidden),
@@ -266,21 +297,28 @@ class AttentionStage:
         raise NotImplementedError
 
     def is_active(self, call: AttentionCall) -> bool:
-        """Whether the stage acts at this layer and step (besides chunks)."""
+        """Whether the stage acts at this layer (besides its sigma window and chunks,
+        which the dispatcher checks)."""
         s = self.schedule
         if s.weight == 0.0:
             return False
-        if s.layers is not None and call.layer not in s.layers:
-            return False
-        return s.active_at(call.sigma)
+        return s.layers is None or call.layer in s.layers
 
     def region(self, call: AttentionCall) -> Optional[torch.Tensor]:
         """The stage's MASK at this layer's grid for ``call``'s rows: ``[b, N, 1]`` or None."""
         mask = self.schedule.mask
         if mask is None:
             return None
+        return self.mask_tokens(call, mask, "mask")
+
+    def mask_tokens(self, call: AttentionCall, mask: torch.Tensor, input_name: str = "mask") -> torch.Tensor:
+        """Any ``[Bm, H, W]`` mask of this stage at ``call``'s layer grid, per row: ``[b, N, 1]``.
+
+        Resized once per (mask, grid, device, dtype) and cached; one frame applies to every
+        image, otherwise one frame per image of the latent batch.
+        """
         grid = call.token_grid()
-        key = (grid, call.q.device, call.q.dtype)
+        key = (id(mask), grid, call.q.device, call.q.dtype)
         tokens = self._region_cache.get(key)
         if tokens is None:
             tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
@@ -293,7 +331,7 @@ class AttentionStage:
         raise IdentityAttentionError(
             f"the mask has {tokens.shape[0]} frames but the latent batch has {per_chunk} images",
             node=self.label,
-            input_name="mask",
+            input_name=input_name,
             fix="give one mask for all images, or exactly one mask per image in the batch",
         )
 
@@ -339,10 +377,14 @@ class AttentionDispatcher:
     def __call__(self, q, k, v, extra_options):
         layer = layer_key_of(extra_options)
         fallback = self.fallbacks.get(layer)
-        call = AttentionCall(q, k, v, extra_options, layer, fallback=fallback, sigma=self._sigma(extra_options))
+        call = AttentionCall(q, k, v, extra_options, layer, fallback=fallback, sigma_reader=lambda: self._sigma(extra_options))
+        sigmas = extra_options.get("sigmas")
         out = None
         for stage in self.stages:
             if not stage.is_active(call):
+                continue
+            window = stage.schedule.window(sigmas)
+            if window is False:
                 continue
             keep = [stage.schedule.applies_to_chunk(code) for code in call.chunks]
             if not any(keep):
@@ -350,12 +392,12 @@ class AttentionDispatcher:
             if out is None:
                 out = call.text_attention()
             if all(keep):
-                out = stage.forward(call, out, stage.region(call))
+                new = stage.forward(call, out, stage.region(call))
             else:
                 sub = call.select_chunks(keep)
-                sub_out = out[call._row_slices(keep)[0]] if sum(keep) == 1 else torch.cat([out[s] for s in call._row_slices(keep)])
-                new = stage.forward(sub, sub_out, stage.region(sub))
-                out = call.scatter_chunks(out, new, keep)
+                new = call.scatter_chunks(out, stage.forward(sub, call.take_chunks(out, keep), stage.region(sub)), keep)
+            # a window decided on the GPU selects without a host sync (exact either way)
+            out = new if window is True else torch.where(window.reshape(1, 1, 1), new, out)
         return out if out is not None else call.text_attention()
 
 

@@ -26,6 +26,16 @@ PACKAGE = "identity_attention"
 
 import_host_in_process(cpu=True)
 
+# One intra-op thread: the tiny models gain nothing from more, and on a shared CPU OpenMP's
+# spinning threads make in-process sampling ~10x slower. Override for local experiments.
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+_THREADS = os.environ.get("IDENTITY_ATTENTION_TEST_THREADS", "1")
+torch.set_num_threads(int(_THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)  # inherited by the test servers
+
 
 def _register_package() -> types.ModuleType:
     if PACKAGE not in sys.modules:

@@ -273,3 +273,26 @@ def test_hidden_state_stash_is_last_and_exact(tiny):
     assert torch.equal(sample(patched, "sd15"), plain)
     assert len(seen) == 16
     assert seen[("input", 1, 0)][-1] == 32  # the layer's channels (micro SD1.5: 32 at level 1)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_window_decided_on_the_device_selects_exactly(monkeypatch, inside):
+    """On a GPU the sigma window is a device tensor and torch.where picks the output (no host sync)."""
+    q, k, v, eo = fake_call(sigma=1.0)
+    base = host.host_attention(q, k, v, eo["n_heads"], eo)
+    schedule = dispatcher.StageSchedule(weight=0.7, sigma_start=2.0, sigma_end=0.5)
+    monkeypatch.setattr(dispatcher.StageSchedule, "window", lambda self, sigmas: torch.tensor([inside]))
+    got = run_dispatcher([Dummy(schedule)], q, k, v, eo)
+    if inside:
+        assert torch.equal(got, base + 0.7 * torch.tanh(q))
+    else:
+        assert torch.equal(got, base)
+
+
+def test_window_on_cpu_is_a_python_decision():
+    s = dispatcher.StageSchedule(sigma_start=2.0, sigma_end=0.5)
+    assert s.window(torch.tensor([1.0])) is True
+    assert s.window(torch.tensor([3.0])) is False
+    assert dispatcher.StageSchedule().window(torch.tensor([3.0])) is True
+    meta = s.window(torch.empty(1, device="meta"))
+    assert torch.is_tensor(meta) and meta.dtype == torch.bool

@@ -37,14 +37,16 @@ ARCHES = ("sd15", "sdxl")
 # --- deterministic initialisation ---------------------------------------------------------------
 
 
-def randomize_(module: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.nn.Module:
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 1.0, device=None) -> torch.nn.Module:
     """Fill every parameter deterministically: N(0, scale/fan_in) weights, small biases, unit norms.
 
     ComfyUI's ops skip PyTorch's init (weights start as ``torch.empty``), so this
     must touch every parameter. Order is the sorted parameter names, so the
-    result depends only on names, shapes and the seed.
+    result depends only on names, shapes and the seed (and on ``device``, where
+    the random numbers are drawn: the CPU by default; a GPU is much faster for
+    full-size models but draws other numbers).
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name in sorted(params):
@@ -52,11 +54,11 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 1.0) -> torch.
             leaf = name.rsplit(".", 1)[-1]
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                values = torch.randn(p.shape, generator=gen) * math.sqrt(scale / fan_in)
+                values = torch.randn(p.shape, generator=gen, device=gen.device) * math.sqrt(scale / fan_in)
             elif leaf == "weight":  # norm scales
-                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=gen.device)
             else:  # biases, embeddings' 1-D extras
-                values = 0.02 * torch.randn(p.shape, generator=gen)
+                values = 0.02 * torch.randn(p.shape, generator=gen, device=gen.device)
             p.copy_(values.to(p.dtype))
     return module
 
@@ -117,18 +119,39 @@ def unet_config(arch: str, size: str = "micro") -> Tuple[type, dict]:
     raise ValueError(f"unknown architecture {arch!r}; known: {ARCHES}")
 
 
-def build_unet(arch: str, seed: int = 0, size: str = "micro", device=None, dtype=torch.float32, weight_scale: float = 1.0):
-    """A ComfyUI ModelPatcher around a random-weight UNet of ``arch``."""
+def build_unet(
+    arch: str,
+    seed: int = 0,
+    size: str = "micro",
+    device=None,
+    dtype=torch.float32,
+    weight_scale: float = 1.0,
+    offload_device=None,
+    init_device=None,
+):
+    """A ComfyUI ModelPatcher around a random-weight UNet of ``arch``.
+
+    ``dtype`` other than float32 builds the layers in that dtype directly (a
+    full-size SDXL never exists in float32) and tells the UNet to run in it.
+    ``offload_device`` defaults to the CPU; the benchmarks pass the load device
+    so ComfyUI's model management never moves the weights between timed runs.
+    ``init_device``: where the layers are made and the random weights drawn
+    (default: the CPU, bit-identical across processes; the benchmarks pass the
+    GPU, where a full-size SDXL initialises in seconds instead of minutes).
+    """
     cls, config = unet_config(arch, size)
+    if dtype != torch.float32:
+        config["dtype"] = dtype  # UNetModel(dtype=...): layers made in it, inputs cast to it
     model_config = cls(dict(config))
     # the class's unet_extra_config overwrote the heads rule with the real model's: keep ours
-    model_config.unet_config.update({k: v for k, v in config.items() if k in ("num_heads", "num_head_channels")})
+    model_config.unet_config.update({k: v for k, v in config.items() if k in ("num_heads", "num_head_channels", "dtype")})
     load_device = device or torch.device("cpu")
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    init_device = torch.device(init_device or "cpu")
+    model = model_config.get_model({}, "", device=init_device)
     model.diffusion_model.to(dtype=dtype)
-    randomize_(model.diffusion_model, seed, scale=weight_scale)
+    randomize_(model.diffusion_model, seed, scale=weight_scale, device=init_device)
     model.diffusion_model.to(load_device)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device or torch.device("cpu"))
 
 
 # --- text encoder --------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Node: Apply parallel visual attention (PVA joint attention, or IP-Adapter-style decoupled attention)."""
+
+from __future__ import annotations
+
+from ..adapters.parallel_attention import body_token_mask
+from .dispatcher import apply_attention_stage
+from .errors import IdentityAttentionError
+from .identity_inputs import (
+    PROJECTION_CHOICES,
+    REFERENCE_CHOICES,
+    adapter_projection,
+    as_float_tokens,
+    check_base,
+    check_finite,
+    check_types,
+    identity_tokens,
+    layer_projections,
+    model_layers,
+    pulid_settings,
+    query_weights,
+)
+from .parallel_attention_stage import IdentitySource, ParallelAttentionStage
+from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
+
+MODE_CHOICES = ("auto", "joint", "decoupled")
+
+WEIGHT_TOOLTIP = (
+    "How strongly the identity is applied; 0 turns this node off (the image is exactly as without it). "
+    "Decoupled: the strength of the identity attention added to the prompt's (IP-Adapter's default 1.0; InstantID and PuLID suggest 0.8). "
+    "Joint: how much attention the identity gets next to the prompt words (1 = as PVA was trained; 2 = twice as much). Joint needs 0 or more."
+)
+
+
+def resolve_mode(mode: str, adapter) -> str:
+    """"auto": joint for weights trained for joint attention (PVA), decoupled for the rest."""
+    if mode != "auto":
+        return mode
+    return "joint" if getattr(adapter, "mechanism", "decoupled") == "joint" else "decoupled"
+
+
+class ApplyParallelAttention:
+    NODE_ID = "IdentityAttentionApplyParallelAttention"
+    DISPLAY_NAME = "Apply parallel visual attention"
+    CATEGORY = f"{CATEGORY}/attention"
+    DESCRIPTION = (
+        "Makes every cross-attention layer also look at the identity's tokens. Joint mode (PVA, Personalized Face Inpainting by "
+        "Parallel Visual Attention): the identity tokens compete with the prompt's words in one attention, so prompt and identity "
+        "share each pixel. Decoupled mode (IP-Adapter, InstantID, PuLID): a separate identity attention is added on top of the "
+        "prompt's. Stack several for several people (one mask each)."
+    )
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the identity attention added: connect it to a sampler, or to more Identity Attention nodes.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {
+            "model": ("MODEL", {"tooltip": "The model to add the identity to (SD1.5, SD2 or SDXL)."}),
+            "id_adapter": ("ID_ADAPTER", {"tooltip": "Identity adapter weights (IP-Adapter, FaceID, InstantID, PuLID, PVA...) from an adapter loader. They turn the identity into tokens the model can attend to."}),
+            "identity": ("IDENTITY", {"tooltip": "The person, from an identity encoder node (one or more reference photos)."}),
+        }
+        required.update(schedule_inputs(1.0, WEIGHT_TOOLTIP))
+        required.update(
+            {
+                "mode": (
+                    list(MODE_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "joint: identity and prompt share one attention (PVA). decoupled: identity attention added on top (IP-Adapter / InstantID / PuLID). auto: what the adapter was trained for.",
+                    },
+                ),
+                "projections": (
+                    list(PROJECTION_CHOICES),
+                    {
+                        "default": "adapter",
+                        "tooltip": "adapter: the adapter's own identity projections (as trained). layer: the model's own text projections (training-free; in joint mode this is PVA before training: the identity tokens are simply added to the prompt).",
+                    },
+                ),
+                "references": (
+                    list(REFERENCE_CHOICES),
+                    {
+                        "default": "fused",
+                        "tooltip": "fused: average all reference photos into one identity. per_reference: keep one set of tokens per photo (more detail from varied photos, slower).",
+                    },
+                ),
+            }
+        )
+        return {"required": required, "optional": mask_input()}
+
+    def apply(self, model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask=None):
+        node = self.DISPLAY_NAME
+        check_types(node, id_adapter, identity)
+        layers = model_layers(model, node)
+        mode = resolve_mode(mode, id_adapter)
+        if mode == "joint" and weight < 0:
+            raise IdentityAttentionError(
+                f"joint mode multiplies the identity's share of attention, so it cannot be negative (got {weight})",
+                node=node,
+                input_name="weight",
+                fix="use a weight of 0 or more, or switch mode to decoupled",
+            )
+        schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)
+        tokens = as_float_tokens(identity_tokens(id_adapter, identity, references == "per_reference", node))
+        check_finite(tokens, node, "identity")
+        zero_tokens, ortho = pulid_settings(id_adapter, node)
+        if projections == "adapter":
+            check_base(model, layers, id_adapter, node)
+            keys = adapter_projection(layers, id_adapter, "to_k", tokens.dim, node, "id_adapter")
+            values = adapter_projection(layers, id_adapter, "to_v", tokens.dim, node, "id_adapter")
+            queries = query_weights(layers, id_adapter, node, "id_adapter")
+        else:
+            keys, values = layer_projections(model, layers, tokens.dim, node, "id_adapter")
+            queries = None
+        source = IdentitySource(tokens, tokens, keys, values, queries, zero_tokens if tokens.count else 0)
+        ortho = ortho if mode == "decoupled" else "none"
+        body = body_token_mask(tokens.count, source.zero_tokens) if ortho == "ortho_v2" else None
+        stage = ParallelAttentionStage(schedule, source, mode, label=f"{node} ({mode}, {id_adapter.format}, {projections} projections)", ortho=ortho, body=body)
+        return (apply_attention_stage(model, stage),)
+
+
+NODES = [ApplyParallelAttention]

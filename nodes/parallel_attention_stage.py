@@ -1,0 +1,262 @@
+"""The dispatcher stage of parallel (joint / decoupled) and KV-mixed attention to identity tokens.
+
+One :class:`ParallelAttentionStage` per applied node. Its :class:`IdentitySource` says, per
+cross-attention layer, which tokens give the identity keys and values (one IDENTITY through one
+ID_ADAPTER for parallel attention; two for KV-mixed attention) and which projections map them
+(an adapter's ``to_k`` / ``to_v`` weights, or the layer's own ``to_k`` / ``to_v`` modules for the
+training-free modes), plus PVA's optional separate identity query (``to_q``).
+
+Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
+
+- identity K/V are projected once per layer, device and dtype (adapter weights: once for the
+  stage's lifetime; layer modules: again only if the layer's weight object changes, e.g. a LoRA
+  patched after this node), and expanded to the call's cond/uncond rows once per batch layout;
+- decoupled: one host attention call (+ PuLID's projection when asked);
+- joint: one fused SDPA call over ``[text ; identity]`` keys (+ one ``to_q`` matmul with a
+  separate identity query), then an elementwise mix;
+- no host sync, no Python loop over batch items.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..adapters.id_adapter import DeviceCache, IdentityTokens
+from ..adapters.parallel_attention import (
+    append_zero_tokens,
+    decoupled_attention,
+    identity_key_block,
+    joint_bias,
+    joint_identity_attention,
+    joint_query,
+    joint_value_block,
+    mix_with_text,
+    orthogonalize,
+    project_tokens,
+    text_key_block,
+)
+from .dispatcher import AttentionCall, AttentionStage, StageSchedule, add_in_region, blend_in_region
+from .host import LayerKey
+
+MODES = ("joint", "decoupled")
+_CACHE_LIMIT = 1024
+
+
+class WeightProjection:
+    """An adapter's bias-free projection ``[C, D]`` (kept on the CPU in its file dtype)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def project(self, cache: DeviceCache, key, tokens: torch.Tensor, device, dtype) -> torch.Tensor:
+        """``tokens`` ``[n, T, D]`` (CPU float32) -> ``[n, T, C]`` on ``device``, computed once."""
+        return cache.get(key, device, dtype, lambda: project_tokens(tokens.to(self.weight.device), self.weight))
+
+
+class ModuleProjection:
+    """The layer's own ``to_k`` / ``to_v`` module (training-free modes).
+
+    Called on the device, so the host's casting, offloading and LoRA weight functions apply.
+    The result is cached while the module's weight is the same tensor object (a weakref, so an
+    old weight is never kept alive).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._store: Dict[tuple, tuple] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def out_features(self) -> int:
+        return int(self.module.weight.shape[0])
+
+    def project(self, cache: DeviceCache, key, tokens: torch.Tensor, device, dtype) -> torch.Tensor:
+        weight = getattr(self.module, "weight", None)
+        full = (key, str(device), dtype)
+        hit = self._store.get(full)
+        if hit is not None and hit[0]() is weight:
+            return hit[1]
+        out = self.module(tokens.to(device=device, dtype=dtype)).to(dtype)
+        self._store[full] = (weakref.ref(weight) if weight is not None else (lambda: None), out)
+        return out
+
+
+class IdentitySource:
+    """Per-layer identity keys, values and (optionally) query of one stage.
+
+    key_tokens / value_tokens: cond/uncond tokens ``[1, T, Dk]`` / ``[1, T, Dv]`` (same T).
+    key_proj / value_proj: per layer key, a :class:`WeightProjection` or :class:`ModuleProjection`.
+    query_weights: per layer key, PVA's ``to_visual_q`` ``[C, C]`` (None: the layer's own query).
+    zero_tokens: PuLID's zero-token padding (zero keys and values appended after projection).
+    """
+
+    def __init__(
+        self,
+        key_tokens: IdentityTokens,
+        value_tokens: IdentityTokens,
+        key_proj: Dict[LayerKey, object],
+        value_proj: Dict[LayerKey, object],
+        query_weights: Optional[Dict[LayerKey, torch.Tensor]] = None,
+        zero_tokens: int = 0,
+    ):
+        if key_tokens.count != value_tokens.count:
+            raise ValueError(f"key and value token counts differ: {key_tokens.count} vs {value_tokens.count}")
+        self._key_tokens = torch.cat([key_tokens.cond, key_tokens.uncond], dim=0).float()  # [2, T, Dk]
+        self._value_tokens = torch.cat([value_tokens.cond, value_tokens.uncond], dim=0).float()
+        self.key_proj = dict(key_proj)
+        self.value_proj = dict(value_proj)
+        self.query_weights = dict(query_weights) if query_weights else None
+        self.zero_tokens = int(zero_tokens)
+        self._cache = DeviceCache()
+        self._rows: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def token_count(self) -> int:
+        """Identity tokens per row, zero tokens included (0 when the source has none)."""
+        tokens = self._key_tokens.shape[1]
+        return tokens + self.zero_tokens if tokens else 0
+
+    @property
+    def has_query(self) -> bool:
+        return self.query_weights is not None
+
+    def _layer_kv(self, layer: LayerKey, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        k = self.key_proj[layer].project(self._cache, (layer, "k"), self._key_tokens, device, dtype)
+        v = self.value_proj[layer].project(self._cache, (layer, "v"), self._value_tokens, device, dtype)
+        return append_zero_tokens(k, self.zero_tokens), append_zero_tokens(v, self.zero_tokens)
+
+    def kv(self, call: AttentionCall) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Identity keys and values for ``call``'s rows: ``[b, T, C]`` each (cond/uncond per row)."""
+        q = call.q
+        key = (call.layer, str(q.device), q.dtype, tuple(call.chunks), call.rows_per_chunk)
+        hit = self._rows.get(key)
+        if hit is None:
+            k, v = self._layer_kv(call.layer, q.device, q.dtype)
+            hit = (call.per_row({0: k[0:1], 1: k[1:2]}).contiguous(), call.per_row({0: v[0:1], 1: v[1:2]}).contiguous())
+            if len(self._rows) > _CACHE_LIMIT:
+                self._rows.clear()
+            self._rows[key] = hit
+        return hit
+
+    def query(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """PVA's identity query ``to_visual_q(x)`` ``[b, N, C]``, or None (use the layer's ``q``)."""
+        if self.query_weights is None:
+            return None
+        weight = self._cache.get((call.layer, "q"), call.q.device, call.q.dtype, lambda: self.query_weights[call.layer])
+        return torch.nn.functional.linear(call.hidden_states().to(call.q.dtype), weight)
+
+
+class ParallelAttentionStage(AttentionStage):
+    """Joint (PVA) or decoupled (IP-Adapter / InstantID / PuLID) attention to an :class:`IdentitySource`.
+
+    weight: decoupled: the identity branch's scale; joint: a log-prior on the identity columns
+    (must be >= 0; the dispatcher skips weight 0). ortho / body: PuLID's orthogonal projection
+    (decoupled only) and its "first 5 tokens" mask (``[T]`` bool).
+    """
+
+    def __init__(
+        self,
+        schedule: StageSchedule,
+        source: IdentitySource,
+        mode: str = "joint",
+        label: str = "parallel attention",
+        ortho: str = "none",
+        body: Optional[torch.Tensor] = None,
+    ):
+        super().__init__(schedule)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        if mode == "joint" and schedule.weight < 0:
+            raise ValueError("joint attention needs a weight >= 0 (it multiplies the identity's attention mass)")
+        self.source = source
+        self.mode = mode
+        self.label = label
+        self.ortho = ortho
+        self.body = body
+        self.needs_hidden_states = source.has_query
+        self._blocks: Dict[tuple, torch.Tensor] = {}
+
+    # --- cached per-layout blocks --------------------------------------------------------------
+    def _block(self, call: AttentionCall, name: str, make) -> torch.Tensor:
+        key = (name, call.layer, str(call.q.device), call.q.dtype, tuple(call.chunks), call.rows_per_chunk, call.k.shape[1])
+        hit = self._blocks.get(key)
+        if hit is None:
+            hit = make()
+            if len(self._blocks) > _CACHE_LIMIT:
+                self._blocks.clear()
+            self._blocks[key] = hit
+        return hit
+
+    def _joint_inputs(self, call: AttentionCall, share_only: bool):
+        k_id, v_id = self.source.kv(call)
+        q_id = self.source.query(call)
+        separate = q_id is not None
+        heads, text_tokens = call.heads, call.k.shape[1]
+        id_keys = self._block(call, f"k{int(separate)}", lambda: identity_key_block(k_id, heads, separate))
+        keys = torch.cat([text_key_block(call.k, heads, separate), id_keys], dim=1)
+        if share_only:
+            values = self._block(call, "share", lambda: joint_value_block(None, text_tokens, heads, call.dim_head, like=k_id))
+        else:
+            values = self._block(call, "v", lambda: joint_value_block(v_id, text_tokens, heads, call.dim_head, like=v_id))
+        bias = None
+        if self.mode == "joint":
+            bias = self._block(call, "bias", lambda: joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype))
+        q_joint = joint_query(call.q, q_id, heads)
+        if call.extra_options.get("attn_precision") == torch.float32 and q_joint.dtype != torch.float32:
+            # the host upcasts this model's attention (SD2.x overflows in fp16): do the same
+            q_joint, keys, values = q_joint.float(), keys.float(), values.float()
+        return q_joint, keys, values, bias
+
+    # --- the stage ----------------------------------------------------------------------------
+    def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.source.token_count == 0:
+            return out  # no identity tokens: exactly the input
+        if self.mode == "decoupled":
+            k_id, v_id = self.source.kv(call)
+            q_id = self.source.query(call)
+            query = call.q if q_id is None else q_id
+            id_out = decoupled_attention(query, k_id, v_id, call.heads, lambda q, k, v, heads: call.attention(q, k, v))
+            if self.ortho != "none":
+                body = None if self.body is None else self._block(call, "body", lambda: self.body.to(call.q.device))
+                id_out = orthogonalize(id_out, call.text_attention(), self.ortho, q=query, k_id=k_id, heads=call.heads, body=body)
+            if region is None:
+                return torch.add(out, id_out, alpha=self.schedule.weight)  # one fused launch
+            return add_in_region(out, id_out * self.schedule.weight, region)
+        q_joint, keys, values, bias = self._joint_inputs(call, share_only=False)
+        id_part, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
+        mixed = mix_with_text(out, id_part.to(out.dtype), share.to(out.dtype), call.heads)
+        return blend_in_region(out, mixed, region)
+
+    def identity_share(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """Mean over heads of the joint-softmax mass on this stage's identity keys: ``[b, N, 1]``.
+
+        Zero outside the stage's mask and on rows it does not apply to; None when the stage is
+        inactive at this layer and step. Used by the mixture-of-attention router.
+        """
+        if self.source.token_count == 0 or not self.is_active(call):
+            return None
+        keep = [self.schedule.applies_to_chunk(code) for code in call.chunks]
+        if not any(keep):
+            return None
+        q_joint, keys, values, bias = self._joint_inputs(call, share_only=True)
+        _, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
+        share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
+        region = self.region(call)
+        if region is not None:
+            share = share * region
+        if not all(keep):
+            rows = self._block(call, "keep", lambda: call.per_row({c: torch.full((1, 1, 1), float(k), device=call.q.device, dtype=call.q.dtype) for c, k in zip(call.chunks, keep)}))
+            share = share * rows
+        return share

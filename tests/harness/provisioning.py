@@ -158,22 +158,25 @@ def adapter_base(name: str, entry: Optional[dict], context: dict) -> str:
 
 
 def adapter_state(fmt: str, base: str, name: str, seed: int):
-    """The synthetic checkpoint: ``(object to save, True when it is a nested dict)``."""
+    """The synthetic checkpoint (a flat state dict; PVA's is nested as released), in float16 as released."""
+    import torch
+
     import weight_fixtures as wf
 
+    half = torch.float16
     if fmt in ("ip_adapter", "ip_adapter_plus", "ip_adapter_full_face", "faceid", "faceid_plus", "instantid"):
         lora = 4 if fmt in ("faceid", "faceid_plus") else 0  # the FaceID releases carry their LoRA in the file
-        state, _ = wf.ip_family_state(fmt, "sdxl" if fmt == "instantid" else base, scale=TINY_SCALE, seed=seed, lora_rank=lora)
+        state, _ = wf.ip_family_state(fmt, "sdxl" if fmt == "instantid" else base, scale=TINY_SCALE, seed=seed, dtype=half, lora_rank=lora)
         return state
     if fmt == "pulid":
         version = "v1.1" if "v1.1" in name or "v11" in name else "v1"
-        state, _ = wf.pulid_state(version, seed=seed, scale=TINY_SCALE)
+        state, _ = wf.pulid_state(version, seed=seed, scale=TINY_SCALE, dtype=half)
         return state
     if fmt == "fact":
-        state, _ = wf.fact_state(scale=TINY_SCALE, seed=seed)
+        state, _ = wf.fact_state(scale=TINY_SCALE, seed=seed, dtype=half)
         return state
     if fmt == "pva":
-        ckpt, _ = wf.pva_checkpoint(scale=TINY_SCALE, seed=seed)
+        ckpt, _ = wf.pva_checkpoint(scale=TINY_SCALE, seed=seed, dtype=half)
         return ckpt
     raise ValueError(f"no synthetic adapter for format {fmt!r}")
 
@@ -261,7 +264,7 @@ def _clip_vision(node: dict, instance: Instance, context: dict) -> dict:
 
 
 def lora_state(base: str, rank: int = 4, seed: int = 0) -> dict:
-    """LoRA up/down pairs for every attn2 to_k / to_v of the tiny ``base`` UNet, in ComfyUI's generic key format."""
+    """LoRA up/down pairs for every attn2 to_k / to_v of the tiny ``base`` UNet (kohya ``lora_unet_*`` keys, read by every host)."""
     import torch
 
     import weight_fixtures as wf
@@ -271,10 +274,11 @@ def lora_state(base: str, rank: int = 4, seed: int = 0) -> dict:
     state = {}
     for _, hidden, (block, index, t) in wf.diffusers_attention_blocks(base):
         channels = hidden // TINY_SCALE
-        path = f"diffusion_model.{blocks[block].format(index)}.transformer_blocks.{t}.attn2"
+        path = f"{blocks[block].format(index)}.transformer_blocks.{t}.attn2"
         for proj in ("to_k", "to_v"):
-            state[f"{path}.{proj}.lora_down.weight"] = torch.randn(rank, CONTEXT[base], generator=gen) * 0.01
-            state[f"{path}.{proj}.lora_up.weight"] = torch.randn(channels, rank, generator=gen) * 0.01
+            key = "lora_unet_" + f"{path}.{proj}".replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, CONTEXT[base], generator=gen) * 0.01
+            state[f"{key}.lora_up.weight"] = torch.randn(channels, rank, generator=gen) * 0.01
     return state
 
 

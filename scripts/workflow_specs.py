@@ -80,9 +80,10 @@ def download_note(ids, extra: str = "") -> str:
 
 # --- the workflows -------------------------------------------------------------------------------
 
-IDENTITY_GREEN = "#2a4d3a"
-CHECK_PURPLE = "#4b3a5e"
-MODEL_BLUE = "#2a3d5e"
+IDENTITY_GREEN = "#8A8"
+CHECK_PURPLE = "#a1309b"
+MODEL_BLUE = "#88A"
+ADAPTER_BLUE = "#3f789e"
 
 
 def identity_from_photo(wb, photo="reference_face.png", clip_vision=True):
@@ -137,8 +138,8 @@ def load_identity_adapter(wb) -> str:
     info_a = wb.node("IdentityAttentionShowText", title="What the plus-face file is", text=plus_face[1])
     info_b = wb.node("IdentityAttentionShowText", title="What the FaceID-PlusV2 file is", text=faceid[1])
     gen = text_to_image(wb, SD15_CHECKPOINT, prompt="a portrait photo of a man, studio light, 85mm", title="Sample (no identity yet)", ckpt=ckpt)
-    wb.group("Identity adapters: recognised from the file, checked against the model", [plus_face, faceid, info_a, info_b], MODEL_BLUE)
-    wb.group("Generate (connect id_adapter and an identity to an attention node, then its model here)", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], CHECK_PURPLE)
+    wb.group("Identity adapters: recognised from the file, checked against the model", [ckpt, plus_face, faceid, info_a, info_b], ADAPTER_BLUE)
+    wb.group("Generate (connect id_adapter and an identity to an attention node, then its model here)", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.note(download_note(["ip-adapter-plus-face_sd15", "ip-adapter-faceid-plusv2_sd15"], extra=(
         "The loader lists files from models/ipadapter, models/instantid, models/pulid and models/identity_attention as "
         "<folder>/<file>; refresh the page after downloading. Turn on verify_sha256 to compare a file with the published one.")),

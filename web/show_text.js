@@ -1,6 +1,8 @@
 // Identity Attention: show the text of "Show text" nodes (IdentityAttentionShowText) on the node.
 // The text arrives as the node's UI output ({text: [...]}) when the prompt runs; it is shown in a
 // read-only box and never saved into the workflow, so saved workflows keep the node's widget list.
+// The node's input is a socket (forceInput). Pages of early 2024 still create a text widget for it
+// and hide it only for nodes added by hand, not for nodes loaded from a file: hide it here too.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
@@ -23,10 +25,26 @@ function showText(node, lines) {
 	app.graph.setDirtyCanvas(true, true);
 }
 
+function hideSocketWidgets(node) {
+	for (const w of node.widgets || []) {
+		if (w.options?.forceInput && w.type !== "converted-widget") {
+			w.type = "converted-widget";
+			w.computeSize = () => [0, -4];
+			w.serializeValue = () => undefined; // the linked text is what runs
+		}
+	}
+}
+
 app.registerExtension({
 	name: "IdentityAttention.ShowText",
 	async beforeRegisterNodeDef(nodeType, nodeData) {
 		if (nodeData.name !== NODE_ID) return;
+		const onNodeCreated = nodeType.prototype.onNodeCreated;
+		nodeType.prototype.onNodeCreated = function () {
+			const r = onNodeCreated?.apply(this, arguments);
+			hideSocketWidgets(this);
+			return r;
+		};
 		const onExecuted = nodeType.prototype.onExecuted;
 		nodeType.prototype.onExecuted = function (message) {
 			onExecuted?.apply(this, arguments);

@@ -15,7 +15,9 @@ newer host given by COMFYUI_PATH serves the ``comfyui-frontend-package``). One C
 
 Screenshots go to ``.cache/screenshots/``; with ``IDENTITY_ATTENTION_UPDATE_SCREENSHOTS=1``
 they are (re)written to ``docs/screenshots/`` (the README shows them). By default the test
-only checks that each workflow has one there: pixels are never compared.
+only checks that each workflow has one there: pixels are never compared. The committed
+pictures show the page artists use today: ``COMFYUI_PATH=<ComfyUI 0.3.64>`` with its
+``comfyui-frontend-package`` (1.27.10), taken with ``IDENTITY_ATTENTION_UPDATE_SCREENSHOTS=1``.
 
 Chromium: Debian's ``chromium`` (scripts/bootstrap.sh installs it where apt can). Without it
 the test is skipped, except in CI (``CI=true``) or with ``IDENTITY_ATTENTION_REQUIRE_BROWSER=1``,
@@ -24,11 +26,12 @@ where that is a failure.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
 import os
-from pathlib import Path
+import time
 
 import pytest
 
@@ -46,6 +49,9 @@ REQUIRED = os.environ.get("IDENTITY_ATTENTION_REQUIRE_BROWSER") == "1" or os.env
 VIEW = (1600, 900)
 PACK_NODE = "IdentityAttentionEncodeIdentity"
 
+# Newer pages: no welcome dialog for the new user, and no minimap, zoom panel or pack badges over the graph.
+PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
+                 "Comfy.NodeBadge.NodeSourceBadgeMode": "None", "Comfy.NodeBadge.NodeIdBadgeMode": "None"}
 PAGE_READY = f"window.app && window.app.graph && window.LiteGraph && LiteGraph.registered_node_types[{json.dumps(PACK_NODE)}]"
 
 # Installed once per page: intercept the "node types were not found" dialog wherever a frontend shows it.
@@ -103,20 +109,42 @@ SHOW = """
 })
 """
 # litegraph draws text only at a scale of 0.6 or more: render at RENDER_SCALE in a window as large as the
-# graph needs (at most MAX_WINDOW), then shrink the picture to at most PICTURE_WIDTH pixels for the README.
+# graph needs (at most MAX_WINDOW), keep only the graph's part of the canvas (newer pages put menus and
+# side bars around it), then shrink the picture to at most PICTURE_WIDTH pixels for the README.
 RENDER_SCALE, MAX_WINDOW, PICTURE_WIDTH, PAD = 0.75, (3200, 2200), 1600, 30
+CANVAS_RECT = "(() => { const r = app.canvas.canvas.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()"
+
+
+def _resize(browser: Chromium, width: int, height: int) -> list:
+    """Set the window size; returns the canvas rectangle once the page has laid it out."""
+    browser.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    last, stable = None, 0
+    for _ in range(50):
+        rect = browser.evaluate(CANVAS_RECT)
+        stable = stable + 1 if rect == last else 0
+        if stable >= 2 and rect[2] > 0:
+            return rect
+        last = rect
+        time.sleep(0.05)
+    return last
 
 
 def screenshot_of_graph(browser: Chromium) -> bytes:
-    x0, y0, x1, y1 = browser.evaluate(BOUNDS)
-    scale = max(0.6, min(RENDER_SCALE, (MAX_WINDOW[0] - 2 * PAD) / (x1 - x0), (MAX_WINDOW[1] - 2 * PAD) / (y1 - y0)))
-    width = min(MAX_WINDOW[0], math.ceil((x1 - x0) * scale) + 2 * PAD)
-    height = min(MAX_WINDOW[1], math.ceil((y1 - y0) * scale) + 2 * PAD)
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-    browser.wait_for(f"app.canvas.canvas.width === {width} && app.canvas.canvas.height === {height}", timeout=10)
-    browser.evaluate(f"({SHOW})({json.dumps([x0, y0, x1, y1])}, {scale}, {PAD})")
-    png = browser.screenshot_png()
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": VIEW[0], "height": VIEW[1], "deviceScaleFactor": 1, "mobile": False})
+    x0, y0, x1, y1 = box = browser.evaluate(BOUNDS)
+    need_w, need_h = (x1 - x0) * RENDER_SCALE + 2 * PAD, (y1 - y0) * RENDER_SCALE + 2 * PAD
+    width, height = VIEW
+    for _ in range(3):  # grow the window until the canvas holds the graph at RENDER_SCALE
+        rect = _resize(browser, width, height)
+        grow_w, grow_h = max(0, need_w - rect[2]), max(0, need_h - rect[3])
+        if (grow_w < 1 and grow_h < 1) or (width, height) == MAX_WINDOW:
+            break
+        width, height = min(MAX_WINDOW[0], width + math.ceil(grow_w)), min(MAX_WINDOW[1], height + math.ceil(grow_h))
+    scale = max(0.6, min(RENDER_SCALE, (rect[2] - 2 * PAD) / (x1 - x0), (rect[3] - 2 * PAD) / (y1 - y0)))
+    browser.evaluate(f"({SHOW})({json.dumps(box)}, {scale}, {PAD})")
+    shown_w, shown_h = min(rect[2], (x1 - x0) * scale + 2 * PAD), min(rect[3], (y1 - y0) * scale + 2 * PAD)
+    clip = {"x": rect[0] + (rect[2] - shown_w) / 2, "y": rect[1] + (rect[3] - shown_h) / 2, "width": shown_w, "height": shown_h, "scale": 1}
+    png = base64.b64decode(browser.call("Page.captureScreenshot", {"format": "png", "clip": clip})["data"])
+    _resize(browser, *VIEW)
     return png
 
 
@@ -138,6 +166,14 @@ def page(server, browser):
     info = server.object_info()
     for path in WORKFLOWS:
         tiny_swap.for_tiny_models(workflow.ui_to_api(workflow.load_workflow(path), info), server.instance)
+    import urllib.request
+
+    for name, value in PAGE_SETTINGS.items():
+        request = urllib.request.Request(f"{server.base}/settings/{name}", data=json.dumps(value).encode(), headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except Exception:  # noqa: BLE001 - early-2024 hosts have none of these settings (and none of these panels)
+            break
     browser.navigate(server.base, PAGE_READY, timeout=90)
     browser.evaluate(INSTALL_WATCH)
     browser.page_errors()  # start clean (a missing favicon is no error of ours)

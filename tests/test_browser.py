@@ -279,3 +279,22 @@ def _small_png(png: bytes) -> bytes:
 def test_every_screenshot_belongs_to_a_workflow():
     stale = sorted(p.name for p in SCREENSHOTS.glob("*.png") if not (REPO / "example_workflows" / f"{p.stem}.json").is_file())
     assert not stale, f"screenshots of workflows that no longer exist: {stale}"
+
+
+def test_show_text_extension_puts_the_text_on_the_node(page):
+    """What the page does when a Show text node has run: a read-only box with the text, not saved with the workflow."""
+    result = page.evaluate("""
+(async () => {
+  await app.loadGraphData({last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4});
+  const node = LiteGraph.createNode("IdentityAttentionShowText");
+  app.graph.add(node);
+  node.onExecuted({ text: ["format: IP-Adapter plus", "base model: SD1.5"] });
+  const box = node.widgets.find((w) => w.name === "shown_text");
+  const visible = node.widgets.filter((w) => w.type !== "converted-widget").map((w) => w.name);
+  return { value: box && box.value, readOnly: !!(box && box.inputEl && box.inputEl.readOnly), visible,
+           saved: node.serialize().widgets_values || [], inputs: node.inputs.map((i) => i.name) };
+})()
+""")
+    assert result["value"] == "format: IP-Adapter plus\n\nbase model: SD1.5" and result["readOnly"]
+    assert result["visible"] == ["shown_text"] and result["saved"] == [] and result["inputs"] == ["text"]
+    assert not _page_errors(page)

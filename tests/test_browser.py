@@ -165,7 +165,10 @@ def page(server, browser):
     """The page of the test host, with every file the workflows name provisioned (combos list them, photos show)."""
     info = server.object_info()
     for path in WORKFLOWS:
-        tiny_swap.for_tiny_models(workflow.ui_to_api(workflow.load_workflow(path), info), server.instance)
+        try:
+            tiny_swap.for_tiny_models(workflow.ui_to_api(workflow.load_workflow(path), info), server.instance)
+        except workflow.WorkflowError:
+            pass  # that workflow's own test reports it
     import urllib.request
 
     for name, value in PAGE_SETTINGS.items():

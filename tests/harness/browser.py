@@ -13,6 +13,7 @@ profile folder.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import select
@@ -73,9 +74,10 @@ class Chromium:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def wire_pipes():  # in the child: the protocol's fixed descriptors
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+        def wire_pipes():  # in the child: the protocol's fixed descriptors (via high copies, so neither overwrites the other)
+            reading, writing = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            os.dup2(reading, 3)
+            os.dup2(writing, 4)
 
         self.proc = subprocess.Popen(
             [self.executable, *FLAGS, f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}", "--remote-debugging-pipe", "about:blank"],

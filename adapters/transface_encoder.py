@@ -78,8 +78,9 @@ class TransFaceBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = rearrange(self.attn.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        # TransFace computes the attention itself in float32 (autocast off)
-        out = F.scaled_dot_product_attention(qkv[0].float(), qkv[1].float(), qkv[2].float()).to(x.dtype)
+        # TransFace computes the attention itself in (at least) float32, autocast off
+        work = torch.promote_types(x.dtype, torch.float32)
+        out = F.scaled_dot_product_attention(qkv[0].to(work), qkv[1].to(work), qkv[2].to(work)).to(x.dtype)
         x = x + self.attn.proj(rearrange(out, "b h n d -> b n (h d)"))
         return x + self.mlp.fc2(F.relu6(self.mlp.fc1(self.norm2(x))))
 
@@ -105,7 +106,7 @@ class TransFaceEncoder(torch.nn.Module):
         x = rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d") + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x.float())
+        return self.norm(x.to(torch.promote_types(x.dtype, self.norm.weight.dtype)))
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], heads: int = DEFAULT_HEADS) -> "TransFaceEncoder":

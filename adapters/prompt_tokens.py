@@ -45,13 +45,22 @@ def _ids(section: Section, start: int, end: int) -> List[int]:
 
 
 def find_word(sections: Sequence[Section], word_ids: Sequence[int]) -> List[Tuple[int, int, int]]:
-    """Every ``(section, start, end)`` whose word consists of exactly the tokens ``word_ids``."""
+    """Every ``(section, start, end)`` where the tokens ``word_ids`` appear inside one word.
+
+    A whitespace word may carry punctuation ("person," is the tokens of
+    "person" then ","), so the tokens are searched for inside each word's span.
+    """
     target = [int(t) for t in word_ids]
     found = []
+    if not target:
+        return found
     for s, section in enumerate(sections):
         for start, end, _ in word_spans(section):
-            if _ids(section, start, end) == target:
-                found.append((s, start, end))
+            ids = _ids(section, start, end)
+            for i in range(len(ids) - len(target) + 1):
+                if ids[i : i + len(target)] == target:
+                    found.append((s, start + i, start + i + len(target)))
+                    break
     return found
 
 

@@ -60,9 +60,6 @@ class StageTokens:
         if problem:
             raise ValueError(problem)
 
-    def __deepcopy__(self, memo):  # tensors are shared, like every other pack payload
-        return self
-
     def problem(self) -> Optional[str]:
         if self.base not in ENCODER_WIDTHS:
             return f"unknown base model {self.base!r}; known: {', '.join(ENCODER_WIDTHS)}"

@@ -35,7 +35,6 @@ class StageTokenPatch:
         self.boundaries = tuple(boundaries)
         self._cache = DeviceCache()
         self._sigma = SigmaReader()
-        self.stages_seen = set()  # for inspection and tests: which stages ran
 
     def __deepcopy__(self, memo):
         return self
@@ -58,7 +57,6 @@ class StageTokenPatch:
         if context.shape[0] % len(chunks):
             return n, context, value
         stage = self.stage_for(sigma)
-        self.stages_seen.add(stage)
         keys, values = self._stage_contexts(stage, context)
         rows = context.shape[0] // len(chunks)
         return n, swap_rows(context, keys, weights, rows), swap_rows(value, values, weights, rows)

@@ -196,7 +196,7 @@ def test_patch_cond_uncond_mask_and_window(exact_attention):
 # --- whole UNets -------------------------------------------------------------------------------------
 
 
-def sample(model, arch, steps=2, size=16, seed=0, cfg=5.0):
+def sample(model, arch, steps=2, size=8, seed=0, cfg=5.0):
     from testkit.tiny_models import random_conditioning
 
     pos = random_conditioning(arch, 100)

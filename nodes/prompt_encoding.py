@@ -11,6 +11,7 @@ vectors go through the real CLIP transformer like any word.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Tuple
 
 import torch
@@ -47,9 +48,18 @@ def choose_marker(clip, text: str) -> Tuple[str, Dict[str, list]]:
     return fallback
 
 
+def _placeholder_pattern(placeholder: str):
+    # the placeholder as a whole word: "V*" matches in "V*," or "(V*:1.2)" but "V" does not match inside "Very"
+    return re.compile(r"(?<!\w)" + re.escape(placeholder) + r"(?!\w)")
+
+
+def has_placeholder(text: str, placeholder: str) -> bool:
+    return bool(placeholder) and _placeholder_pattern(placeholder).search(text) is not None
+
+
 def with_marker(text: str, placeholder: str, marker: str) -> str:
-    """The placeholder replaced by the marker as a word of its own (spaces around it)."""
-    return text.replace(placeholder, f" {marker} ")
+    """The placeholder replaced by ``marker`` as a word of its own (spaces around it; empty marker removes it)."""
+    return _placeholder_pattern(placeholder).sub(lambda _: f" {marker} " if marker else " ", text)
 
 
 def encode(clip, tokens: dict) -> Tuple[torch.Tensor, torch.Tensor]:

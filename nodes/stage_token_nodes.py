@@ -202,7 +202,7 @@ class EncodePromptWithIdentityTokens:
     def encode(self, clip, tokens, text, placeholder, class_word):
         node = self.DISPLAY_NAME
         placeholder = placeholder.strip()
-        if not placeholder or placeholder not in text:
+        if not prompt_encoding.has_placeholder(text, placeholder):
             raise IdentityAttentionError(f"the prompt does not contain the placeholder '{placeholder}'", node=node, input_name="text", fix=f"write {placeholder or 'V*'} where the person goes, e.g. 'a photo of {placeholder or 'V*'} person'")
         try:
             marker, marker_ids = prompt_encoding.choose_marker(clip, text)
@@ -227,7 +227,7 @@ class EncodePromptWithIdentityTokens:
                 bar.update(1)
         except ValueError as err:
             raise IdentityAttentionError(str(err), node=node, input_name="text", fix="shorten the prompt or use fewer token vectors") from err
-        cond, pooled = prompt_encoding.encode(clip, clip.tokenize(text.replace(placeholder, f" {class_word.strip()} ")))
+        cond, pooled = prompt_encoding.encode(clip, clip.tokenize(prompt_encoding.with_marker(text, placeholder, class_word.strip())))
         bar.update(1)
         contexts = StageContexts(keys=torch.cat(keys).float().cpu(), values=torch.cat(values).float().cpu(), base=tokens.base, placeholder=placeholder)
         extra = {"pooled_output": pooled} if pooled is not None else {}

@@ -21,6 +21,7 @@ import torch
 from ..adapters.id_adapter import DeviceCache
 from ..adapters.stage_tokens import StageContexts, stage_at, swap_rows
 from .dispatcher import StageSchedule
+from .errors import IdentityAttentionError
 from .host import SigmaReader
 
 
@@ -55,7 +56,11 @@ class StageTokenPatch:
         chunks = list(extra_options.get("cond_or_uncond") or [0])
         weights = [s.weight if code == 0 else 0.0 for code in chunks]
         if context.shape[0] % len(chunks):
-            return n, context, value
+            raise IdentityAttentionError(
+                f"the batch of {context.shape[0]} prompts cannot be split into {len(chunks)} cond/uncond chunks",
+                node=self.label,
+                fix="report this with your workflow: the sampler sent an unexpected batch",
+            )
         stage = self.stage_for(sigma)
         keys, values = self._stage_contexts(stage, context)
         rows = context.shape[0] // len(chunks)

@@ -9,6 +9,8 @@
   a plain attn2 replace, without the dispatcher (the expected result).
 - ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
   install it, to prove ours chains it.
+- ``IdentityAttentionTestKit_SyntheticIdentity`` / ``_SyntheticAdapter`` / ``_SyntheticFactAdapter``:
+  IDENTITY and ID_ADAPTER values (IP-Adapter-style or FaceChain-FACT-shaped) from a seed.
 """
 
 from __future__ import annotations
@@ -274,6 +276,31 @@ class AdapterReport:
         return {"ui": {"adapter": [summary]}}
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport]
+class SyntheticFactAdapter:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticFactAdapter"
+    DISPLAY_NAME = "Synthetic FACT face adapter (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("ID_ADAPTER",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The adapter gets FaceChain-FACT-shaped gated self-attention weights for every transformer block of this model."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
+                "alpha": ("FLOAT", {"default": 0.5, "min": -3.0, "max": 3.0, "step": 0.01, "tooltip": "The gates alpha_attn / alpha_dense (around this value)."}),
+            }
+        }
+
+    def make(self, model, seed, alpha):
+        from .synthetic import synthetic_fact_adapter
+
+        host = pack_module("nodes.host")
+        layers = host.cross_attention_layers(model)
+        return (synthetic_fact_adapter(layers, host.base_model_of(model), layers[0].context_dim, seed=seed, alpha=alpha),)
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

@@ -46,16 +46,21 @@ class FaceAdapterPatch(AttentionStage):
         gate = self.gates.get(layer)
         if gate is None:
             return x
-        call = AttentionCall(x, x, x, extra_options, layer, sigma=self._sigma(extra_options))
+        call = AttentionCall(x, x, x, extra_options, layer, sigma_reader=lambda: self._sigma(extra_options))
         if not self.is_active(call):
+            return x
+        window = self.schedule.window(extra_options.get("sigmas"))
+        if window is False:
             return x
         keep = [self.schedule.applies_to_chunk(code) for code in call.chunks]
         if not any(keep):
             return x
         if all(keep):
-            return self._apply(call, gate)
-        sub = call.select_chunks(keep)
-        return call.scatter_chunks(x, self._apply(sub, gate), keep)
+            new = self._apply(call, gate)
+        else:
+            new = call.scatter_chunks(x, self._apply(call.select_chunks(keep), gate), keep)
+        # a window decided on the GPU selects without a host sync (exact either way)
+        return new if window is True else torch.where(window.reshape(1, 1, 1), new, x)
 
     def _apply(self, call: AttentionCall, gate: Tuple[float, float]) -> torch.Tensor:
         x = call.q

@@ -50,8 +50,14 @@ class StageTokenPatch:
         s = self.schedule
         if s.weight == 0.0:
             return n, context, value
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return n, context, value
+        on_device = torch.is_tensor(sigmas) and sigmas.device.type != "cpu"
+        if on_device and self.contexts.keys.shape[1] == context.shape[1] == value.shape[1]:
+            return self._on_device(n, context, value, extra_options, sigmas)
         sigma = self._sigma(extra_options)
-        if sigma is None or not s.active_at(sigma):
+        if not s.active_at(sigma):
             return n, context, value
         chunks = list(extra_options.get("cond_or_uncond") or [0])
         weights = [s.weight if code == 0 else 0.0 for code in chunks]
@@ -65,6 +71,36 @@ class StageTokenPatch:
         keys, values = self._stage_contexts(stage, context)
         rows = context.shape[0] // len(chunks)
         return n, swap_rows(context, keys, weights, rows), swap_rows(value, values, weights, rows)
+
+    def _on_device(self, n, context, value, extra_options, sigmas):
+        """The same swap with the stage picked on the accelerator: no host sync.
+
+        The stage index is ``sum(sigma < boundary)`` computed on the device and
+        used to gather the stage's contexts; a sigma outside start/end selects
+        the inputs with ``torch.where`` (exact either way).
+        """
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        if context.shape[0] % len(chunks):
+            raise IdentityAttentionError(
+                f"the batch of {context.shape[0]} prompts cannot be split into {len(chunks)} cond/uncond chunks",
+                node=self.label,
+                fix="report this with your workflow: the sampler sent an unexpected batch",
+            )
+        c = self.contexts
+        keys_all, values_all = self._cache.get("all", context.device, context.dtype, lambda: (c.keys, c.values))
+        # boundaries compared in float32 whatever the model's dtype
+        bounds = self._cache.get("bounds", context.device, torch.float32, lambda: torch.tensor(self.boundary_sigmas or [float("inf")]))
+        sigma = sigmas.detach().reshape(-1)[:1].float()
+        index = (sigma < bounds).sum().clamp(max=keys_all.shape[0] - 1).reshape(1)
+        keys, values = keys_all.index_select(0, index), values_all.index_select(0, index)
+        weights = [self.schedule.weight if code == 0 else 0.0 for code in chunks]
+        rows = context.shape[0] // len(chunks)
+        new_context, new_value = swap_rows(context, keys, weights, rows), swap_rows(value, values, weights, rows)
+        window = self.schedule.window(sigmas)
+        if window is not True:
+            gate = window.reshape(1, 1, 1)
+            new_context, new_value = torch.where(gate, new_context, context), torch.where(gate, new_value, value)
+        return n, new_context, new_value
 
     def _stage_contexts(self, stage: int, like: torch.Tensor):
         c = self.contexts

@@ -79,6 +79,25 @@ def test_patch_picks_the_stage_pair_at_each_sigma():
     assert not torch.equal(window(n, ctx, value, eo_at(3.0))[1], ctx)
 
 
+def test_device_path_picks_the_same_pair_without_reading_sigma(monkeypatch):
+    """On an accelerator the stage is chosen on the device (no host sync): same result as the float path."""
+    contexts = distinct_contexts()
+    sigmas = [8.0, 4.0, 2.0, 1.0]
+    schedule = dispatcher.StageSchedule(weight=0.7, sigma_start=5.0, sigma_end=0.5)
+    patch = patch_mod.StageTokenPatch(schedule, contexts, sigmas, (0.2, 0.4, 0.6, 0.8))
+    gen = torch.Generator().manual_seed(2)
+    n = torch.randn(2, 16, 320, generator=gen)
+    ctx = torch.randn(2, 77, 768, generator=gen)
+    value = torch.randn(2, 77, 768, generator=gen)
+    for sigma in (9.0, 5.0, 4.0, 3.9, 1.5, 0.6, 0.2):
+        eo = eo_at(sigma)
+        expected = patch(n, ctx, value, eo)
+        monkeypatch.setattr(dispatcher.StageSchedule, "window", lambda self, s, real=dispatcher.StageSchedule.window: torch.tensor([real(self, s)]))
+        got = patch._on_device(n, ctx, value, eo, eo["sigmas"])
+        monkeypatch.undo()
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2]), sigma
+
+
 # --- tokens, files and prompts ----------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@
   a plain attn2 replace, without the dispatcher (the expected result).
 - ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
   install it, to prove ours chains it.
+- ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
+  several sizes as one list; values handed back to a test through /history (report_nodes.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 import threading
 
 import torch
+
+from .report_nodes import ImageList, Report
 
 _CACHE = {}
 _LOCK = threading.Lock()
@@ -246,6 +250,6 @@ class SyntheticAdapter:
         return (synthetic_adapter(layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q),)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, ImageList, Report]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

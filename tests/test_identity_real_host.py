@@ -78,7 +78,8 @@ def real_prompt():
     for held_out in OBAMA:
         fused = g.add("IdentityAttentionEncodeIdentity", face_analysis=face_analysis, images=image_list([n for n in OBAMA if n != held_out]),
                       face="largest", face_index=0, retry_smaller_sizes=True, flip_augment=False, mask_grow=1.2, mask_feather=0.25)
-        ids[f"identity:fused_{stem(held_out)}"] = g.add("IdentityAttentionTestKit_Report", label="fused", identity=g.out(fused, 0))
+        ids[f"identity:fused_{stem(held_out)}"] = g.add("IdentityAttentionTestKit_Report", label=f"identity:fused_{stem(held_out)}",
+                                                        identity=g.out(fused, 0))
         similarity(f"fused_{stem(held_out)}", g.out(fused, 0), loaded[held_out])
     return g.prompt(), ids
 
@@ -157,17 +158,25 @@ def test_the_encoder_finds_every_face_where_it_is(results, by_hand):
         assert rf.iou(results.identity(f"group{i}")["faces"][0]["bbox"], expected["box"]) > 0.999, i
 
 
-def test_identity_similarity_puts_every_same_person_pair_above_every_other_pair(results):
+def pairwise_scores(results):
+    """``{(photo a, photo b): the Identity similarity node's score of b against a's identity}``, both orders."""
     scores = {}
     for i, name in enumerate(PHOTOS[:-1]):
         values = results.report(f"similarity:{stem(name)}")["floats"]
-        assert len(values) == len(PHOTOS) - i - 1
-        scores.update({(name, other): v for other, v in zip(PHOTOS[i + 1:], values)})
+        assert len(values) == len(PHOTOS) - i - 1  # one score per image of the list, in order
+        for other, value in zip(PHOTOS[i + 1:], values):
+            scores[name, other] = scores[other, name] = value
+    return scores
+
+
+def test_identity_similarity_puts_every_same_person_pair_above_every_other_pair(results):
+    scores = {pair: v for pair, v in pairwise_scores(results).items() if PHOTOS.index(pair[0]) < PHOTOS.index(pair[1])}
     person = {name: photo.person for name, photo in real_face_photos.PHOTOS.items()}
     same = {pair: v for pair, v in scores.items() if person[pair[0]] == person[pair[1]]}
     different = {pair: v for pair, v in scores.items() if person[pair[0]] != person[pair[1]]}
     assert len(same) == 8 and len(different) == 47  # Obama x4, Macron x2, Ardern x2; 11 photos of 6 people
     worst_same, best_other = min(same, key=same.get), max(different, key=different.get)
+    # measured: worst same-person pair 0.62 (Macron 2014 / 2025), best different-people pair 0.31 (Obama / Biden)
     assert same[worst_same] > different[best_other] + 0.2, (worst_same, same[worst_same], best_other, different[best_other])
     # the node's score is the cosine of the two photos' embeddings in their IDENTITYs (no hidden re-weighting)
     embedding = {name: np.array(results.identity(stem(name))["faces"][0]["embedding"], np.float64) for name in PHOTOS}
@@ -177,13 +186,14 @@ def test_identity_similarity_puts_every_same_person_pair_above_every_other_pair(
 
 
 def test_fusing_references_of_one_person_beats_any_single_reference(results):
-    embedding = {name: np.array(results.identity(stem(name))["faces"][0]["embedding"], np.float64) for name in OBAMA}
-    unit = {name: e / np.linalg.norm(e) for name, e in embedding.items()}
+    """Leave one out over the four Obama photos: the other three fused vs each photo alone as the reference."""
+    scores = pairwise_scores(results)
     fused = {}
     for held_out in OBAMA:
         assert len(results.identity(f"fused_{stem(held_out)}")["faces"]) == len(OBAMA) - 1
         (fused[held_out],) = results.report(f"similarity:fused_{stem(held_out)}")["floats"]
-    single = {ref: np.mean([unit[ref] @ unit[t] for t in OBAMA if t != ref]) for ref in OBAMA}  # each reference alone, on the others
+    single = {ref: np.mean([scores[ref, target] for target in OBAMA if target != ref]) for ref in OBAMA}
+    # measured: fused 0.83 on average; the best single reference (obama.jpg) 0.79 on the other three
     assert np.mean(list(fused.values())) > max(single.values()) + 0.01, (fused, single)
 
 

@@ -20,7 +20,7 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
-from harness import pypi_sdists, real_face_pack, real_face_photos
+from harness import pypi_sdists, real_face_pack
 
 REQUIRE_ENV = ("CI", "IDENTITY_ATTENTION_REQUIRE_REAL_FACES")
 

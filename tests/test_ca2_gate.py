@@ -137,9 +137,13 @@ def test_text_attention_score_is_normalised_content_mass(tokens):
     mass = (p * content).sum(dim=-1).mean(dim=1)  # [B, N]
     torch.testing.assert_close(mass_mod.content_attention_mass(q, k, heads), mass.float(), rtol=1e-6, atol=1e-7)
     lo, hi = mass.min(dim=1, keepdim=True).values, mass.max(dim=1, keepdim=True).values
+    assert (hi - lo > 0.05).all()
     expected = (mass - lo) / (hi - lo)
     got = ca2.text_attention_score(q, k, heads)
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(got.amax(dim=1), torch.ones(b)) and torch.equal(got.amin(dim=1), torch.zeros(b))
+    # a nearly flat map (spread below 0.05) is not stretched to full range
+    flat = torch.full((1, 5), 0.7, dtype=F64) + torch.tensor([[0.0, 0.01, 0.02, 0.005, 0.0]], dtype=F64)
+    torch.testing.assert_close(mass_mod.minmax_per_image(flat), (flat - 0.7) / 0.05)
     torch.testing.assert_close(ca2.sharpen(got, 2.0), got.pow(2))
     assert ca2.sharpen(got, 1.0) is got

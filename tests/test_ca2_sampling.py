@@ -204,18 +204,6 @@ def test_weight_zero_is_bit_identical(tiny, arch):
     assert torch.equal(sample(patched, arch, steps=1), sample(model, arch, steps=1))
 
 
-def test_mask_zero_everywhere_is_plain_decoupled_attention(tiny):
-    model = tiny.unet("sd15")
-    adapter = image_adapter(model)
-    encoder = SyntheticClipVision(0)
-    images = originals(1)
-    cond_tokens, uncond_tokens = expected_tokens(adapter, encoder, images)
-    empty = torch.zeros(1, 64, 64)
-    got = sample(apply_gate(model, adapter, images, mask=empty, encoder=encoder), "sd15", steps=1)
-    expected = sample(hand_ca2(model, adapter, cond_tokens, uncond_tokens, empty, 1.0), "sd15", steps=1)  # gate = 1 everywhere
-    assert_close_to_scale(got, expected)
-
-
 def test_inspect_returns_score_maps_per_step(tiny):
     model = tiny.unet("sd15")
     patched = apply_gate(model, image_adapter(model), originals(1))

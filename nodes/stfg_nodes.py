@@ -59,7 +59,7 @@ class ApplySTFG:
                     list(MODES),
                     {
                         "default": "fast",
-                        "tooltip": "'fast': the guidance with the model's own reaction left out, almost free. 'exact': the paper's gradient through the whole model, about 2-3x slower per step and needs ComfyUI from June 2025 or newer.",
+                        "tooltip": "'fast': the guidance with the model's own reaction left out, almost free. 'exact': the paper's gradient through the whole model: one more model pass plus a backward pass every step (several times slower, more memory); needs ComfyUI from June 2025 or newer.",
                     },
                 ),
                 "band": (

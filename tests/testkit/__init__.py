@@ -241,16 +241,23 @@ class SyntheticAdapter:
                 "num_tokens": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Identity tokens per reference."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
                 "visual_q": ("BOOLEAN", {"default": False, "tooltip": "Also give each layer a separate identity query projection (PVA's to_visual_q)."}),
-            }
+            },
+            "optional": {
+                "projector_input": (["arcface_normed", "clip_embeds"], {"default": "arcface_normed", "tooltip": "What the projector reads: a face embedding (face adapter) or CLIP image embeds (image adapter)."}),
+            },
         }
 
-    def make(self, model, num_tokens, seed, visual_q):
+    def make(self, model, num_tokens, seed, visual_q, projector_input="arcface_normed"):
         from .synthetic import synthetic_adapter
 
         host = pack_module("nodes.host")
         layers = host.cross_attention_layers(model)
         base = host.base_model_of(model)
-        return (synthetic_adapter(layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q),)
+        return (
+            synthetic_adapter(
+                layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q, projector_input=projector_input
+            ),
+        )
 
 
 class AdapterReport:
@@ -306,6 +313,23 @@ class SyntheticFactAdapter:
         return (synthetic_fact_adapter(layers, host.base_model_of(model), layers[0].context_dim, seed=seed, alpha=alpha),)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report]
+class SyntheticClipVision:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticClipVision"
+    DISPLAY_NAME = "Synthetic CLIP vision (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The encoder is a function of this seed."})}}
+
+    def make(self, seed):
+        from .synthetic import SyntheticClipVision as Encoder
+
+        return (Encoder(seed),)
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

@@ -34,6 +34,6 @@ def registered_nodes() -> dict:
 
 
 def first_sentence(text: str) -> str:
-    """The first sentence of a description (it ends at . ! ? and a space, except after "e.g." / "i.e.")."""
+    """The first sentence of a description (it ends at . ! ? and a space, except after e.g. / i.e. / Fig. / Eq.)."""
     text = " ".join(str(text).split())
-    return re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s+", text, maxsplit=1)[0]
+    return re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<!Fig\.)(?<!Eq\.)(?<=[.!?])\s+", text, maxsplit=1)[0]

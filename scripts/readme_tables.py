@@ -38,15 +38,31 @@ WORKFLOWS = REPO / "example_workflows"
 SCREENSHOTS = REPO / "docs" / "screenshots"
 
 PVA = "PVA: Xu et al., *Personalized Face Inpainting with Diffusion Models by Parallel Visual Attention*, WACV 2024 ([arXiv 2312.03556](https://arxiv.org/abs/2312.03556))"
+MOA = "MoA: Wang et al., *Mixture-of-Attention*, SIGGRAPH Asia 2024"
+CA_EDIT = "CA-Edit: Xian et al., *Causality-Aware Condition Adapter for High-Fidelity Local Facial Attribute Editing*, AAAI 2025"
+FACT = "FaceChain-FACT: Yu et al., *Face Adapter with Decoupled Training for Identity-preserved Personalization* ([arXiv 2410.12312](https://arxiv.org/abs/2410.12312))"
+SEFI = "SeFi-IDE: Li et al., *Beyond Inserting: Learning Identity Embedding for Semantic-Fidelity Personalized Diffusion Generation* ([arXiv 2402.00631](https://arxiv.org/abs/2402.00631))"
+NESTED = "Nested Attention: Patashnik et al. ([arXiv 2501.01407](https://arxiv.org/abs/2501.01407))"
 # The paper behind each node, where the node class does not say it itself (PAPER attribute).
 PAPERS = {
     "IdentityAttentionApplyParallelAttention": PVA + "; decoupled mode: IP-Adapter (Ye et al., 2023)",
     "IdentityAttentionApplyKVMixedAttention": "VisualComposer: *Object-level Visual Prompts for Compositional Image Generation* ([arXiv 2501.01424](https://arxiv.org/abs/2501.01424))",
-    "IdentityAttentionApplyMixtureOfAttention": "MoA: Wang et al., *Mixture-of-Attention*, SIGGRAPH Asia 2024",
-    "IdentityAttentionInspectRouter": "MoA: Wang et al., *Mixture-of-Attention*, SIGGRAPH Asia 2024",
-    "IdentityAttentionApplyCA2Gate": "CA-Edit: Xian et al., *Causality-Aware Condition Adapter for High-Fidelity Local Facial Attribute Editing*, AAAI 2025",
-    "IdentityAttentionApplyFaceAdapter": "FaceChain-FACT: Yu et al., *Face Adapter with Decoupled Training for Identity-preserved Personalization* ([arXiv 2410.12312](https://arxiv.org/abs/2410.12312))",
-    "IdentityAttentionApplyNestedAttention": "Nested Attention: Patashnik et al. ([arXiv 2501.01407](https://arxiv.org/abs/2501.01407))",
+    "IdentityAttentionApplyMixtureOfAttention": MOA,
+    "IdentityAttentionInspectRouter": MOA,
+    "IdentityAttentionApplyCA2Gate": CA_EDIT,
+    "IdentityAttentionInspectCA2Scores": CA_EDIT,
+    "IdentityAttentionApplySTFG": CA_EDIT,
+    "IdentityAttentionInspectSTFGBoundary": CA_EDIT,
+    "IdentityAttentionApplyFaceAdapter": FACT,
+    "IdentityAttentionLoadFaceEncoder": FACT + "; encoder: TransFace",
+    "IdentityAttentionEncodeFaceTokens": FACT + "; encoder: TransFace",
+    "IdentityAttentionApplyStageTokens": SEFI,
+    "IdentityAttentionCreateIdentityTokens": SEFI,
+    "IdentityAttentionEncodePromptWithIdentityTokens": SEFI,
+    "IdentityAttentionLoadIdentityTokens": SEFI,
+    "IdentityAttentionSaveIdentityTokens": SEFI,
+    "IdentityAttentionApplyNestedAttention": NESTED,
+    "IdentityAttentionFindSubjectToken": NESTED,
     "IdentityAttentionEncodeIdentity": "ArcFace embeddings via insightface: the identity features of PVA, IP-Adapter-FaceID, InstantID and PuLID",
     "IdentityAttentionIdentitySimilarity": "cosine similarity of ArcFace embeddings, the usual face-identity score",
     "IdentityAttentionLoadIdentityAdapter": "weights of IP-Adapter, IP-Adapter-FaceID, InstantID, PuLID, FaceChain-FACT, PVA",

@@ -143,3 +143,17 @@ def test_manager_reads_the_pack_header():
     lines = (REPO / "__init__.py").read_text().splitlines()
     fields = dict(line[1:].split(":", 1) for line in lines if line.startswith("@"))
     assert fields["title"].strip() == fields["nickname"].strip() == "Identity Attention" and fields["description"].strip()
+
+
+def test_every_node_is_what_the_readme_promises(mappings):
+    """One category tree, a description, and a tooltip on every input and output (README: "Nodes")."""
+    for node_id, cls in mappings.items():
+        assert node_id.startswith("IdentityAttention") and cls.CATEGORY.split("/")[0] == "identity_attention", node_id
+        assert cls.CATEGORY.split("/")[1] in ("encode", "attention", "guidance", "train", "weights", "inspect"), node_id
+        assert cls.DESCRIPTION and cls.DISPLAY_NAME, node_id
+        for section, inputs in cls.INPUT_TYPES().items():
+            if section == "hidden":
+                continue
+            for name, spec in inputs.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), f"{node_id}: one tooltip per output"

@@ -81,19 +81,19 @@ def download_note(ids, extra: str = "") -> str:
 # --- the workflows -------------------------------------------------------------------------------
 
 IDENTITY_GREEN = "#8A8"
-CHECK_PURPLE = "#a1309b"
+CHECK_YELLOW = "#b58b2a"
 MODEL_BLUE = "#88A"
 ADAPTER_BLUE = "#3f789e"
 
 
-def identity_from_photo(wb, photo="reference_face.png", clip_vision=True):
+def identity_from_photo(wb, photo="reference_face.png", clip_vision=True, vision_title="CLIP vision ViT-H (optional)"):
     """Reference photo -> IDENTITY, with the three pictures Encode identity gives; returns refs."""
     image = wb.node("LoadImage", title="Reference photo (one person)", image=photo)
     faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
     links = {"face_analysis": faces[0], "images": image[0]}
     refs = {"image": image, "faces": faces}
     if clip_vision:
-        vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (optional)", clip_name=manifest_file("clip-vit-h"))
+        vision = wb.node("CLIPVisionLoader", title=vision_title, clip_name=manifest_file("clip-vit-h"))
         links["clip_vision"] = vision[0]
         refs["vision"] = vision
     encode = wb.node("IdentityAttentionEncodeIdentity", title="Encode identity", face="largest", flip_augment=False, **links)
@@ -115,7 +115,7 @@ def encode_identity_and_check_similarity(wb) -> str:
     shown = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
     wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
     wb.group("2. Generate (identity attention nodes go between Load checkpoint and the sampler)", [gen[k] for k in ("ckpt", "pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
-    wb.group("3. Check: score the result against the identity", [score, shown], CHECK_PURPLE)
+    wb.group("3. Check: score the result against the identity", [score, shown], CHECK_YELLOW)
     wb.note(download_note(["antelopev2", "clip-vit-h"], extra=(
         "CLIP vision is optional here: Encode identity keeps its features for IP-Adapter plus-face and FaceID-Plus adapters; "
         "delete the node (or its link) when your adapter reads only the face embedding.")), title="Download first")
@@ -153,7 +153,47 @@ def load_identity_adapter(wb) -> str:
     return "Load identity-adapter files, see what each one is, and check them against the model."
 
 
+def identity_portrait_faceid_moa(wb) -> str:
+    who = identity_from_photo(wb, vision_title="CLIP vision ViT-H (FaceID-Plus reads it)")
+    ckpt = wb.node("CheckpointLoaderSimple", title="Load checkpoint (SD1.5)", ckpt_name=SD15_CHECKPOINT)
+    lora = wb.node("LoraLoaderModelOnly", title="FaceID-PlusV2 LoRA (comes with the adapter)", model=ckpt[0],
+                   lora_name=manifest_file("ip-adapter-faceid-plusv2_sd15_lora"), strength_model=0.6)
+    adapter = wb.node("IdentityAttentionLoadIdentityAdapter", title="IP-Adapter FaceID-PlusV2 (SD1.5)",
+                      adapter="ipadapter/" + manifest_file("ip-adapter-faceid-plusv2_sd15"), model=lora[0])
+    parallel = wb.node("IdentityAttentionApplyParallelAttention", title="Identity attention (parallel, decoupled)",
+                       model=lora[0], id_adapter=adapter[0], identity=who["encode"][0], weight=0.8)
+    routed = wb.node("IdentityAttentionApplyMixtureOfAttention", title="Mixture-of-attention: identity only where it belongs",
+                     model=parallel[0], router="identity_attention")
+    report = wb.node("IdentityAttentionModelInfo", title="What is applied", model=routed[0])
+    shown = wb.node("IdentityAttentionShowText", title="Applied effects", text=report[0])
+    gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: routed[0], ckpt=ckpt,
+                        prompt="a portrait photo of a woman as an astronaut, helmet under her arm, NASA hangar, 85mm", title="Sample")
+    maps = wb.node("IdentityAttentionInspectRouter", title="Where the identity went (router maps)", model=routed[0], latent=gen["sampler"][0])
+    maps_preview = wb.node("PreviewImage", title="Router maps (white = identity)", images=maps[0])
+    score = wb.node("IdentityAttentionIdentitySimilarity", title="How much does it look like the person?",
+                    images=gen["decode"][0], identity=who["encode"][0], face_analysis=who["faces"][0], face="largest")
+    scored = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
+    wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
+    wb.group("2. The model learns the identity: adapter + LoRA, parallel attention, MoA routing", [ckpt, lora, adapter, parallel, routed, report, shown], ADAPTER_BLUE)
+    wb.group("3. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
+    wb.group("4. Check: where the identity went, and how close it is", [maps, maps_preview, score, scored], CHECK_YELLOW)
+    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
+        "FaceID-PlusV2 reads the face embedding and CLIP ViT-H features of the aligned face, so Encode identity needs the "
+        "CLIP vision model here. Its LoRA goes on the model before the identity attention (strength about 0.6-1.0).")),
+        title="Download first")
+    wb.note(
+        "Identity attention adds the person's tokens to every cross-attention layer (decoupled: a separate attention on top "
+        "of the prompt's, as IP-Adapter / FaceID were trained). weight 0 turns it off exactly; start/end limit it to part "
+        "of the sampling.\n\nMixture-of-attention then decides per pixel whether the identity attention or the model's own "
+        "is used, so the face takes the identity and the rest of the picture (suit, hangar, light) follows the prompt. "
+        "'Show router maps' shows that split after sampling (white = identity).\n\nMore people: one Encode identity and one "
+        "parallel attention node per person, each with a mask.",
+        title="How to read this workflow", near=parallel)
+    return "A portrait of the person from one reference photo: FaceID-PlusV2 through parallel attention, routed by mixture-of-attention."
+
+
 SPECS = {
     "identity_encode_and_similarity": encode_identity_and_check_similarity,
     "identity_adapter_load": load_identity_adapter,
+    "identity_portrait_faceid_moa": identity_portrait_faceid_moa,
 }

@@ -17,8 +17,8 @@ SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 
 
-def text_to_image(wb, checkpoint, model_patch=None, prompt="a portrait photo of a person, studio light", size=512, title="Sample", ckpt=None):
-    """The standard txt2img tail shared by the examples; returns the node refs (``ckpt``: reuse a loader)."""
+def text_to_image(wb, checkpoint, model_patch=None, prompt="a portrait photo of a person, studio light", size=512, title="Sample", ckpt=None, width=None, height=None):
+    """The standard txt2img tail shared by the examples; returns the node refs (``ckpt``: reuse a loader; ``width``/``height``: not square)."""
     if ckpt is None:
         ckpt = wb.node("CheckpointLoaderSimple", title="Load checkpoint", ckpt_name=checkpoint)
     model = ckpt[0]
@@ -26,7 +26,7 @@ def text_to_image(wb, checkpoint, model_patch=None, prompt="a portrait photo of 
         model = model_patch(ckpt)
     pos = wb.node("CLIPTextEncode", title="Prompt", text=prompt, clip=ckpt[1])
     neg = wb.node("CLIPTextEncode", title="Negative prompt", text="blurry, lowres, deformed", clip=ckpt[1])
-    latent = wb.node("EmptyLatentImage", title="Image size", width=size, height=size, batch_size=1)
+    latent = wb.node("EmptyLatentImage", title="Image size", width=width or size, height=height or size, batch_size=1)
     sampler = wb.node(
         "KSampler", title=title, model=model, positive=pos[0], negative=neg[0], latent_image=latent[0], seed=42, steps=30, cfg=6.0, sampler_name="dpmpp_2m", scheduler="karras"
     )
@@ -192,8 +192,63 @@ def identity_portrait_faceid_moa(wb) -> str:
     return "A portrait of the person from one reference photo: FaceID-PlusV2 through parallel attention, routed by mixture-of-attention."
 
 
+def half_mask(wb, side: str, width: int, height: int):
+    """A white left or right half on black, from ComfyUI's own mask nodes; returns (nodes, mask ref)."""
+    black = wb.node("SolidMask", title=f"Black {width}x{height}", value=0.0, width=width, height=height)
+    white = wb.node("SolidMask", title=f"White half ({side})", value=1.0, width=width // 2, height=height)
+    mask = wb.node("MaskComposite", title=f"{side.capitalize()} half", destination=black[0], source=white[0],
+                   x=0 if side == "left" else width // 2, y=0, operation="add")
+    return [black, white, mask], mask
+
+
+def two_people_with_masks(wb) -> str:
+    width, height = 768, 512
+    faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
+    vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (FaceID-Plus reads it)", clip_name=manifest_file("clip-vit-h"))
+    people = {}
+    for name, photo in (("A", "person_a.png"), ("B", "person_b.png")):
+        image = wb.node("LoadImage", title=f"Person {name}: reference photo", image=photo)
+        encode = wb.node("IdentityAttentionEncodeIdentity", title=f"Encode person {name}", face_analysis=faces[0], images=image[0], clip_vision=vision[0])
+        crops = wb.node("PreviewImage", title=f"Person {name}: aligned face", images=encode[1])
+        people[name] = {"image": image, "encode": encode, "crops": crops}
+    left_nodes, left = half_mask(wb, "left", width, height)
+    right_nodes, right = half_mask(wb, "right", width, height)
+    ckpt = wb.node("CheckpointLoaderSimple", title="Load checkpoint (SD1.5)", ckpt_name=SD15_CHECKPOINT)
+    lora = wb.node("LoraLoaderModelOnly", title="FaceID-PlusV2 LoRA (comes with the adapter)", model=ckpt[0],
+                   lora_name=manifest_file("ip-adapter-faceid-plusv2_sd15_lora"), strength_model=0.6)
+    adapter = wb.node("IdentityAttentionLoadIdentityAdapter", title="IP-Adapter FaceID-PlusV2 (SD1.5)",
+                      adapter="ipadapter/" + manifest_file("ip-adapter-faceid-plusv2_sd15"), model=lora[0])
+    first = wb.node("IdentityAttentionApplyParallelAttention", title="Person A, left half", model=lora[0], id_adapter=adapter[0],
+                    identity=people["A"]["encode"][0], weight=0.8, mask=left[0])
+    second = wb.node("IdentityAttentionApplyParallelAttention", title="Person B, right half", model=first[0], id_adapter=adapter[0],
+                     identity=people["B"]["encode"][0], weight=0.8, mask=right[0])
+    gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: second[0], ckpt=ckpt, title="Sample", width=width, height=height,
+                        prompt="photo of two women standing side by side in a cafe, looking at the camera, 35mm")
+    checks = []
+    for name in ("A", "B"):
+        score = wb.node("IdentityAttentionIdentitySimilarity", title=f"Is person {name} in the picture?", images=gen["decode"][0],
+                        identity=people[name]["encode"][0], face_analysis=faces[0], face="best match")
+        saved = wb.node("SaveImage", title=f"Person {name}: best-matching face and score", images=score[2], filename_prefix=f"similarity_{name}")
+        checks += [score, saved]
+    wb.group("1. Who: two people, one photo each", [faces, vision] + [people[n][k] for n in ("A", "B") for k in ("image", "encode", "crops")], IDENTITY_GREEN)
+    wb.group("2. Where: one mask per person (white = that person)", left_nodes + right_nodes, IDENTITY_GREEN)
+    wb.group("3. Model: one identity attention node per person, each with its mask", [ckpt, lora, adapter, first, second], ADAPTER_BLUE)
+    wb.group("4. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
+    wb.group("5. Check: each person's best-matching face", checks, CHECK_YELLOW)
+    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"]), title="Download first")
+    wb.note(
+        "Each identity attention node adds one person, only inside its mask (any size: it is resized to every layer; soft "
+        "edges blend). Chain one node per person; the order does not matter for masks that do not overlap.\n\n"
+        "The masks here are halves of the picture made with ComfyUI's own mask nodes; any MASK works: painted in the mask "
+        "editor, from a segmentation node, or Encode identity's face_mask of a layout photo.\n\n"
+        "Ask the prompt for as many people as there are masks.",
+        title="How to read this workflow", near=first)
+    return "Two people in one picture: one identity attention node per person, each limited to its half by a mask."
+
+
 SPECS = {
     "identity_encode_and_similarity": encode_identity_and_check_similarity,
     "identity_adapter_load": load_identity_adapter,
     "identity_portrait_faceid_moa": identity_portrait_faceid_moa,
+    "two_people_with_masks": two_people_with_masks,
 }

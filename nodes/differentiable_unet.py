@@ -266,6 +266,63 @@ def _get(root, path: str):
     return root
 
 
+# --- the text encoder ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def host_clip_layer_is_autograd_safe() -> bool:
+    """True when a backward pass through the host's own ``CLIPLayer`` works (every host so far: no)."""
+    import comfy.clip_model
+    import comfy.ops
+
+    with torch.inference_mode(False), torch.enable_grad():
+        layer = comfy.clip_model.CLIPLayer(8, 1, 16, "gelu", torch.float32, "cpu", comfy.ops.disable_weight_init)
+        with torch.no_grad():
+            for i, p in enumerate(layer.parameters()):
+                p.copy_(torch.linspace(-0.3, 0.3, p.numel()).reshape(p.shape) + 0.01 * i)
+        x = torch.linspace(-1.0, 1.0, 24).reshape(1, 3, 8).requires_grad_(True)
+        try:
+            out = layer(x * 1.0, None, comfy_attention.optimized_attention_for_device(x.device, mask=False, small_input=True))
+            out.sum().backward()
+        except RuntimeError as err:
+            if "inplace" in str(err) or "in-place" in str(err):
+                return False
+            raise
+    return True
+
+
+class TrainingCLIPLayer(torch.nn.Module):
+    """Stands in for one ``CLIPLayer`` of a text-encoder clone: ``x + attn(ln1(x))``, then ``+ mlp(ln2(x))``, out of place.
+
+    The host's layer adds in place (``x += ...``), which autograd cannot go back through. Same
+    submodules and parameters as the layer (shared), same arithmetic.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self._modules = layer._modules
+        self._parameters = layer._parameters
+        self._buffers = layer._buffers
+        self.__dict__["layer"] = layer
+
+    def forward(self, x, mask=None, optimized_attention=None):
+        x = _residual(x, self.self_attn(self.layer_norm1(x), mask, optimized_attention))
+        return _residual(x, self.mlp(self.layer_norm2(x)))
+
+
+def differentiable_text_encoder(clip):
+    """A CLIP clone whose transformer layers train (object patches; the upstream CLIP is not modified)."""
+    import comfy.clip_model
+
+    clone = clip.clone()
+    if host_clip_layer_is_autograd_safe():
+        return clone
+    for name, module in clip.patcher.model.named_modules():
+        if isinstance(module, comfy.clip_model.CLIPLayer):
+            clone.patcher.add_object_patch(name, TrainingCLIPLayer(module))
+    return clone
+
+
 # --- weights autograd can save ----------------------------------------------------------------
 
 

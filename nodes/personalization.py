@@ -42,7 +42,7 @@ from ..adapters.identity import Identity
 from ..adapters.training_losses import denoising_loss, loss_weight_map
 from ..adapters.training_masks import inpaint_mask, list_of_masks, mask_pool, masked_pixels, square_crop_resize, to_latent
 from ..adapters.training_schedule import PersonalizeRecipe, check_recipe, sigmas_for, step_generator, stratified_timesteps
-from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, predict_x0, training_transformer_options
+from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
 from .errors import IdentityAttentionError
 from .host import base_model_of, model_sampling
 from .prompt_token import DEFAULT_TEMPLATE, PLACEHOLDER, encode_tokens, find_prompt_token, initial_vectors, token_clip, with_marker
@@ -193,6 +193,8 @@ def personalize_identity(
     checkpoint = device.type != "cpu" if gradient_checkpointing is None else bool(gradient_checkpointing)
     unet = differentiable_clone(target.install(model, feed), checkpoint=checkpoint)
     tclip = token_clip(clip, token, target.prompt_vectors()) if token is not None else clip.clone()
+    if train_token and token is not None:
+        tclip = differentiable_text_encoder(tclip)
     prompt = clip.tokenize(with_marker(template, PLACEHOLDER, token.marker) if token is not None else template)
     sigma_table = model_sampling(model).sigmas
     amp = autocast_dtype(model, device)

@@ -327,12 +327,13 @@ def differentiable_text_encoder(clip):
 
 
 def normal_alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) tensor sharing ``t``'s storage; ``t`` itself when it is normal.
+    """A normal (non-inference) tensor sharing ``t``'s storage, outside any autograd graph.
 
-    Falls back to a copy for tensor types whose storage cannot be re-viewed.
+    ``t`` itself when it is already normal and needs no gradient; a copy for tensor types whose
+    storage cannot be re-viewed.
     """
     if not t.is_inference():
-        return t
+        return t.detach() if t.requires_grad else t
     with torch.inference_mode(False):
         try:
             out = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -344,7 +345,12 @@ def normal_alias(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def autograd_weights(*roots: torch.nn.Module):
-    """Inside the block, every inference-tensor parameter / buffer of ``roots`` is a frozen normal alias.
+    """Inside the block, every parameter / buffer of ``roots`` that is an inference tensor or requires a
+    gradient is a frozen normal alias of itself (same storage, ``requires_grad=False``).
+
+    Inference tensors are what ComfyUI's loaders make inside a prompt; parameters that require a
+    gradient are what the same loaders make outside one (the command-line trainer), and would
+    otherwise make autograd keep a gradient for every frozen weight.
 
     Yields the number of tensors swapped. Restores the original objects on exit, whatever happens.
     """
@@ -361,7 +367,7 @@ def autograd_weights(*roots: torch.nn.Module):
                             continue
                         seen.add(id(table))
                         for name, t in list(table.items()):
-                            if t is None or not t.is_inference():
+                            if t is None or not (t.is_inference() or t.requires_grad):
                                 continue
                             alias = normal_alias(t)
                             table[name] = torch.nn.Parameter(alias, requires_grad=False) if isinstance(t, torch.nn.Parameter) else alias
@@ -403,12 +409,18 @@ class TrainingModels:
     then :func:`autograd_weights` swaps in trainable-path weights. On exit: weights restored,
     then every patcher given is unloaded and unpatched, so nothing of the training stays in
     the shared model (also after an exception, e.g. ComfyUI's interrupt).
+
+    ``keep_loaded``: a normal exit only restores the weights and leaves the clones loaded, so a
+    trainer can enter once per step and do ComfyUI work between steps (VAE encoding, which may
+    make ComfyUI swap models: the next enter loads them again, object patches and all); call
+    :meth:`release` at the end.
     """
 
-    def __init__(self, patchers: Sequence, weight_roots: Sequence[Optional[torch.nn.Module]] = (), memory_required: int = 0):
+    def __init__(self, patchers: Sequence, weight_roots: Sequence[Optional[torch.nn.Module]] = (), memory_required: int = 0, keep_loaded: bool = False):
         self.patchers = [p for p in patchers if p is not None]
         self.weight_roots = list(weight_roots)
         self.memory_required = int(memory_required)
+        self.keep_loaded = keep_loaded
         self._weights = None
 
     def __enter__(self):
@@ -428,8 +440,13 @@ class TrainingModels:
                 self._weights.__exit__(*exc)
                 self._weights = None
         finally:
-            self._release()
+            if not self.keep_loaded or exc[0] is not None:
+                self._release()
         return False
+
+    def release(self) -> None:
+        """Unload and unpatch the clones (after the last ``with`` of a ``keep_loaded`` session)."""
+        self._release()
 
     def _release(self):
         for p in self.patchers:

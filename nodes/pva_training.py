@@ -39,6 +39,8 @@ from .prompt_token import ENCODER_BY_WIDTH, PLACEHOLDER, encoder_name
 from .training_targets import TrainingFeed, TrainingTarget, register_target
 
 MODIFIER_PREFIX = "modifier_vec."
+PROJECTOR_LR = 3.2e-5
+"""PVA stage 1: the identity transformer's learning rate (absolute, not scaled by the batch)."""
 
 
 class TrainablePVAStage(AttentionStage):
@@ -157,15 +159,24 @@ class PVATarget(TrainingTarget):
         if self.tokens is not None:
             groups.append({"params": list(self.tokens.parameters()), "lr": self.token_learning_rate, "weight_decay": weight_decay, "name": "pva.token"})
         if self.projector is not None:
-            groups.append({"params": list(self.projector.parameters()), "lr": self.projector_learning_rate or learning_rate, "weight_decay": weight_decay, "name": "pva.projector"})
+            groups.append({"params": list(self.projector.parameters()), "lr": PROJECTOR_LR if self.projector_learning_rate is None else float(self.projector_learning_rate), "weight_decay": weight_decay, "name": "pva.projector"})
         return groups
 
     def install(self, model_patcher, feed: TrainingFeed):
         return apply_attention_stage(model_patcher, TrainablePVAStage(self.projections, feed))
 
     def prepare(self, feed: TrainingFeed) -> None:
-        if self.projector is not None and feed.features is not None:
-            feed.tokens = self.projector.project(feed.features)  # the loop put the features on the projector's device
+        """With a trainable identity transformer: this step's tokens from the samples' reference features.
+
+        ``feed.features``: one ``IdentityFeatures`` per sample (on the projector's device), all
+        references of a sample in one sequence (PVA); each sample's tokens are repeated
+        ``feed.extras["repeat"]`` times (its noisy copies).
+        """
+        if self.projector is None or feed.features is None:
+            return
+        feats = feed.features if isinstance(feed.features, (list, tuple)) else [feed.features]
+        tokens = torch.cat([self.projector.project(f) for f in feats], dim=0)
+        feed.tokens = tokens.repeat_interleave(int(feed.extras.get("repeat", 1)), dim=0)
 
     def prompt_vectors(self) -> Optional[Callable[[str], Optional[torch.Tensor]]]:
         if self.tokens is None:
@@ -191,14 +202,40 @@ class PVATarget(TrainingTarget):
         return IdAdapter(format="native", base=base, context_dim=context_dim, projector=projector, layers=layers, extras=extras, metadata=meta, mechanism="joint")
 
 
+def fresh_pva_adapter(model_patcher, settings: Mapping, seed: int = 0) -> IdAdapter:
+    """A new PVA adapter for a model: an identity transformer with PVA's shape (``TransformNetwork``:
+    512 -> context width, 10 query tokens, 4 layers, 8 heads, ff 2048; smaller via ``settings``) at
+    PyTorch's default initialisation (``q_tokens`` ~ N(0, 1), ``pos_enc`` 0 as PVA), and no layer
+    projections (they start as copies of the layers' own)."""
+    from ..adapters.projector_pva import PVATransformNetwork
+    from .host import base_model_of, cross_attention_layers
+
+    layers = cross_attention_layers(model_patcher)
+    context_dim = layers[0].context_dim
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = PVATransformNetwork(
+            in_dim=int(settings.get("embedding_dim", 512)), out_dim=context_dim, num_q_token=int(settings.get("tokens", 10)),
+            num_layer=int(settings.get("layers", 4)), heads=int(settings.get("heads", 8)), ff_dim=int(settings.get("ff_dim", 2048)),
+        )
+        with torch.no_grad():
+            projector.q_tokens.normal_()
+    base = base_model_of(model_patcher)
+    return IdAdapter(format="native", base=base if base != "unknown" else "sd15", context_dim=context_dim, projector=projector.eval(), mechanism="joint", metadata={"source_format": "native"})
+
+
 @register_target("pva")
-def make_pva_target(model_patcher, adapter: IdAdapter, settings: Mapping, **_):
-    """Trainer factory: ``settings`` keys ``train_projector`` (bool), ``train_token`` (bool), ``token_lr``, ``projector_lr``."""
+def make_pva_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, token_vectors=None, seed: int = 0, **_):
+    """Trainer factory. ``adapter``: where to start (None: :func:`fresh_pva_adapter`). ``settings``:
+    ``train_projector`` (True, stage 1), ``token_lr`` (1e-3; the token trains when the caption has
+    ``<new1>``), ``projector_lr`` (default 3.2e-5, PVA's stage 1)."""
+    if adapter is None:
+        adapter = fresh_pva_adapter(model_patcher, settings, seed)
     return PVATarget(
         model_patcher,
         adapter,
         train_projector=bool(settings.get("train_projector", True)),
-        token_vectors=settings.get("token_vectors"),
+        token_vectors=token_vectors,
         token_learning_rate=float(settings.get("token_lr", 1e-3)),
         projector_learning_rate=settings.get("projector_lr"),
     )

@@ -156,6 +156,7 @@ class ProgressLine:
 class MicroBatch:
     x0: torch.Tensor  # [R, C, h, w] (rows = samples x time_resample)
     sigma: torch.Tensor  # [R]
+    timesteps: torch.Tensor  # [R] the discrete timesteps of ``sigma``
     eps: torch.Tensor  # [R, C, h, w]
     weight: Optional[torch.Tensor]  # [R, 1, h, w]
     foreground: Optional[torch.Tensor]  # [R, H, W] pixel masks
@@ -276,7 +277,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups)
         self.amp = autocast_dtype(self.model, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        self.models = TrainingModels([self.unet, self.tclip.patcher], weight_roots=[self.unet.model, self.tclip.cond_stage_model], keep_loaded=True)
+        extra = [pair for t in self.targets for pair in t.models()]
+        self.models = TrainingModels(
+            [self.unet, self.tclip.patcher] + [p for p, _ in extra], weight_roots=[self.unet.model, self.tclip.cond_stage_model] + [r for _, r in extra], keep_loaded=True,
+        )
         self.options = training_transformer_options(self.unet)
         self.step = 0
         self.samples = 0
@@ -299,7 +303,10 @@ class Trainer:
                 from .pva_training import stored_vectors
 
                 vectors = initial_vectors(self.token, stored_vectors(adapter) if adapter is not None else None)
-            target = TARGETS[name](self.model, adapter, settings, init=init, token_vectors=vectors, seed=self.seed, config_dir=self.config_dir)
+            target = TARGETS[name](
+                self.model, adapter, settings, init=init, token_vectors=vectors, seed=self.seed, config_dir=self.config_dir,
+                clip=self.clip, token=self.token, caption=str(self.cfg["data"]["caption"]), base=self.base if self.base != "unknown" else "sd15",
+            )
             target.needs_features = getattr(target, "projector", None) is not None
             targets.append(target)
         frozen = [t for t in targets if getattr(t, "adapter", None) is not None and t.name != "pva"]
@@ -343,7 +350,7 @@ class Trainer:
         if adapter is not None:
             frozen = self._frozen_tokens(adapter, batch["features"]).repeat_interleave(n, dim=0)
         return MicroBatch(
-            x0=x0, sigma=sigma, eps=eps, weight=weight, foreground=masks.repeat_interleave(n, dim=0), captions=[c for c in batch["captions"] for _ in range(n)],
+            x0=x0, sigma=sigma, timesteps=t, eps=eps, weight=weight, foreground=masks.repeat_interleave(n, dim=0), captions=[c for c in batch["captions"] for _ in range(n)],
             c_concat=c_concat, features=features, frozen_tokens=frozen, repeat=n,
         )
 
@@ -382,7 +389,7 @@ class Trainer:
         feed = self.feed
         feed.start()
         feed.foreground = mb.foreground.to(self.device) if mb.foreground is not None else None
-        feed.extras["repeat"] = mb.repeat
+        feed.extras.update(repeat=mb.repeat, timesteps=mb.timesteps, captions=mb.captions, device=self.device)
         feed.tokens = mb.frozen_tokens.to(self.device) if mb.frozen_tokens is not None else None
         if mb.features is not None:
             p = next(iter(self.step_module.parameters()))
@@ -531,11 +538,22 @@ class Trainer:
         name = self.cfg["output"]["name"]
         context_dim = self.layers[0].context_dim
         meta = {"trained_steps": str(self.step), "learning_rate": f"{self.learning_rate:g}", "seed": str(self.seed)}
+        base = self.base if self.base != "unknown" else "sd15"
         for t in self.targets:
             suffix = "" if len(self.targets) == 1 else f"_{t.name}"
-            path = os.path.join(self.out_dir, f"{name}{suffix}.safetensors")
-            write_native(t.export(self.base if self.base != "unknown" else "sd15", context_dim, meta), path)
-            paths.append(path)
+            files = t.export_files(base, context_dim, meta)
+            if files is None:
+                path = os.path.join(self.out_dir, f"{name}{suffix}.safetensors")
+                write_native(t.export(base, context_dim, meta), path)
+                paths.append(path)
+                files = {}
+            for extra_suffix, (tensors, header) in files.items():
+                from safetensors.torch import save_file
+
+                path = os.path.join(self.out_dir, f"{name}{suffix}{extra_suffix}.safetensors")
+                save_file(tensors, path + ".part", metadata=header)
+                os.replace(path + ".part", path)
+                paths.append(path)
             vectors = getattr(getattr(t, "tokens", None), "export", lambda: {})()
             if vectors:
                 from safetensors.torch import save_file

@@ -110,6 +110,10 @@ class TrainingTarget:
     def prepare(self, feed: TrainingFeed) -> None:
         """Per micro-step, before the forward (e.g. tokens from a trainable projector)."""
 
+    def models(self) -> List[tuple]:
+        """Extra ``(ModelPatcher, weight root)`` pairs to load for training (e.g. a token text encoder)."""
+        return []
+
     def prompt_vectors(self) -> Optional[Callable[[str], Optional[torch.Tensor]]]:
         """Learned prompt-token vectors per text encoder, or None (the prompt is fixed)."""
         return None
@@ -122,9 +126,9 @@ class TrainingTarget:
         """The trained weights as an ``IdAdapter`` (native layout)."""
         raise NotImplementedError
 
-    def extra_files(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Other files to write next to the export (``{suffix: tensors}``), e.g. a textual-inversion token."""
-        return {}
+    def export_files(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> Optional[Dict[str, tuple]]:
+        """Files that are not a native adapter: ``{suffix: (tensors, header)}``; None = write :meth:`export` natively."""
+        return None
 
 
 TARGETS: Dict[str, Callable[..., TrainingTarget]] = {}

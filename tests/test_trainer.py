@@ -175,3 +175,60 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path, folder):
     exported = native.read_native(str(tmp_path / "ddp" / "pva.safetensors"))
     assert len(exported.layers) == 4 and exported.base == "sd15"  # the detectable one-level UNet: input, middle, 2 output layers
     assert "step 2/2" in done.stderr
+
+
+def _target_config(tmp_path, folder, name, targets, caption="a photo of a person", steps=2):
+    return tdf.write_config(
+        tmp_path / f"{name}.json",
+        models={"factory": "training_data_fixtures:tiny_models"},
+        data={"folder": str(folder), "resolution": 64, "caption": caption},
+        targets=targets,
+        train={"steps": steps, "batch_size": 1, "grad_accum": 1, "learning_rate": 1e-3, "log_every": 1, "checkpoint_every": 0},
+        output={"dir": str(tmp_path / name), "name": name},
+    )
+
+
+def test_ca2_score_predictor_trains_and_exports_its_weight_names(tmp_path, folder, models):
+    adapter_path = tmp_path / "visual.safetensors"
+    native.write_native(tiny_pva_adapter(models[0], seed=6), str(adapter_path))
+    run = trainer_mod.run(str(_target_config(tmp_path, folder, "ca2", {"ca2_score": {"adapter": str(adapter_path), "hidden": 8}})), models=models)
+    assert all(math_isfinite(v) for v in run.history["loss"])
+    out = native.read_native(str(tmp_path / "ca2" / "ca2.safetensors"))
+    assert out.mechanism == "ca2" and out.extras["ca2_score_activation"] == "gelu" and len(out.layers) == 16
+    entry = out.layers[("input", 1, 0)]
+    assert set(entry) == {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias", "to_k", "to_v"}
+    assert entry["score.0.weight"].shape == (8, 32 + 768) and entry["score.2.weight"].shape == (2, 8)
+    start = pack("adapters.trainable_modules").ScorePredictors({("input", 1, 0): 32}, 768, hidden=8, seed=0).export()[("input", 1, 0)]
+    assert not torch.equal(start["score.0.weight"], entry["score.0.weight"])  # it trained
+
+
+def test_face_adapter_trains_with_fair_and_exports_facts_names(tmp_path, folder, models):
+    adapter_path = tmp_path / "faces.safetensors"
+    native.write_native(tiny_pva_adapter(models[0], seed=7), str(adapter_path))
+    run = trainer_mod.run(str(_target_config(tmp_path, folder, "fact", {"face_adapter": {"adapter": str(adapter_path), "fair_weight": 0.01}})), models=models)
+    assert "fair" in run.history and all(math_isfinite(v) for v in run.history["fair"])
+    out = native.read_native(str(tmp_path / "fact" / "fact.safetensors"))
+    names = set(pack("adapters.weight_formats").FACT_NAMES)
+    assert out.mechanism == "gated_self_attention" and len(out.layers) == 16
+    assert set(out.layers[("input", 1, 0)]) == names
+    assert any(float(e["alpha_attn"].abs()) > 0 for e in out.layers.values())  # the gates opened
+
+
+def test_stage_tokens_train_with_the_face_wise_attention_loss(tmp_path, folder, models):
+    run = trainer_mod.run(str(_target_config(tmp_path, folder, "sefi", {"stage_tokens": {"stages": 5, "attention_weight": 0.003}}, caption="a photo of a <new1> person")), models=models)
+    assert "face_attention" in run.history and all(v > 0 for v in run.history["face_attention"])
+    tensors = load_file(str(tmp_path / "sefi" / "sefi.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "sefi" / "sefi.safetensors"), "pt") as f:
+        header = f.metadata()
+    assert header["format"] == "identity_attention_tokens" and header["count"] == "5" and header["encoders"] == "l"
+    assert tensors["l.keys"].shape == (5, 1, 768) and tensors["l.values"].shape == (5, 1, 768)
+    stage_of = pack("nodes.stage_token_training").stage_of
+    assert stage_of(torch.tensor([999, 800, 799, 0]), 5).tolist() == [0, 0, 1, 4]
+
+
+def math_isfinite(v) -> bool:
+    import math
+
+    return math.isfinite(v)

@@ -24,6 +24,10 @@ What this module does, without copying any host code and without mutating the up
   out-of-place residual adds. Which hosts need it is *measured* (:func:`host_block_is_autograd_safe`
   runs a backward pass through a tiny block of the host's own class), not guessed from a
   version number; the tests check the wrapper equals the block's own forward bit for bit.
+- The text encoder has the same in-place residuals (``CLIPLayer``: ``x += ...``, in every host so
+  far); :func:`differentiable_text_encoder` gives a CLIP clone whose layers are
+  :class:`TrainingCLIPLayer` wrappers (object patches, out-of-place adds, same submodules), used
+  only when a prompt token is trained.
 - :func:`autograd_weights` swaps, for the duration of a ``with`` block, every inference-tensor
   parameter and buffer of the given modules for a *normal* tensor that aliases the same storage
   (``Tensor.set_`` made outside inference mode: no copy, no extra memory), frozen
@@ -50,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -484,13 +488,3 @@ def predict_x0(model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, contex
                 fix="start ComfyUI with --use-pytorch-cross-attention for training",
             ) from err
         raise
-
-
-def trainable_parameters(modules: Iterable[torch.nn.Module]) -> Dict[str, torch.Tensor]:
-    """``{name: parameter}`` of the parameters that require grad in ``modules`` (for checks)."""
-    out = {}
-    for i, module in enumerate(modules):
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                out[f"{i}.{name}"] = p
-    return out

@@ -213,7 +213,7 @@ def personalize_identity(
         with TrainingModels([unet, tclip.patcher], weight_roots=[unet.model, tclip.cond_stage_model], memory_required=bytes_needed):
             options = training_transformer_options(unet)
             for step in range(recipe.steps):
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)
                 for micro in range(recipe.grad_accum):
                     comfy.model_management.throw_exception_if_processing_interrupted()
                     g = step_generator(recipe.seed, step, micro)
@@ -245,13 +245,14 @@ def personalize_identity(
                     loss = denoising_loss(x0_hat, x_noisy, sigma.to(device), eps.to(device), weight)
                     scaled = loss / recipe.grad_accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    step_loss += float(loss.detach()) / recipe.grad_accum
+                    step_loss += loss.detach() / recipe.grad_accum
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_loss = float(step_loss)  # one host sync per optimizer step
                 losses.append(step_loss)
                 if not math.isfinite(step_loss):
                     raise IdentityAttentionError(
@@ -281,3 +282,27 @@ def adm_vector(model, pooled: Optional[torch.Tensor], resolution: int, rows: int
 
 def recipe_from(steps: int, learning_rate: float, token_learning_rate: float, seed: int, base: PersonalizeRecipe = PersonalizeRecipe()) -> PersonalizeRecipe:
     return replace(base, steps=int(steps), learning_rate=float(learning_rate), token_learning_rate=float(token_learning_rate), seed=int(seed))
+
+
+def synthetic_personalization_inputs(model, references: int = 2, resolution: int = 512, seed: int = 0):
+    """``(images, adapter, identity)`` for timing :func:`personalize_identity` without photos or weights.
+
+    Random smooth photos ``[R, resolution, resolution, 3]``, an IDENTITY of random ArcFace-sized
+    embeddings, and a fresh PVA adapter for ``model`` (PVA's identity transformer shape; visual
+    projections start as copies of the layers', as PVA does).
+    """
+    from ..adapters.identity import FaceRecord
+    from .pva_training import fresh_pva_adapter
+
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.rand(references, 3, 8, 8, generator=gen)
+    images = torch.nn.functional.interpolate(small, size=(resolution, resolution), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).contiguous()
+    faces = tuple(
+        FaceRecord(
+            image_index=i, image_size=(resolution, resolution), bbox=torch.tensor([0.2, 0.2, 0.8, 0.8]) * resolution,
+            landmarks=torch.rand(5, 2, generator=gen) * resolution, det_score=0.9, embedding=torch.randn(512, generator=gen) * 20.0,
+            crop=torch.rand(112, 112, 3, generator=gen),
+        )
+        for i in range(references)
+    )
+    return images, fresh_pva_adapter(model, {}, seed), Identity(faces=faces, recognizer="synthetic")

@@ -62,6 +62,17 @@ def save_outputs(name: str, adapter, vectors) -> list:
     return paths
 
 
+def preview_file(img) -> dict:
+    """Save a picture to ComfyUI's temp folder and describe it the way PreviewImage does."""
+    import uuid
+
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    name = f"identity_attention_loss_{uuid.uuid4().hex[:12]}.png"
+    img.save(os.path.join(folder, name), format="PNG")
+    return {"filename": name, "subfolder": "", "type": "temp"}
+
+
 class PersonalizeIdentity:
     NODE_ID = "IdentityAttentionPersonalizeIdentity"
     DISPLAY_NAME = "Personalize identity"
@@ -80,6 +91,7 @@ class PersonalizeIdentity:
         "The training loss per step (thin: raw, thick: smoothed). It should trend down; a flat or rising curve means the learning rate is off.",
     )
     FUNCTION = "personalize"
+    OUTPUT_NODE = True  # runs (and saves) even when nothing downstream uses the adapter yet; shows the loss curve on the node
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -129,7 +141,7 @@ class PersonalizeIdentity:
                 raise IdentityAttentionError(f"could not save the adapter ({err})", node=node, input_name="save_name", fix="check the folder is writable and the name is valid") from err
             log.info("%s: saved %s", node, ", ".join(paths))
         curve = draw_loss_curves({"loss": result.losses}, title=f"PVA personalization, {recipe.steps} steps ({result.seconds:.1f} s)")
-        return (result.adapter, image_tensor(curve))
+        return {"ui": {"images": [preview_file(curve)]}, "result": (result.adapter, image_tensor(curve))}
 
 
 NODES = [PersonalizeIdentity]

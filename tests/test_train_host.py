@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import pack
 from harness.prompts import Graph, run_for_latent
@@ -90,8 +91,11 @@ def test_personalize_through_prompt_saves_and_plugs_into_joint_attention(server,
     embedding_candidates = [instance.models / "embeddings", *(__import__("pathlib").Path(p) for p in folder_paths.get_folder_paths("embeddings"))]
     g = personalize_graph(steps=2, save_name=SAVE_NAME)
     try:
-        latent = run_for_latent(server, g)
+        entry = server.run(g.prompt())
+        latent = load_file(str(server.output_files(entry, "latents")[0]))["latent_tensor"]
         assert latent.shape == (1, 4, 8, 8) and torch.isfinite(latent).all()
+        node_id = next(k for k, v in g.prompt().items() if v["class_type"] == NODE)
+        assert entry["outputs"][node_id]["images"][0]["type"] == "temp"  # the loss curve shown on the node
         saved = instance.models / "identity_attention" / f"{SAVE_NAME}.safetensors"
         assert saved.is_file()
         loaded = pack("adapters.native_format").read_native(str(saved))

@@ -21,17 +21,16 @@ identity_attention_tokens``, ``version``, ``base``, ``count``, ``vectors``, ``en
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ..adapters.attention_core import attention_probabilities
 from ..adapters.trainable_modules import StageTokenTable
 from ..adapters.training_losses import face_attention_loss
-from .differentiable_unet import differentiable_text_encoder
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
 from .host import cross_attention_layers
-from .prompt_token import CONTROL_WORDS, PLACEHOLDER, PromptToken, encode_tokens, token_clip, with_marker
+from .prompt_token import CONTROL_WORDS, PLACEHOLDER, PromptToken, with_marker
 from .training_targets import TrainingFeed, TrainingTarget, register_target
 
 TOKENS_FORMAT = "identity_attention_tokens"
@@ -113,8 +112,7 @@ class StageTokenTarget(TrainingTarget):
                 values[t.encoder] = initial[1][t.encoder].float() if initial else INIT_STD * torch.randn(shape, generator=gen)
             self.table = StageTokenTable(keys, values)
         self.module = self.table
-        self._current: Dict[str, torch.Tensor] = {}
-        self.tclip = differentiable_text_encoder(token_clip(clip, token, lambda e: self._current.get(e)))
+        self.needs_text_grad = True  # the loop's token CLIP must carry gradients to the tables
         self.layers = cross_attention_layers(model_patcher)
         diffusion = model_patcher.model.diffusion_model
         self.to_k = {info.key: diffusion.get_submodule(info.module_path).attn2.to_k for info in self.layers}
@@ -124,9 +122,6 @@ class StageTokenTarget(TrainingTarget):
         self.class_position = differing_position(clip, reference_prompt, reference_prompt.replace(CLASS_WORD, other))
         self._reference: Optional[torch.Tensor] = None
 
-    def models(self) -> List[Tuple[object, object]]:
-        return [(self.tclip.patcher, self.tclip.cond_stage_model)]
-
     def install(self, model_patcher, feed: TrainingFeed):
         m = model_patcher.clone()
         m.set_model_patch(StageTokenPatch(feed), "attn2_patch")
@@ -134,16 +129,13 @@ class StageTokenTarget(TrainingTarget):
             m = apply_attention_stage(m, FaceAttentionRecorder(self.to_k, feed, self.name))
         return m
 
-    def _encode(self, caption: str, vectors: Dict[str, torch.Tensor]) -> torch.Tensor:
-        self._current = vectors
-        try:
-            cond, _ = encode_tokens(self.tclip, self.tclip.tokenize(with_marker(caption, PLACEHOLDER, self.token.marker)))
-        finally:
-            self._current = {}
-        return cond
-
     def prepare(self, feed: TrainingFeed) -> None:
-        """Per row: the caption encoded with its stage's ``P^K`` and ``P^V`` (gradients reach the tables)."""
+        """Per row: the caption encoded with its stage's ``P^K`` and ``P^V`` (gradients reach the tables).
+
+        ``feed.extras["encode_with"](caption, {encoder: vector}) -> (cond, pooled)`` is the loop's
+        token text encoder (one CLIP clone per run: two clones of one model cannot be loaded at once).
+        """
+        encode_with = feed.extras["encode_with"]
         timesteps = feed.extras["timesteps"]
         captions = feed.extras["captions"]
         stages = stage_of(timesteps, self.stages).tolist()
@@ -153,15 +145,14 @@ class StageTokenTarget(TrainingTarget):
             for which, out in (("keys", keys), ("values", values)):
                 key = (caption, s, which)
                 if key not in cache:
-                    cache[key] = self._encode(caption, self.table.pair(s, which))
+                    cache[key] = encode_with(caption, self.table.pair(s, which))[0]
                 out.append(cache[key])
         device = feed.extras.get("device")
         feed.extras["stage_keys"] = torch.cat(keys).to(device)
         feed.extras["stage_values"] = torch.cat(values).to(device)
         if self._reference is None:
             with torch.no_grad():
-                self._current = {}
-                self._reference = encode_tokens(self.tclip, self.tclip.tokenize(self.reference_prompt))[0].detach()
+                self._reference = encode_with(self.reference_prompt, None)[0].detach()
         feed.extras["reference_context"] = self._reference
         feed.extras["subject_position"] = self.subject_position
         feed.extras["class_position"] = self.class_position

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 
-import torch
 
 import comfy.utils
 import folder_paths

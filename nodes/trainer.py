@@ -45,7 +45,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -246,13 +246,18 @@ class Trainer:
         checkpointing = tcfg["gradient_checkpointing"]
         checkpointing = self.device.type != "cpu" if checkpointing == "auto" else bool(checkpointing)
         self.unet = differentiable_clone(unet, checkpoint=checkpointing)
+        # one token CLIP per run (two clones of one text encoder cannot be loaded at once): its word is
+        # the PVA token, or the vectors a target asks for through feed.extras["encode_with"]
+        self._override: Optional[Dict[str, torch.Tensor]] = None
+        self.text_grad = self.train_token or any(getattr(t, "needs_text_grad", False) for t in self.targets)
         if self.token is not None:
-            vec_fn = vectors or (lambda e, v=initial_vectors(self.token): v.get(e))
-            self.tclip = token_clip(self.clip, self.token, vec_fn)
-            if self.train_token:
+            default = vectors or (lambda e, v=initial_vectors(self.token): v.get(e))
+            self.tclip = token_clip(self.clip, self.token, lambda e: self._override.get(e) if self._override is not None else default(e))
+            if self.text_grad:
                 self.tclip = differentiable_text_encoder(self.tclip)
         else:
             self.tclip = self.clip.clone()
+        self.feed.extras["encode_with"] = self.encode_with
         self._contexts: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
         index = ImageFolderIndex(self._path(dcfg["folder"]))
@@ -365,6 +370,15 @@ class Trainer:
             feats = _features_to(identity_features(f, fuse=not isinstance(projector, PVATransformNetwork)), p.device, p.dtype)
             out.append(projector.project(feats).float().cpu())
         return torch.cat(out)
+
+    def encode_with(self, caption: str, vectors: Optional[Dict[str, torch.Tensor]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``caption`` encoded with ``<new1>`` = ``vectors`` (None: a prompt without the word), keeping gradients."""
+        text = with_marker(caption, PLACEHOLDER, self.token.marker) if self.token is not None and PLACEHOLDER in caption else caption
+        self._override = vectors
+        try:
+            return encode_tokens(self.tclip, self.tclip.tokenize(text))
+        finally:
+            self._override = None
 
     def _context(self, captions: List[str]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         conds, pooled = [], []

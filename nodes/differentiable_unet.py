@@ -41,12 +41,12 @@ What this module does, without copying any host code and without mutating the up
   loads the untouched upstream MODEL.
 
 Costs: no weight copies (aliases); one dict copy per block call (the options snapshot); with
-checkpointing, one extra forward of each transformer block during backward (about +30 % step
-time, activations of a block freed until needed); on old hosts a Python-level block forward
+checkpointing, one extra forward of each transformer block during backward (a block's
+activations are freed until its backward needs them); on old hosts a Python-level block forward
 (same kernels as the host's). Attention runs through the host's ``optimized_attention``, which
-is differentiable for SDPA, xformers and the sub-quadratic kernel while it does not chunk keys;
-a backend without a backward pass (e.g. sage) fails at the first step with a message naming
-``--use-pytorch-cross-attention``.
+is differentiable for SDPA and xformers, and for the sub-quadratic kernel while it does not chunk
+keys (it chunks only when memory is short); the errors a non-differentiable backend raises in
+the forward pass are turned into a message naming ``--use-pytorch-cross-attention``.
 """
 
 from __future__ import annotations

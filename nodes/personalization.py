@@ -57,7 +57,8 @@ class PersonalizeResult:
     adapter: IdAdapter
     losses: List[float]
     vectors: Dict[str, torch.Tensor] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call: data preparation (VAE), loading, training, export
+    train_seconds: float = 0.0  # the optimizer steps alone (models loaded, each step synchronised)
     copied_layers: int = 0
 
 
@@ -212,6 +213,7 @@ def personalize_identity(
         fixed_context = None
         with TrainingModels([unet, tclip.patcher], weight_roots=[unet.model, tclip.cond_stage_model], memory_required=bytes_needed):
             options = training_transformer_options(unet)
+            train_started = time.perf_counter()
             for step in range(recipe.steps):
                 step_loss = torch.zeros((), device=device)
                 for micro in range(recipe.grad_accum):
@@ -260,6 +262,7 @@ def personalize_identity(
                     )
                 if progress is not None:
                     progress(step + 1, recipe.steps, step_loss, losses)
+            train_seconds = time.perf_counter() - train_started
     meta = {
         "trained": f"PVA personalization: {recipe.steps} steps, lr {recipe.learning_rate:g}, token lr {recipe.token_learning_rate:g}, seed {recipe.seed}",
         "references": str(refs),
@@ -269,7 +272,7 @@ def personalize_identity(
     }
     result = target.export(adapter.base, adapter.context_dim, meta)
     vectors = target.tokens.export() if target.tokens is not None else {}
-    return PersonalizeResult(result, losses, vectors, time.perf_counter() - started, target.copied_layers)
+    return PersonalizeResult(result, losses, vectors, time.perf_counter() - started, train_seconds, target.copied_layers)
 
 
 def adm_vector(model, pooled: Optional[torch.Tensor], resolution: int, rows: int, device) -> Optional[torch.Tensor]:

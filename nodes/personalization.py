@@ -186,6 +186,7 @@ def personalize_identity(
 
     # trainable parts and the training clones
     token = find_prompt_token(clip, template, PLACEHOLDER, node) if PLACEHOLDER in template else None
+    train_token = bool(train_token and token is not None and recipe.token_learning_rate > 0)
     vectors0 = initial_vectors(token, stored_vectors(adapter)) if token is not None else None
     target = PVATarget(model, adapter, token_vectors=vectors0, token_learning_rate=recipe.token_learning_rate, node=node)
     if target.tokens is not None and not train_token:

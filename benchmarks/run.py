@@ -2,12 +2,15 @@
 
     python -m benchmarks.run [--device cpu|cuda] [--quick] [--out benchmarks/RESULTS.md]
                              [--configs sd15:64,sdxl:128] [--scenarios a,b] [--json PATH]
+                             [--score-identity]
 
 GPU (default when one is present): full-size SD1.5 and SDXL in fp16 at 512²
 and 1024² px, 5 rounds x 5 timed steps (+2 warm-up calls per round) per
 scenario. CPU: the micro models (real layouts, few channels) in fp32 at small
 latents, for a quick relative check. The Markdown table is printed last and
-appended to ``--out``; ``--json`` writes every timed step.
+appended to ``--out``; ``--json`` writes every timed step. ``--score-identity``
+(off by default) also samples, decodes and scores one image per scenario with
+the real face recognizer (``identity_scoring.py``).
 """
 
 from __future__ import annotations

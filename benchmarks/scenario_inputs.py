@@ -10,8 +10,8 @@ shipped). What an artist would connect comes from :class:`BenchContext`:
 - ID_ADAPTER: random per-layer ``to_k`` / ``to_v`` (``to_q`` for PVA) at the model's real layer
   sizes. The layer weights are drawn once per model and shared by every adapter variant (a
   variant differs in token count, projector input, format and mechanism), because a full-size
-  SDXL set takes ~10 s of CPU to draw; FACT-shaped weights (16 C² per layer) are drawn on the
-  benchmark device in its dtype (full-size SDXL: 1.8 G values, a minute of one CPU core);
+  SDXL set takes ~10 s of CPU to draw; FACT-shaped weights (16 C² per layer, 1.8 G values at
+  full-size SDXL: a minute of one CPU core) are drawn on the benchmark device in its dtype;
 - CLIP: the test kit's tiny text encoder behind the host's real tokenizers
   (``tiny_models.build_clip``), so nodes that encode or tokenize a prompt do it for real;
   CLIP_VISION: ``SyntheticClipVision`` (ComfyUI's output fields and shapes);

@@ -14,7 +14,6 @@ from conftest import pack
 from benchmarks import run as bench_run
 from benchmarks.geometry import layer_table
 from benchmarks.models import Config, step_inputs
-from benchmarks import attention_floor as floors
 from benchmarks.reference_stages import MinimalDecoupledStage
 from benchmarks.scenario_inputs import BenchContext, node_defaults
 from benchmarks.scenarios import FULL_STACK, SCENARIOS

@@ -195,7 +195,14 @@ class DeviceCache:
             else:
                 hit = value.to(device=device, dtype=dtype)
             self._store[full] = hit
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            # a gradient pass (STFG exact) cannot save the inference tensors a prompt cached
+            hit = tuple(_normal(v) for v in hit) if isinstance(hit, tuple) else _normal(hit)
         return hit
 
     def clear(self) -> None:
         self._store.clear()
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_inference() else t

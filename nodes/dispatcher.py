@@ -56,6 +56,9 @@ PACK_KEY = "identity_attention"
 HIDDEN_STATES_KEY = "identity_attention_hidden_states"
 """Where the attn2_patch stash puts the layer's pre-projection hidden states."""
 
+CONTEXT_KEY = "identity_attention_context"
+"""Where the same stash puts the raw text context ``to_k`` receives (``[B, M, Ct]``)."""
+
 APPLY_TO_CHOICES = ("both", "cond", "uncond")
 _COND, _UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
 
@@ -133,6 +136,7 @@ class AttentionCall:
         chunks: Optional[Sequence[int]] = None,
         text: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
     ):
         self.q, self.k, self.v = q, k, v
         self.extra_options = extra_options
@@ -140,10 +144,13 @@ class AttentionCall:
         self.heads = int(extra_options["n_heads"])
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
         self._sigma_reader = sigma_reader
+        # per-call results one stage computes and a later one reuses (e.g. PVA's identity share for MoA)
+        self.scratch: Dict[object, torch.Tensor] = {}
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
         self._fallback = fallback
         self._text = text
         self._hidden = hidden if hidden is not None else extra_options.get(HIDDEN_STATES_KEY)
+        self._context = context if context is not None else extra_options.get(CONTEXT_KEY)
 
     @property
     def sigma(self) -> Optional[float]:
@@ -199,6 +206,15 @@ class AttentionCall:
             raise RuntimeError("hidden states were not stashed: the stage must set needs_hidden_states = True")
         return self._hidden
 
+    def context(self) -> torch.Tensor:
+        """The raw text context the layer's ``to_k`` / ``to_v`` receive, ``[B, M, Ct]``.
+
+        Stashed together with the hidden states (``needs_hidden_states``).
+        """
+        if self._context is None:
+            raise RuntimeError("the text context was not stashed: the stage must set needs_hidden_states = True")
+        return self._context
+
     # --- batch chunks ------------------------------------------------------------------------
     def per_row(self, values: Dict[int, torch.Tensor]) -> torch.Tensor:
         """Stack per-chunk tensors into per-row ones.
@@ -237,6 +253,7 @@ class AttentionCall:
             chunks=[c for c, kept in zip(self.chunks, keep) if kept],
             text=take(self._text),
             hidden=take(self._hidden),
+            context=take(self._context),
         )
 
     def _row_slices(self, keep: Sequence[bool]) -> List[slice]:
@@ -312,28 +329,47 @@ class AttentionStage:
         return self.mask_tokens(call, mask, "mask")
 
     def mask_tokens(self, call: AttentionCall, mask: torch.Tensor, input_name: str = "mask") -> torch.Tensor:
-        """Any ``[Bm, H, W]`` mask of this stage at ``call``'s layer grid, per row: ``[b, N, 1]``.
+        """Any ``[Bm, H, W]`` mask of this stage at ``call``'s layer grid, per row: ``[b, N, 1]``."""
+        return mask_rows(mask, call, self._region_cache, node=self.label, input_name=input_name)
 
-        Resized once per (mask, grid, device, dtype) and cached; one frame applies to every
-        image, otherwise one frame per image of the latent batch.
-        """
-        grid = call.token_grid()
-        key = (id(mask), grid, call.q.device, call.q.dtype)
-        tokens = self._region_cache.get(key)
-        if tokens is None:
-            tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
-            self._region_cache[key] = tokens
-        per_chunk = call.rows_per_chunk
-        if tokens.shape[0] == 1:
-            return tokens.expand(call.batch, -1, -1)
-        if tokens.shape[0] == per_chunk:
-            return tokens.repeat(len(call.chunks), 1, 1)
-        raise IdentityAttentionError(
-            f"the mask has {tokens.shape[0]} frames but the latent batch has {per_chunk} images",
-            node=self.label,
-            input_name=input_name,
-            fix="give one mask for all images, or exactly one mask per image in the batch",
-        )
+
+def autograd_safe(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor and autograd is recording.
+
+    Every prompt runs under ``torch.inference_mode()``, so cached tensors are
+    inference tensors; a gradient pass (STFG ``exact``) cannot save those for
+    backward. Outside such a pass this returns ``t`` itself.
+    """
+    if t.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return t.clone()
+    return t
+
+
+def mask_rows(mask: torch.Tensor, call: AttentionCall, cache: dict, node: str = "", input_name: str = "mask") -> torch.Tensor:
+    """A ``[Bm, H, W]`` MASK at ``call``'s layer grid, one row per batch row: ``[b, N, 1]``.
+
+    ``cache`` keeps the resized mask per (mask, grid, device, dtype), so a stage
+    with several masks resizes each once. ``Bm`` must be 1 or the number of
+    images per cond/uncond chunk.
+    """
+    grid = call.token_grid()
+    key = (id(mask), grid, call.q.device, call.q.dtype)
+    tokens = cache.get(key)
+    if tokens is None:
+        tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
+        cache[key] = tokens
+    tokens = autograd_safe(tokens)
+    per_chunk = call.rows_per_chunk
+    if tokens.shape[0] == 1:
+        return tokens.expand(call.batch, -1, -1)
+    if tokens.shape[0] == per_chunk:
+        return tokens.repeat(len(call.chunks), 1, 1)
+    raise IdentityAttentionError(
+        f"the mask has {tokens.shape[0]} frames but the latent batch has {per_chunk} images",
+        node=node,
+        input_name=input_name,
+        fix="give one mask for all images, or exactly one mask per image in the batch",
+    )
 
 
 class HiddenStateStash:
@@ -346,6 +382,7 @@ class HiddenStateStash:
 
     def __call__(self, n, context, value, extra_options):
         extra_options[HIDDEN_STATES_KEY] = n
+        extra_options[CONTEXT_KEY] = context
         return n, context, value
 
     def __deepcopy__(self, memo):

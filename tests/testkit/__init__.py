@@ -9,6 +9,11 @@
   a plain attn2 replace, without the dispatcher (the expected result).
 - ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
   install it, to prove ours chains it.
+- ``IdentityAttentionTestKit_SyntheticIdentity`` / ``_SyntheticAdapter`` / ``_SyntheticFactAdapter``:
+  IDENTITY and ID_ADAPTER values (IP-Adapter-style or FaceChain-FACT-shaped) from a seed.
+- ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
+- ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
+  several sizes as one list; values handed back to a test through /history (report_nodes.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import sys
 import threading
 
 import torch
+
+from .report_nodes import ImageList, Report
 
 _CACHE = {}
 _LOCK = threading.Lock()
@@ -234,16 +241,23 @@ class SyntheticAdapter:
                 "num_tokens": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Identity tokens per reference."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
                 "visual_q": ("BOOLEAN", {"default": False, "tooltip": "Also give each layer a separate identity query projection (PVA's to_visual_q)."}),
-            }
+            },
+            "optional": {
+                "projector_input": (["arcface_normed", "clip_embeds"], {"default": "arcface_normed", "tooltip": "What the projector reads: a face embedding (face adapter) or CLIP image embeds (image adapter)."}),
+            },
         }
 
-    def make(self, model, num_tokens, seed, visual_q):
+    def make(self, model, num_tokens, seed, visual_q, projector_input="arcface_normed"):
         from .synthetic import synthetic_adapter
 
         host = pack_module("nodes.host")
         layers = host.cross_attention_layers(model)
         base = host.base_model_of(model)
-        return (synthetic_adapter(layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q),)
+        return (
+            synthetic_adapter(
+                layers, base, layers[0].context_dim, num_tokens=num_tokens, seed=seed, visual_q=visual_q, projector_input=projector_input
+            ),
+        )
 
 
 class AdapterReport:
@@ -274,6 +288,48 @@ class AdapterReport:
         return {"ui": {"adapter": [summary]}}
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport]
+class SyntheticFactAdapter:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticFactAdapter"
+    DISPLAY_NAME = "Synthetic FACT face adapter (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("ID_ADAPTER",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The adapter gets FaceChain-FACT-shaped gated self-attention weights for every transformer block of this model."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Weights are a function of this seed."}),
+                "alpha": ("FLOAT", {"default": 0.5, "min": -3.0, "max": 3.0, "step": 0.01, "tooltip": "The gates alpha_attn / alpha_dense (around this value)."}),
+            }
+        }
+
+    def make(self, model, seed, alpha):
+        from .synthetic import synthetic_fact_adapter
+
+        host = pack_module("nodes.host")
+        layers = host.cross_attention_layers(model)
+        return (synthetic_fact_adapter(layers, host.base_model_of(model), layers[0].context_dim, seed=seed, alpha=alpha),)
+
+
+class SyntheticClipVision:
+    NODE_ID = "IdentityAttentionTestKit_SyntheticClipVision"
+    DISPLAY_NAME = "Synthetic CLIP vision (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "The encoder is a function of this seed."})}}
+
+    def make(self, seed):
+        from .synthetic import SyntheticClipVision as Encoder
+
+        return (Encoder(seed),)
+
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

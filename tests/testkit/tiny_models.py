@@ -203,14 +203,24 @@ class TinyTextEncoder(torch.nn.Module):
         device = self.embed.weight.device
         outs = []
         for section in sections:
-            ids = torch.tensor([int(t[0]) % self.TABLE for t in section], device=device)
             weights = torch.tensor([float(t[1]) for t in section], device=device)
-            x = self.embed(ids) + self.position[: ids.shape[0]]
+            if any(torch.is_tensor(t[0]) for t in section):
+                # embedding vectors in the token list (textual inversion, identity tokens): used as the
+                # token's embedding, zero-padded / cut to this encoder's width
+                rows = [self._vector_row(t[0]) if torch.is_tensor(t[0]) else self.embed.weight[int(t[0]) % self.TABLE] for t in section]
+                x = torch.stack(rows) + self.position[: len(section)]
+            else:
+                ids = torch.tensor([int(t[0]) % self.TABLE for t in section], device=device)
+                x = self.embed(ids) + self.position[: ids.shape[0]]
             x = self.proj(self.norm(x)) * weights[:, None]
             outs.append(x)
         cond = torch.cat(outs, dim=0).unsqueeze(0)
         pooled = self.pool(cond[:, -1])
         return cond, pooled
+
+    def _vector_row(self, vector: torch.Tensor) -> torch.Tensor:
+        v = vector.reshape(-1).to(device=self.embed.weight.device, dtype=self.embed.weight.dtype)[: self.context_dim]
+        return torch.nn.functional.pad(v, (0, self.context_dim - v.shape[0]))
 
 
 class _Target:

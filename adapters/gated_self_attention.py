@@ -1,0 +1,189 @@
+"""FACT's sequential face adapter: gated self-attention over [latent; face tokens].
+
+FaceChain-FACT (Yu et al., arXiv 2410.12312; code github:modelscope/facechain,
+``face_adapter/face_attention_processor_v1.py`` ``FaceAttnProcessor``) inserts,
+in every SD1.5 cross-attention block, a GLIGEN-style gated self-attention
+between the self-attention residual and the text cross-attention. Per block,
+with ``x`` the residual stream after attn1 (``[B, N, C]``) and ``t`` the face
+tokens (``[B, T, Dt]``, 16 per reference image from FACT's resampler)::
+
+    f  = linear(t)                                           # [B, T, C]
+    x1 = x  + g * tanh(alpha_attn)  * SA(norm1([x; f]))[:, :N]
+    x2 = x1 + g * tanh(alpha_dense) * FF(norm2(x1))          # FF = GEGLU(C -> 4C) + Linear(4C -> C)
+
+then the block's own text cross-attention runs on ``x2`` as usual. ``SA`` is a
+plain multi-head self-attention (to_q/to_k/to_v without bias, to_out with
+bias, heads = the block's heads, scale = (C/heads)^-1/2); only its first N
+outputs (the latent tokens) are kept.
+
+Where FACT's ``norm2`` went (checked against the official code): FACT moves the
+block's own ``norm2`` LayerNorm into the processor (``ln``) and replaces it by
+the identity, so its processor receives the raw residual ``x``, runs the
+adapter, then the text cross-attention on ``ln(x2)`` and returns
+``x2 + CA(ln(x2)) - x`` for the block to add back to ``x``. The block output is
+therefore ``x2 + CA(norm2(x2))``. ComfyUI's ``middle_patch`` runs on the raw
+residual after attn1 and *before* the block's ``norm2``, which then feeds the
+text cross-attention with ``norm2(x2)``: the same dataflow, with the block's
+original norm2 weights, and no need to move any module
+(``tests/test_face_adapter.py::test_block_dataflow_matches_fact`` checks it on
+a real ComfyUI block).
+
+Choices the paper/code leave open, made here:
+
+- ``region`` (an optional ``[B, N, 1]`` map in [0, 1], the inference-time
+  counterpart of FACT's FAIR regulariser, which trains the adapter to leave
+  non-face regions alone) scales *each* of the two residual increments, i.e.
+  it acts as a spatial factor on the gate ``g``. With a 0/1 mask this equals
+  blending the adapter's output with ``x``; outside the mask ``x`` is returned
+  bit for bit.
+- Only the N latent queries are computed (the face-token queries are thrown
+  away by ``[:, :N]`` in FACT anyway); LayerNorm is per token, so
+  ``norm1([x; f]) = [norm1(x); norm1(f)]`` and the face part (keys/values of
+  ``f``) depends on nothing but the tokens: :func:`face_keys_values` computes
+  it once per sampling run.
+
+Weight names (per layer, as the FACT checkpoint's processor keys after the
+``...attn2.processor.`` prefix): ``linear.weight`` ``[C, Dt]``, ``linear.bias``
+``[C]``, ``attn.to_q/to_k/to_v.weight`` ``[C, C]``, ``attn.to_out.0.weight``
+``[C, C]``, ``attn.to_out.0.bias`` ``[C]``, ``ff.net.0.proj.weight`` ``[8C, C]``,
+``ff.net.0.proj.bias`` ``[8C]``, ``ff.net.2.weight`` ``[C, 4C]``,
+``ff.net.2.bias`` ``[C]``, ``norm1.weight/bias``, ``norm2.weight/bias`` ``[C]``,
+``alpha_attn``, ``alpha_dense`` (scalars).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention_core import AttentionFn
+
+FACT_LAYER_KEYS = (
+    "linear.weight",
+    "linear.bias",
+    "attn.to_q.weight",
+    "attn.to_k.weight",
+    "attn.to_v.weight",
+    "attn.to_out.0.weight",
+    "attn.to_out.0.bias",
+    "ff.net.0.proj.weight",
+    "ff.net.0.proj.bias",
+    "ff.net.2.weight",
+    "ff.net.2.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "alpha_attn",
+    "alpha_dense",
+)
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which FACT's norm1/norm2 use
+
+
+def expected_shapes(channels: int, token_dim: int) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every FACT tensor for a block of ``channels`` and tokens of ``token_dim``."""
+    c = channels
+    return {
+        "linear.weight": (c, token_dim),
+        "linear.bias": (c,),
+        "attn.to_q.weight": (c, c),
+        "attn.to_k.weight": (c, c),
+        "attn.to_v.weight": (c, c),
+        "attn.to_out.0.weight": (c, c),
+        "attn.to_out.0.bias": (c,),
+        "ff.net.0.proj.weight": (8 * c, c),
+        "ff.net.0.proj.bias": (8 * c,),
+        "ff.net.2.weight": (c, 4 * c),
+        "ff.net.2.bias": (c,),
+        "norm1.weight": (c,),
+        "norm1.bias": (c,),
+        "norm2.weight": (c,),
+        "norm2.bias": (c,),
+        "alpha_attn": (),
+        "alpha_dense": (),
+    }
+
+
+def check_layer(weights: Mapping[str, torch.Tensor], channels: int, token_dim: int) -> Optional[str]:
+    """``None`` when ``weights`` is a complete FACT layer for these sizes, else what is wrong."""
+    shapes = expected_shapes(channels, token_dim)
+    missing = [name for name in shapes if name not in weights]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name, shape in shapes.items():
+        got = tuple(weights[name].shape)
+        if got != shape and not (shape == () and got in ((1,),)):
+            return f"{name} has shape {list(got)}, expected {list(shape)}"
+    return None
+
+
+def gates(weights: Mapping[str, torch.Tensor], weight: float) -> Tuple[float, float]:
+    """``(g * tanh(alpha_attn), g * tanh(alpha_dense))`` as Python floats (weights live on the CPU)."""
+    a = float(weights["alpha_attn"].detach().double().reshape(-1)[0])
+    d = float(weights["alpha_dense"].detach().double().reshape(-1)[0])
+    return weight * math.tanh(a), weight * math.tanh(d)
+
+
+def face_keys_values(face_tokens: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Keys and values of the face tokens for one layer: ``[b, T, Dt] -> [b, T, 2C]`` (k then v).
+
+    ``norm1(linear(t))`` projected by to_k and to_v: constant during sampling.
+    """
+    f = F.linear(face_tokens, weights["linear.weight"], weights["linear.bias"])
+    f = F.layer_norm(f, f.shape[-1:], weights["norm1.weight"], weights["norm1.bias"], LAYER_NORM_EPS)
+    kv_weight = torch.cat([weights["attn.to_k.weight"], weights["attn.to_v.weight"]], dim=0)
+    return F.linear(f, kv_weight)
+
+
+def fused_qkv_weight(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[3C, C]``: to_q, to_k, to_v stacked, so the latent part is one matmul."""
+    return torch.cat([weights["attn.to_q.weight"], weights["attn.to_k.weight"], weights["attn.to_v.weight"]], dim=0)
+
+
+def geglu_feed_forward(x: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """FACT's ``FeedForward(C, glu=True)``: ``Linear(4C -> C)(a * gelu(b))`` with ``[a, b] = Linear(C -> 8C)(x)``."""
+    a, b = F.linear(x, weights["ff.net.0.proj.weight"], weights["ff.net.0.proj.bias"]).chunk(2, dim=-1)
+    return F.linear(a * F.gelu(b), weights["ff.net.2.weight"], weights["ff.net.2.bias"])
+
+
+def gated_self_attention(
+    x: torch.Tensor,
+    face_kv: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    heads: int,
+    gate_attn: float,
+    gate_dense: float,
+    attention_fn: AttentionFn,
+    region: Optional[torch.Tensor] = None,
+    qkv_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One FACT adapter step on the residual stream: ``[B, N, C] -> [B, N, C]``.
+
+    x:          the block's residual stream after self-attention.
+    face_kv:    ``[B, T, 2C]`` from :func:`face_keys_values` (rows matching ``x``'s rows).
+    weights:    the layer's FACT tensors in ``x``'s dtype/device.
+    gate_attn / gate_dense: ``g * tanh(alpha)`` (see :func:`gates`).
+    region:     optional ``[B, N, 1]`` in [0, 1]; 0 leaves ``x`` unchanged there.
+    qkv_weight: optional cached :func:`fused_qkv_weight`.
+    """
+    c = x.shape[-1]
+    if qkv_weight is None:
+        qkv_weight = fused_qkv_weight(weights)
+    h = F.layer_norm(x, (c,), weights["norm1.weight"], weights["norm1.bias"], LAYER_NORM_EPS)
+    q, k_x, v_x = F.linear(h, qkv_weight).split(c, dim=-1)
+    k_f, v_f = face_kv.split(c, dim=-1)
+    attended = attention_fn(q, torch.cat([k_x, k_f], dim=1), torch.cat([v_x, v_f], dim=1), heads)
+    delta = F.linear(attended, weights["attn.to_out.0.weight"], weights["attn.to_out.0.bias"])
+    x1 = x + _gated(delta, gate_attn, region)
+    h = F.layer_norm(x1, (c,), weights["norm2.weight"], weights["norm2.bias"], LAYER_NORM_EPS)
+    return x1 + _gated(geglu_feed_forward(h, weights), gate_dense, region)
+
+
+def _gated(delta: torch.Tensor, gate: float, region: Optional[torch.Tensor]) -> torch.Tensor:
+    if region is None:
+        return delta * gate
+    return delta * (region.to(delta.dtype) * gate)

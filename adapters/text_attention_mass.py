@@ -1,0 +1,81 @@
+"""How much of a pixel's text cross-attention goes to the prompt: the map CA² and STFG read.
+
+Both CA-Edit mechanisms read the text cross-attention maps: CA²'s training-free
+score (how strongly the text drives a pixel) and STFG's boundary region (pixels
+inside the mask the text barely touches). Inside attn2 the pack sees the
+context tokens after the layer's ``to_k``, not the token ids, so it cannot tell
+the prompt's words from CLIP's end and padding tokens. It can tell the *start*
+token: position 0 of every 77-token CLIP chunk (ComfyUI concatenates chunks
+along the tokens for long prompts). The start token is a prompt-independent
+attention sink that takes most of every pixel's mass, so:
+
+    content tokens  = every context token except the start tokens
+    content mass    = mean over heads of  sum_{j content} softmax(q k^T / sqrt(d))_j
+                    = 1 - mean_h P_h[start tokens]                          in [0, 1]
+
+End and padding tokens stay in: CLIP's encoder is causal, so they summarise
+the whole prompt and carry its meaning. The mean over *all* tokens of a
+softmax would be the constant 1/M (it sums to 1), so the paper's "mean over
+the text tokens" is only informative over a subset; this is that subset, read
+without token ids. It is 1/(M - starts) times the mean over content tokens, a
+constant factor the normalisations downstream (min-max, μ - σ) ignore.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from .attention_core import split_heads
+
+CLIP_CHUNK = 77
+"""Tokens per CLIP chunk; ComfyUI concatenates chunks for prompts longer than 75 words-pieces."""
+
+
+def start_token_positions(tokens: int) -> List[int]:
+    """Positions of CLIP's start token in a context of ``tokens`` tokens."""
+    if tokens >= CLIP_CHUNK and tokens % CLIP_CHUNK == 0:
+        return list(range(0, tokens, CLIP_CHUNK))
+    return [0]
+
+
+def content_indicator(tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[M]``: 1 for content tokens, 0 for start tokens."""
+    ind = torch.ones(tokens, device=device, dtype=dtype)
+    ind[start_token_positions(tokens)] = 0
+    return ind
+
+
+def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per query pixel, the share of text attention on content tokens: ``[B, N]`` float32 in [0, 1].
+
+    ``q``: ``[B, N, H*D]``; ``k``: ``[B, M, H*D]`` (the layer's text keys).
+    One fused attention call whose values are the content indicator, so the
+    ``[B, H, N, M]`` probabilities are not materialised where the backend
+    can avoid it.
+    """
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    b, h, _, _ = qh.shape
+    m = kh.shape[2]
+    # 8 identical value columns: kernels prefer head dims that are multiples of 8
+    values = content_indicator(m, device=q.device, dtype=q.dtype).reshape(1, 1, m, 1).expand(b, h, m, 8)
+    per_head = F.scaled_dot_product_attention(qh, kh, values)[..., 0]  # [B, H, N]
+    return per_head.float().mean(dim=1).clamp(0.0, 1.0)
+
+
+MIN_RANGE = 0.05
+"""The smallest spread of a mass map that min-max stretches to [0, 1]."""
+
+
+def minmax_per_image(values: torch.Tensor, min_range: float = MIN_RANGE) -> torch.Tensor:
+    """``[B, N]`` masses in [0, 1] -> ``(v - min) / max(max - min, min_range)`` per image.
+
+    A map whose spread is at least ``min_range`` spans [0, 1] exactly; a flatter
+    one (no spatial signal, e.g. the 1x1 / 2x2 layers of a small latent) keeps
+    its small spread instead of stretching rounding noise to full range.
+    """
+    lo = values.amin(dim=-1, keepdim=True)
+    hi = values.amax(dim=-1, keepdim=True)
+    return ((values - lo) / (hi - lo).clamp_min(min_range)).clamp(0.0, 1.0)

@@ -1,0 +1,85 @@
+"""Node: Apply face adapter (gated self-attention), FaceChain-FACT's sequential face adapter."""
+
+from __future__ import annotations
+
+from ..adapters import gated_self_attention as gsa
+from .errors import IdentityAttentionError
+from .face_adapter_patch import FaceAdapterPatch
+from .host import cross_attention_layers
+from .identity_token_inputs import check_base, identity_tokens, references_input
+from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
+
+FACT_WEIGHT_DEFAULT = 0.5  # facechain/inference_fact.py: set_scale(0.5) for text-to-image
+
+
+class ApplyFaceAdapter:
+    NODE_ID = "IdentityAttentionApplyFaceAdapter"
+    DISPLAY_NAME = "Apply face adapter (gated self-attention)"
+    CATEGORY = f"{CATEGORY}/attention"
+    DESCRIPTION = (
+        "FaceChain-FACT's face adapter: in every transformer block, after self-attention and before the text "
+        "cross-attention, the image attends to itself together with the face tokens, through a learned gate. "
+        "The prompt's text attention is untouched, so the prompt keeps control of scene and style. Needs FACT "
+        "weights (Load identity adapter) and an IDENTITY with TransFace face tokens (Encode face tokens)."
+    )
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the face adapter in every block it has weights for. The input model is unchanged.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {
+            "model": ("MODEL", {"tooltip": "The SD1.5 model to add the face adapter to (FACT was trained on SD1.5)."}),
+            "adapter": ("ID_ADAPTER", {"tooltip": "FaceChain-FACT adapter weights (adapter_*_faceshuffle_*.ckpt) from Load identity adapter."}),
+            "identity": ("IDENTITY", {"tooltip": "The person, with face tokens from 'Encode face tokens (TransFace)'."}),
+        }
+        required.update(
+            schedule_inputs(
+                weight_default=FACT_WEIGHT_DEFAULT,
+                weight_tooltip="The adapter's gate g: how strongly the face is imposed. FACT uses 0.5 for text-to-image; 0 turns the node off exactly.",
+            )
+        )
+        required["references"] = references_input("per_reference")
+        return {"required": required, "optional": mask_input()}
+
+    def apply(self, model, adapter, identity, weight, start_percent, end_percent, apply_to, references, mask=None):
+        node = self.DISPLAY_NAME
+        if adapter.format != "fact" and adapter.mechanism != "gated_self_attention":
+            raise IdentityAttentionError(
+                f"this is a {adapter.format} adapter; the face adapter needs FaceChain-FACT weights",
+                node=node,
+                input_name="adapter",
+                fix="load adapter_maj_mask_large_new_reg001_faceshuffle_00290001.ckpt (or a native gated-self-attention file) with Load identity adapter",
+            )
+        check_base(model, adapter, node)
+        schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)
+        tokens = identity_tokens(adapter, identity, references == "per_reference", node)
+        layers = []
+        for info in cross_attention_layers(model):
+            weights = adapter.layer(info.key)
+            if not weights:
+                continue
+            problem = gsa.check_layer(weights, info.inner_dim, tokens.dim)
+            if problem:
+                raise IdentityAttentionError(
+                    f"the adapter's weights for layer {info.key} do not fit this model: {problem}",
+                    node=node,
+                    input_name="adapter",
+                    fix="use the adapter made for this base model",
+                )
+            layers.append(info.key)
+        if not layers:
+            raise IdentityAttentionError(
+                "none of the adapter's layers match this model's transformer blocks",
+                node=node,
+                input_name="adapter",
+                fix="use an adapter made for this base model",
+            )
+        patch = FaceAdapterPatch(schedule, adapter, tokens, layers)
+        patched = model.clone()
+        patched.set_model_patch(patch, "middle_patch")
+        return (patched,)
+
+
+NODES = [ApplyFaceAdapter]

@@ -1,0 +1,205 @@
+"""Nodes: Load face encoder (TransFace), Encode face tokens.
+
+FACT reads TransFace-S patch tokens of each reference face (144 x 512). The
+loader reads ``ms1mv2_model_TransFace_S.pt`` (from FaceChain-FACT's ModelScope
+release ``yucheng1996/FaceChain-FACT`` or the TransFace repository) from
+``models/identity_attention/``; the encoder node runs it on the aligned crops
+the identity encoder stored in the IDENTITY and returns the IDENTITY with
+``face_tokens`` filled.
+
+Head masking: FACT blacks out everything but face and hair (a ModelScope
+human-parsing model, M2FP) before aligning. This pack ships no parsing model,
+so by default the aligned crop is used as is (the crop is already tight on the
+face; the difference is background and neck at the corners). Connect a MASK of
+the head (from any segmentation node, drawn on the reference photos) to
+``head_mask`` to reproduce FACT's preprocessing: it is warped into each crop
+with the crop's own alignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..adapters.face_crop_mask import warp_to_crop
+from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
+from .errors import IdentityAttentionError
+from .folders import folder_list
+from .stage_inputs import CATEGORY
+
+FOLDER = "identity_attention"
+
+
+class FaceEncoder:
+    """The FACE_ENCODER socket type: a loaded TransFace model and where it came from."""
+
+    def __init__(self, model: TransFaceEncoder, name: str):
+        self.model = model
+        self.name = name
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def read_state_dict(path: str, node: str) -> dict:
+    """A weight file as a dict of tensors: safetensors, or a pickle through ``weights_only`` loading."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: say which and what to do
+        raise IdentityAttentionError(
+            f"could not read {os.path.basename(path)} ({type(err).__name__}: {err})",
+            node=node,
+            input_name="encoder_name",
+            fix="download the file again; only safetensors and plain PyTorch weight files are read",
+        ) from err
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise IdentityAttentionError(
+            f"{os.path.basename(path)} holds a {type(data).__name__}, not a state dict",
+            node=node,
+            input_name="encoder_name",
+            fix="use ms1mv2_model_TransFace_S.pt from the FaceChain-FACT release",
+        )
+    return data
+
+
+def load_face_encoder(path: str, node: str = "Load face encoder (TransFace)") -> FaceEncoder:
+    sd = read_state_dict(path, node)
+    try:
+        model = TransFaceEncoder.from_state_dict(sd)
+    except ValueError as err:
+        raise IdentityAttentionError(
+            f"{os.path.basename(path)}: {err}",
+            node=node,
+            input_name="encoder_name",
+            fix="choose ms1mv2_model_TransFace_S.pt (TransFace-S, the encoder FACT was trained with)",
+        ) from err
+    return FaceEncoder(model, os.path.basename(path))
+
+
+class LoadFaceEncoder:
+    NODE_ID = "IdentityAttentionLoadFaceEncoder"
+    DISPLAY_NAME = "Load face encoder (TransFace)"
+    CATEGORY = f"{CATEGORY}/weights"
+    DESCRIPTION = "Loads the TransFace face-recognition ViT that FaceChain-FACT reads faces with (ms1mv2_model_TransFace_S.pt, from models/identity_attention/)."
+    RETURN_TYPES = ("FACE_ENCODER",)
+    RETURN_NAMES = ("face_encoder",)
+    OUTPUT_TOOLTIPS = ("The face encoder, for 'Encode face tokens'.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder_name": (
+                    folder_paths.get_filename_list(FOLDER),
+                    {"tooltip": "The TransFace weights in models/identity_attention/ (FACT uses ms1mv2_model_TransFace_S.pt)."},
+                )
+            }
+        }
+
+    def load(self, encoder_name):
+        path = folder_paths.get_full_path(FOLDER, encoder_name)
+        if path is None or not os.path.isfile(path):
+            raise IdentityAttentionError(
+                f"{encoder_name} was not found",
+                node=self.DISPLAY_NAME,
+                input_name="encoder_name",
+                fix=f"put the file in one of: {', '.join(folder_list(FOLDER)) or 'models/identity_attention'}",
+            )
+        return (load_face_encoder(path, self.DISPLAY_NAME),)
+
+
+def head_masks_for(identity, mask: torch.Tensor, node: str) -> torch.Tensor:
+    """``[R, 112, 112]``: the source-image MASK of each reference warped into its aligned crop."""
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    out = []
+    for i, face in enumerate(identity.faces):
+        frame = face.image_index if mask.shape[0] > 1 else 0
+        if frame >= mask.shape[0]:
+            raise IdentityAttentionError(
+                f"reference {face.image_index + 1} has no mask: the mask has {mask.shape[0]} frames",
+                node=node,
+                input_name="head_mask",
+                fix="give one mask for every reference image, in the same order",
+            )
+        h, w = face.image_size
+        if tuple(mask.shape[-2:]) != (h, w):
+            raise IdentityAttentionError(
+                f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but reference image {face.image_index + 1} is {w}x{h}",
+                node=node,
+                input_name="head_mask",
+                fix="make the mask from the reference photos themselves (same size)",
+            )
+        warped = warp_to_crop(mask[frame].float().unsqueeze(0), face.landmarks.float(), CROP_SIZE)[0]
+        out.append(torch.flip(warped, dims=[-1]) if face.flipped else warped)
+    return torch.stack(out).clamp(0.0, 1.0)
+
+
+class EncodeFaceTokens:
+    NODE_ID = "IdentityAttentionEncodeFaceTokens"
+    DISPLAY_NAME = "Encode face tokens (TransFace)"
+    CATEGORY = f"{CATEGORY}/encode"
+    DESCRIPTION = (
+        "Runs the TransFace encoder on every aligned reference face of the IDENTITY and stores its 144 patch "
+        "tokens in it (what FaceChain-FACT's face adapter reads). The preview shows exactly what the encoder saw."
+    )
+    RETURN_TYPES = ("IDENTITY", "IMAGE")
+    RETURN_NAMES = ("identity", "encoder_input")
+    OUTPUT_TOOLTIPS = (
+        "The same identity with TransFace face tokens added (144 x 512 per reference).",
+        "The 112x112 aligned (and head-masked) crops as the encoder saw them.",
+    )
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "face_encoder": ("FACE_ENCODER", {"tooltip": "From 'Load face encoder (TransFace)'."}),
+                "identity": ("IDENTITY", {"tooltip": "The person, from the identity encoder node (its aligned face crops are used)."}),
+            },
+            "optional": {
+                "head_mask": (
+                    "MASK",
+                    {"tooltip": "Optional: face + hair of each reference photo (white), same size as the photos. FACT blacks out everything else; without a mask the aligned crop is used as is."},
+                )
+            },
+        }
+
+    def encode(self, face_encoder, identity, head_mask=None):
+        node = self.DISPLAY_NAME
+        crops = torch.stack([face.crop.float() for face in identity.faces])
+        if crops.shape[-1] != 3:
+            raise IdentityAttentionError("the identity's face crops are not RGB images", node=node, input_name="identity", fix="re-run the identity encoder node")
+        masks = head_masks_for(identity, head_mask, node) if head_mask is not None else None
+        images = preprocess(crops, masks)
+        device = comfy.model_management.get_torch_device()
+        model = face_encoder.model.to(device)
+        bar = comfy.utils.ProgressBar(images.shape[0])
+        tokens = []
+        try:
+            with torch.no_grad():
+                for image in images:
+                    tokens.append(model(image.unsqueeze(0).to(device)).float().cpu())
+                    bar.update(1)
+        finally:
+            face_encoder.model.to("cpu")
+        preview = ((images + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+        notes = tuple(identity.notes) + (f"face tokens: {face_encoder.name}{' (head-masked)' if masks is not None else ''}",)
+        return (dataclasses.replace(identity, face_tokens=torch.cat(tokens), notes=notes), preview)
+
+
+NODES = [LoadFaceEncoder, EncodeFaceTokens]

@@ -1,0 +1,100 @@
+"""Nested attention as a dispatcher stage (the math is in ``adapters/nested_attention.py``).
+
+Subject features are identity tokens (an ID_ADAPTER's projector on an
+IDENTITY); per layer they become nested keys/values through one of:
+
+- ``adapter``: the adapter's identity projections ``to_k`` / ``to_v`` (IP-Adapter
+  style weights, training-free: the nested attention picks, per pixel, which
+  identity token's value stands in for the subject word);
+- ``nested``: native nested-attention weights ``nested.to_k`` / ``nested.to_v``
+  (``[C, token_dim]`` per layer in an ID_ADAPTER's ``layers``, the paper's
+  per-layer W_Kn / W_Vn; this pack's native format);
+- ``layer``: the cross-attention layer's own ``to_k`` / ``to_v`` (training-free;
+  the tokens must live in the text-embedding space, token_dim = context dim).
+  Read from the live module during sampling, so LoRA-patched weights are used.
+
+Projections are computed once per layer / batch chunk / device / dtype and cached.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.id_adapter import DeviceCache, IdAdapter, IdentityTokens
+from ..adapters.nested_attention import nested_attention, one_hot, subject_positions
+from .dispatcher import AttentionCall, AttentionStage, StageSchedule
+from .host import LayerKey, attention_fn_for
+
+PROJECTIONS = {"adapter": ("to_k", "to_v"), "nested": ("nested.to_k", "nested.to_v")}
+
+
+class NestedAttentionStage(AttentionStage):
+    label = "nested attention"
+
+    def __init__(
+        self,
+        schedule: StageSchedule,
+        tokens: IdentityTokens,
+        projection: str,
+        token_index: int,
+        prompt_length: int,
+        adapter: Optional[IdAdapter] = None,
+        modules: Optional[Dict[LayerKey, torch.nn.Module]] = None,
+        layers: Optional[frozenset] = None,
+    ):
+        super().__init__(schedule)
+        self.tokens = tokens
+        self.projection = projection
+        self.token_index = int(token_index)
+        self.prompt_length = int(prompt_length)
+        self.adapter = adapter
+        self.modules = modules or {}  # layer -> its attn2 module (projection "layer")
+        if layers is None:
+            layers = frozenset(self.modules) if projection == "layer" else frozenset(adapter.layers) if adapter else frozenset()
+        self.layers = frozenset(layers)  # where the stage acts
+        self._cache = DeviceCache()
+        self._positions: Dict[int, Tuple[int, ...]] = {}
+
+    def is_active(self, call: AttentionCall) -> bool:
+        return call.layer in self.layers and super().is_active(call)
+
+    def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+        positions = self._positions_for(call.k.shape[1])
+        if not positions:
+            return out
+        kv = {code: self._nested_kv(call.layer, code, call.q) for code in set(call.chunks)}
+        kn = call.per_row({code: pair[0] for code, pair in kv.items()})
+        vn = call.per_row({code: pair[1] for code, pair in kv.items()})
+        hot = self._cache.get(("hot", call.k.shape[1]), call.k.device, call.k.dtype, lambda: one_hot(call.k.shape[1], positions))
+        return nested_attention(
+            out, call.q, call.k, call.v, kn, vn, positions, call.heads, attention_fn_for(call.extra_options), self.schedule.weight, region, hot=hot
+        )
+
+    def _positions_for(self, context_length: int) -> Tuple[int, ...]:
+        found = self._positions.get(context_length)
+        if found is None:
+            found = tuple(subject_positions(self.token_index, self.prompt_length, context_length))
+            self._positions[context_length] = found
+        return found
+
+    def _nested_kv(self, layer: LayerKey, code: int, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens.cond if code == 0 else self.tokens.uncond
+        return self._cache.get((layer, code), q.device, q.dtype, lambda: self._project(layer, tokens))
+
+    def _project(self, layer: LayerKey, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.projection == "layer":
+                module = self.modules[layer]
+                k_lin, v_lin = module.to_k, module.to_v
+                w = k_lin.weight
+                t = tokens.to(device=w.device, dtype=w.dtype)
+                return F.linear(t, w, getattr(k_lin, "bias", None)), F.linear(t, v_lin.weight, getattr(v_lin, "bias", None))
+            k_name, v_name = PROJECTIONS[self.projection]
+            weights = self.adapter.layer(layer)
+            wk, wv = weights[k_name], weights[v_name]
+            work = torch.float64 if torch.float64 in (wk.dtype, tokens.dtype) else torch.float32
+            t = tokens.to(device=wk.device, dtype=work)
+            return F.linear(t, wk.to(work)), F.linear(t, wv.to(work))

@@ -1,0 +1,141 @@
+"""STFG's sampler hook: a post-CFG function, so it acts once per model evaluation on the CFG result.
+
+``sampler_post_cfg_function`` exists on every supported host and sees the
+CFG-combined x0 (``denoised``), the sampler's ``x`` and ``sigma``, and the
+conds; it runs after the step's model call, so the text-attention map that
+call recorded (:class:`~.stfg_attention_stage.STFGAttentionStage`) is ready.
+The math is in ``adapters/stfg_guidance.py``; this file finds the boundary,
+picks ``fast`` or ``exact`` and keeps the boundary per step for the inspect
+node. Nothing here reads a GPU value back to the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..adapters.id_adapter import DeviceCache
+from ..adapters.spatial import mask_to_tokens
+from ..adapters.stfg_guidance import boundary_region, exact_update, fast_update, frequency_box
+from .errors import IdentityAttentionError
+from .gradient_support import cfg_denoiser
+from .stfg_attention_stage import STFGAttentionStage
+from .step_recorder import StepRecorder
+
+MODES = ("fast", "exact")
+NODE = "Apply STFG guidance"
+
+
+class STFGGuidance:
+    """``z0``: ``[Bz, C, H, W]`` original latent in the model's latent space; ``mask``: ``[Bm, H', W']`` edit mask."""
+
+    identity_attention_stfg = True
+
+    def __init__(
+        self,
+        stage: STFGAttentionStage,
+        z0: torch.Tensor,
+        mask: torch.Tensor,
+        strength: float,
+        mode: str = "fast",
+        band: float = 0.5,
+        layout: str = "centred",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        self.stage = stage
+        self.z0 = z0
+        self.mask = mask
+        self.strength = float(strength)
+        self.mode = mode
+        self.band = float(band)
+        self.layout = layout
+        self.recorder = StepRecorder(dtype=torch.float16)
+        self._cache = DeviceCache()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # --- inputs at the sampler's grid ----------------------------------------------------------
+    def _original(self, denoised: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = denoised.shape
+        z0 = self.z0
+        if tuple(z0.shape[1:]) != (c, h, w) or z0.shape[0] not in (1, b):
+            raise IdentityAttentionError(
+                f"the original latent is {tuple(z0.shape)} but the sampler's latent is {tuple(denoised.shape)}",
+                node=NODE,
+                input_name="original_latent",
+                fix="connect a VAE Encode of the same original image at the same size (and batch) as the latent being sampled",
+            )
+        return self._cache.get("z0", denoised.device, torch.float32, lambda: z0)
+
+    def _mask(self, denoised: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = denoised.shape
+        if self.mask.shape[0] not in (1, b):
+            raise IdentityAttentionError(
+                f"the mask has {self.mask.shape[0]} frames but the latent batch has {b} images",
+                node=NODE,
+                input_name="mask",
+                fix="give one mask for all images, or exactly one mask per image in the batch",
+            )
+        return self._cache.get(("mask", h, w), denoised.device, torch.float32, lambda: mask_to_tokens(self.mask, (h, w)).reshape(-1, h, w))
+
+    def _box(self, denoised: torch.Tensor) -> torch.Tensor:
+        h, w = denoised.shape[-2:]
+        return self._cache.get(("box", h, w), denoised.device, torch.float32, lambda: frequency_box(h, w, self.band, self.layout))
+
+    # --- the hook ------------------------------------------------------------------------------
+    def __call__(self, args: dict) -> torch.Tensor:
+        denoised = args["denoised"]
+        taken = self.stage.take()
+        if taken is None or self.strength == 0.0:
+            return denoised
+        sigma_value, attention = taken
+        if attention.shape[0] != denoised.shape[0]:
+            if attention.shape[0] != 1:
+                return denoised  # the prompt's rows did not come as one batch: nothing sound to guide with
+            attention = attention.expand(denoised.shape[0], -1, -1)
+        z0, mask, box = self._original(denoised), self._mask(denoised), self._box(denoised)
+        boundary = boundary_region(attention, mask)
+        self.recorder.record(sigma_value, "boundary", boundary)
+        self.recorder.record(sigma_value, "attention", attention)
+        sigma = args["sigma"]
+        if self.mode == "fast":
+            return fast_update(denoised, z0, boundary, mask, sigma, self.strength, box)
+        return self._exact(args, denoised, z0, boundary, mask, sigma, box)
+
+    def _exact(self, args, denoised, z0, boundary, mask, sigma, box) -> torch.Tensor:
+        if args.get("uncond") is not None and args.get("cond_scale") is None:
+            raise IdentityAttentionError(
+                "this ComfyUI does not pass the CFG scale to post-CFG functions, which mode 'exact' needs",
+                node=NODE,
+                input_name="mode",
+                fix="set mode to 'fast', or update ComfyUI",
+            )
+        self.stage.paused = True
+        try:
+            with torch.inference_mode(False):
+                return exact_update(args["input"], denoised, cfg_denoiser(args), z0, boundary, mask, sigma, self.strength, box)
+        except RuntimeError as err:
+            text = str(err)
+            if "inplace" in text or "Inference tensors" in text or "does not require grad" in text:
+                raise IdentityAttentionError(
+                    f"mode 'exact' could not take a gradient through this model ({text.splitlines()[0]}); "
+                    "a patch applied to this MODEL keeps tensors autograd cannot use, or ComfyUI modifies them in place",
+                    node=NODE,
+                    input_name="mode",
+                    fix="set mode to 'fast', or apply STFG to the model before other patches, or update ComfyUI",
+                ) from err
+            raise
+        finally:
+            self.stage.paused = False
+
+
+def installed_guidance(model_patcher) -> Optional[STFGGuidance]:
+    """The last STFG guidance applied to a MODEL, if any."""
+    found = None
+    for fn in model_patcher.model_options.get("sampler_post_cfg_function", []):
+        if getattr(fn, "identity_attention_stfg", False) is True:
+            found = fn
+    return found

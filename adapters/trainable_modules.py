@@ -170,6 +170,10 @@ class ScorePredictors(PerLayer):
         for i, (key, c) in enumerate(sorted(channels.items())):
             self.layers[layer_name(key)] = _mlp(int(c) + self.context_dim, hidden, 2, zero_last=False, seed=seed * 1000 + i)
 
+    def weights(self, key: LayerKey, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """The layer's tensors under their native names (``score.0.weight``...), in ``dtype`` (differentiable)."""
+        return {f"score.{k}": v.to(dtype) for k, v in self.of(key).named_parameters()}
+
     def score(self, key: LayerKey, hidden_states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """``[b, N, C]``, ``[b, 1, Ct]`` -> ``[b, N]`` in [0, 1] (float32)."""
         mlp = self.of(key)
@@ -249,8 +253,12 @@ class GatedSelfAttention(nn.Module):
         self.alpha_attn = nn.Parameter(torch.zeros(()))
         self.alpha_dense = nn.Parameter(torch.zeros(()))
 
+    def weights(self, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """The tensors under FACT's names, in ``dtype`` (differentiable: views of the parameters)."""
+        return {k: v.to(dtype) for k, v in self.named_parameters()}
+
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, gate: float = 1.0) -> torch.Tensor:
-        """``x`` ``[B, N, C]``, face tokens ``[B, T, Dt]`` -> new ``x`` ``[B, N, C]``.
+        """``x`` ``[B, N, C]``, face tokens ``[B, T, Dt]`` -> new ``x`` ``[B, N, C]`` (a plain-PyTorch reference).
 
         ``x1 = x + g tanh(a_attn) SA(norm1([x; linear(t)]))[:, :N]``, ``x2 = x1 + g tanh(a_ff) FF(norm2(x1))``.
         """

@@ -6,9 +6,10 @@ Per cross-attention layer, the visual branch (decoupled, IP-Adapter style) is ga
     Score = softmax(MLP(concat(Z_hidden, mean of the text context)))[0]
 
 Trainable: the score MLPs (``adapters/trainable_modules.py: ScorePredictors``, names
-``score.0.*`` / ``score.2.*`` as the CA² node reads them; GELU between the layers; the pooled
-text token is the mean of the context ``to_k`` receives, stashed by an attn2_patch, as the CA²
-node computes it). Frozen: the visual ``to_k`` / ``to_v`` and token projector of an ID_ADAPTER
+``score.0.*`` / ``score.2.*`` as the CA² node reads them). The forward is the CA² node's own
+arithmetic (``adapters/ca2_gate.py``: ``native_score`` with GELU, ``pooled_text_token`` of the
+context the dispatcher stashes, ``visual_gate``, ``gated_visual_attention``), so what is trained
+is what the node computes. Frozen: the visual ``to_k`` / ``to_v`` and token projector of an ID_ADAPTER
 (any decoupled image adapter) whose tokens come from each sample's identity / image features.
 ``M``: the sample's mask (white = the region being edited). Loss: the denoising loss (the paper
 trains with eps-MSE on ``{f_vis, f_txt, M}``).
@@ -24,28 +25,12 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from ..adapters.ca2_gate import gated_visual_attention, native_score, pooled_text_token, visual_gate
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.trainable_modules import ScorePredictors
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
 from .host import cross_attention_layers
 from .training_targets import TrainingFeed, TrainingTarget, register_target
-
-CONTEXT_KEY = "identity_attention_context"
-"""Where the context stash puts the raw text context of the layer (the CA² node's dispatcher uses the same key)."""
-
-
-class ContextStash:
-    """An attn2_patch keeping the context ``to_k`` will receive (no numerical effect)."""
-
-    identity_attention_context_stash = True
-
-    def __call__(self, n, context, value, extra_options):
-        extra_options[CONTEXT_KEY] = context
-        return n, context, value
-
-    def __deepcopy__(self, memo):
-        return self
-
 
 class TrainableCA2Stage(AttentionStage):
     label = "CA² score (training)"
@@ -64,12 +49,10 @@ class TrainableCA2Stage(AttentionStage):
         k_vis = F.linear(tokens, w["to_k"].to(device=call.q.device, dtype=dt))
         v_vis = F.linear(tokens, w["to_v"].to(device=call.q.device, dtype=dt))
         hidden = call.hidden_states().to(dt)
-        context = call.extra_options[CONTEXT_KEY].to(dt)
-        score = self.scores.score(call.layer, hidden, context.mean(dim=1, keepdim=True))  # [b, N]
+        score = native_score(hidden, pooled_text_token(call.context().to(dt)), self.scores.weights(call.layer, dt), "gelu")  # [b, N]
         mask = self.feed.mask_at(self.feed.edit_mask if self.feed.edit_mask is not None else self.feed.foreground, call)
-        gate = torch.ones_like(score).unsqueeze(-1) if mask is None else 1.0 - score.unsqueeze(-1) * mask.float()
-        visual = call.attention(call.q, k_vis, v_vis)
-        return out + (gate.to(visual.dtype) * visual).to(out.dtype)
+        gate = visual_gate(score, None if mask is None else mask.float())
+        return gated_visual_attention(out, call.q, k_vis, v_vis, call.heads, gate, 1.0, lambda q, k, v, heads: call.attention(q, k, v))
 
 
 class CA2ScoreTarget(TrainingTarget):
@@ -92,11 +75,7 @@ class CA2ScoreTarget(TrainingTarget):
         self.adapter = adapter
 
     def install(self, model_patcher, feed: TrainingFeed):
-        patched = apply_attention_stage(model_patcher, TrainableCA2Stage(self.scores, self.adapter, feed))
-        patches = patched.model_options["transformer_options"].setdefault("patches", {})
-        current = [p for p in patches.get("attn2_patch", []) if not getattr(p, "identity_attention_context_stash", False)]
-        patches["attn2_patch"] = current + [ContextStash()]  # last: the context to_k really receives
-        return patched
+        return apply_attention_stage(model_patcher, TrainableCA2Stage(self.scores, self.adapter, feed))
 
     def export(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> IdAdapter:
         layers = self.scores.export()

@@ -3,9 +3,11 @@
 FACT (arXiv 2410.12312; ``face_adapter/face_attention_processor_v1.py`` of github:modelscope/facechain)
 adds to every cross-attention block, between the self-attention residual and the text
 cross-attention (ComfyUI's ``middle_patch``), a GLIGEN-style gated self-attention over
-``[latent; linear(face tokens)]`` (``adapters/trainable_modules.py: GatedSelfAttention``, the
-checkpoint's 17 parameter names, ``alpha_attn`` / ``alpha_dense`` starting at 0 so the model
-starts unchanged). FACT's training code is not released; here:
+``[latent; linear(face tokens)]``. Parameters: ``adapters/trainable_modules.py: GatedSelfAttention``
+(the checkpoint's 17 names, ``alpha_attn`` / ``alpha_dense`` starting at 0 so the model starts
+unchanged); forward: the face-adapter node's own arithmetic (``adapters/gated_self_attention.py``,
+with the gates ``tanh(alpha)`` kept as tensors so they train). FACT's training code is not
+released; here:
 
 - face tokens: the projector of an ID_ADAPTER (e.g. FACT's own resampler over TransFace tokens,
   or any projector giving tokens of the adapter's width) on each sample's features, frozen;
@@ -23,11 +25,12 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from ..adapters import gated_self_attention as gsa
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.trainable_modules import FaceAdapterLayers, layer_name
 from ..adapters.training_losses import fair_loss
 from .dispatcher import AttentionCall
-from .host import cross_attention_layers, layer_key_of
+from .host import attention_fn_for, cross_attention_layers, layer_key_of
 from .training_targets import TrainingFeed, TrainingTarget, register_target
 
 
@@ -47,7 +50,11 @@ class TrainableFaceAdapterPatch:
         if layer_name(key) not in self.layers.layers:
             return x
         tokens = self.feed.tokens_for(x.shape[0]).to(device=x.device, dtype=x.dtype).detach()
-        new = self.layers.of(key)(x, tokens)
+        layer = self.layers.of(key)
+        w = layer.weights(x.dtype)
+        gate_attn, gate_dense = torch.tanh(w["alpha_attn"]), torch.tanh(w["alpha_dense"])
+        heads = int(extra_options.get("n_heads") or layer.attn.heads)
+        new = gsa.gated_self_attention(x, gsa.face_keys_values(tokens, w), w, heads, gate_attn, gate_dense, attention_fn_for(extra_options))
         if self.feed.recording:
             call = AttentionCall(x, x, x, extra_options, key)
             fg = self.feed.mask_at(self.feed.foreground, call)

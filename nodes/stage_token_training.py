@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..adapters.attention_core import attention_probabilities
+from ..adapters.stage_tokens import StageTokens
 from ..adapters.trainable_modules import StageTokenTable
 from ..adapters.training_losses import face_attention_loss
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
@@ -33,8 +34,6 @@ from .host import cross_attention_layers
 from .prompt_token import CONTROL_WORDS, PLACEHOLDER, PromptToken, with_marker
 from .training_targets import TrainingFeed, TrainingTarget, register_target
 
-TOKENS_FORMAT = "identity_attention_tokens"
-TOKENS_VERSION = "1"
 REFERENCE_PROMPT = "a photo of the face of person"
 CLASS_WORD = "person"
 INIT_STD = 0.02
@@ -163,16 +162,12 @@ class StageTokenTarget(TrainingTarget):
         return {"face_attention": self.attention_weight * face_attention_loss(feed.recorded(self.name, "target"), feed.recorded(self.name, "reference"))}
 
     def export_files(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, str]]]:
-        tensors = {}
-        for encoder in sorted(self.table.keys):
-            tensors[f"{encoder}.keys"] = self.table.keys[encoder].detach().float().cpu().contiguous()
-            tensors[f"{encoder}.values"] = self.table.values[encoder].detach().float().cpu().contiguous()
-        header = {k: str(v) for k, v in (metadata or {}).items()}
-        header.update(
-            format=TOKENS_FORMAT, version=TOKENS_VERSION, base=base, count=str(self.stages), vectors="1", encoders=",".join(sorted(self.table.keys)),
-            placeholder=PLACEHOLDER, init="trained", boundaries=",".join(f"{i / self.stages:g}" for i in range(1, self.stages)),
-        )
-        return {"": (tensors, header)}
+        """The per-stage token file, written by the ID_TOKENS type itself (``adapters/stage_tokens.py``)."""
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        meta.update(placeholder=PLACEHOLDER, init="trained", boundaries=",".join(f"{i / self.stages:g}" for i in range(1, self.stages)))
+        keys = {e: t.detach().float().cpu().clone() for e, t in self.table.keys.items()}
+        values = {e: t.detach().float().cpu().clone() for e, t in self.table.values.items()}
+        return {"": StageTokens(base=base, keys=keys, values=values, metadata=meta).to_file_dict()}
 
 
 @register_target("stage_tokens")

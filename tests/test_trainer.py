@@ -212,6 +212,16 @@ def test_face_adapter_trains_with_fair_and_exports_facts_names(tmp_path, folder,
     assert out.mechanism == "gated_self_attention" and len(out.layers) == 16
     assert set(out.layers[("input", 1, 0)]) == names
     assert any(float(e["alpha_attn"].abs()) > 0 for e in out.layers.values())  # the gates opened
+    # the face-adapter node takes the file and changes the model's prediction
+    from training_fixtures import inference_models
+
+    model, clip, vae = inference_models("sd15", seed=0)
+    ApplyFaceAdapter = pack("nodes.face_adapter_nodes").ApplyFaceAdapter
+    with torch.inference_mode():
+        patched = ApplyFaceAdapter().apply(model, out, identity(2), 1.0, 0.0, 1.0, "both", "fused")[0]
+    x0, sigma, eps = fixed_batch(model, vae)
+    context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(x0_prediction(patched, x0, sigma, eps, context), x0_prediction(model, x0, sigma, eps, context))
 
 
 def test_stage_tokens_train_with_the_face_wise_attention_loss(tmp_path, folder, models):
@@ -224,6 +234,8 @@ def test_stage_tokens_train_with_the_face_wise_attention_loss(tmp_path, folder, 
         header = f.metadata()
     assert header["format"] == "identity_attention_tokens" and header["count"] == "5" and header["encoders"] == "l"
     assert tensors["l.keys"].shape == (5, 1, 768) and tensors["l.values"].shape == (5, 1, 768)
+    loaded = pack("adapters.stage_tokens").StageTokens.from_file_dict(tensors, header)  # what 'Load identity tokens' does
+    assert loaded.stages == 5 and loaded.base == "sd15" and torch.equal(loaded.keys["l"], tensors["l.keys"])
     stage_of = pack("nodes.stage_token_training").stage_of
     assert stage_of(torch.tensor([999, 800, 799, 0]), 5).tolist() == [0, 0, 1, 4]
 

@@ -129,7 +129,7 @@ def test_quick_run_writes_the_table(tiny, tmp_path):
     assert cells["dispatcher_overhead"][5] == "0"  # no arithmetic, no floor
     encoding = "| `identity_encoding` | ok | " if insightface_installed() else "| `identity_encoding` | not available"
     assert encoding in text
-    assert "| `personalization_40_steps` | not available: the 40-step personalization is issue #9" in text
+    assert "| `personalization_40_steps` | ok | " in text
 
     report = json.loads(data.read_text())
     (config,) = report["configs"]

@@ -365,7 +365,34 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
         adapter = _convert_ip_family(fmt, tensors, hints)
     if source:
         adapter.metadata.setdefault("source", source)
+    check_finite_weights(adapter)
     return adapter
+
+
+def _named_tensors(adapter: IdAdapter):
+    for key, entries in adapter.layers.items():
+        for name, t in entries.items():
+            yield f"{describe(key)} {name}", t
+    if adapter.projector is not None:
+        for name, t in adapter.projector.state_dict().items():
+            yield f"projector {name}", t
+    for name, t in adapter.extras.items():
+        if isinstance(t, torch.Tensor):
+            yield f"extra {name}", t
+
+
+def check_finite_weights(adapter: IdAdapter) -> None:
+    """Refuse an adapter with NaN / inf weights (a damaged file, or a training run that diverged).
+
+    Such weights would not fail anywhere: every picture would come out black or as noise.
+    One pass over the tensors when a file is loaded (the loader caches the result).
+    """
+    bad = [name for name, t in _named_tensors(adapter) if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightError(
+            f"{len(bad)} of the adapter's tensors hold NaN or infinite values (first: {bad[0]}); every picture would be black or noise",
+            fix="download the file again; if it came from a training run, take an earlier checkpoint",
+        )
 
 
 # --- the MODEL it will patch ----------------------------------------------------------------------

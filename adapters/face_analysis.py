@@ -223,11 +223,26 @@ def list_face_packs(roots: Iterable[os.PathLike]) -> List[str]:
 
 
 def find_face_pack(name: str, roots: Sequence[os.PathLike]) -> Path:
-    """The folder of pack ``name``, or :class:`FaceAnalysisError` listing what was searched."""
+    """The folder of pack ``name``, or :class:`FaceAnalysisError` listing what was searched.
+
+    ``name`` must be one folder name (no separators, no ``..``); the pack folder's real
+    location must be inside the real location of one of ``roots`` (the pack's
+    symbolic-link rule, see ``safe_load.check_inside``).
+    """
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")) or ":" in name:
+        raise FaceAnalysisError(f"'{name}' is not a pack name (a pack is one folder name)", fix="pick a pack from the list", input_name="pack")
     searched = pack_search_dirs(roots)
     for d in searched:
         found = _pack_dir(d / name)
         if found is not None:
+            for path in [found] + list(_onnx_files(found)):
+                real = os.path.realpath(path)
+                if not any(real.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots):
+                    raise FaceAnalysisError(
+                        f"'{name}' ({Path(path).name}) is a symbolic link to {real}, outside the insightface model folders",
+                        fix="link the whole insightface folder instead, or move the pack into models/insightface/models/",
+                        input_name="pack",
+                    )
             return found
     where = "; ".join(str(d / name) for d in searched) or "(no insightface model folder is registered)"
     present = list_face_packs(roots)

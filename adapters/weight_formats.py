@@ -353,19 +353,30 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
     """
     fmt = detect_format(tensors, metadata)
     hints = hints or {}
-    if fmt == "native":
-        adapter = native_from_tensors(tensors, metadata or {}, source=source)
-    elif fmt == "pulid":
-        adapter = _convert_pulid(tensors)
-    elif fmt == "fact":
-        adapter = _convert_fact(tensors)
-    elif fmt == "pva":
-        adapter = _convert_pva(tensors)
-    else:
-        adapter = _convert_ip_family(fmt, tensors, hints)
+    try:
+        if fmt == "native":
+            adapter = native_from_tensors(tensors, metadata or {}, source=source)
+        elif fmt == "pulid":
+            adapter = _convert_pulid(tensors)
+        elif fmt == "fact":
+            adapter = _convert_fact(tensors)
+        elif fmt == "pva":
+            adapter = _convert_pva(tensors)
+        else:
+            adapter = _convert_ip_family(fmt, tensors, hints)
+    except WeightError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError, StopIteration) as err:
+        # the loader's contract is WeightError only: a file that matched a format's key names but not its
+        # layout (a missing or reshaped tensor the converter reads) is a damaged file, not a crash
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise WeightError(
+            f"this file has the key names of {KNOWN_FORMATS[fmt]} but its tensors do not fit that layout ({type(err).__name__}: {detail})",
+            fix="the file is damaged or was edited; download it again",
+        ) from None
     if source:
         adapter.metadata.setdefault("source", source)
-    check_finite_weights(adapter)
+    check_weights_usable(adapter)
     return adapter
 
 
@@ -381,13 +392,21 @@ def _named_tensors(adapter: IdAdapter):
             yield f"extra {name}", t
 
 
-def check_finite_weights(adapter: IdAdapter) -> None:
-    """Refuse an adapter with NaN / inf weights (a damaged file, or a training run that diverged).
+def check_weights_usable(adapter: IdAdapter) -> None:
+    """Refuse an adapter with integer tensors or NaN / inf weights (a damaged file, or a training run that diverged).
 
-    Such weights would not fail anywhere: every picture would come out black or as noise.
-    One pass over the tensors when a file is loaded (the loader caches the result).
+    Such weights would not fail here but in the middle of sampling, or not at all:
+    every picture would come out black or as noise. One pass over the tensors when a
+    file is loaded (the loader caches the result).
     """
-    bad = [name for name, t in _named_tensors(adapter) if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    named = list(_named_tensors(adapter))
+    integer = [f"{name} ({str(t.dtype).replace('torch.', '')})" for name, t in named if not (t.is_floating_point() or t.is_complex())]
+    if integer:
+        raise WeightError(
+            f"{len(integer)} of the adapter's weight tensors hold integers, not weights (first: {integer[0]})",
+            fix="the file is damaged or is not an identity adapter; download it again",
+        )
+    bad = [name for name, t in named if t.numel() and not bool(torch.isfinite(t).all())]
     if bad:
         raise WeightError(
             f"{len(bad)} of the adapter's tensors hold NaN or infinite values (first: {bad[0]}); every picture would be black or noise",

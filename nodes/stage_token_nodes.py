@@ -16,6 +16,7 @@ import torch
 import comfy.utils
 import folder_paths
 
+from ..adapters.safe_load import resolve_in_folders
 from ..adapters.stage_tokens import (
     DEFAULT_STAGES,
     ENCODER_WIDTHS,
@@ -26,6 +27,7 @@ from ..adapters.stage_tokens import (
     make_tokens,
     parse_boundaries,
 )
+from ..adapters.weight_errors import WeightError
 from . import prompt_encoding
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -160,9 +162,10 @@ class LoadIdentityTokens:
         from safetensors import safe_open
 
         node = self.DISPLAY_NAME
-        path = folder_paths.get_full_path(FOLDER, tokens_name)
-        if path is None or not os.path.isfile(path):
-            raise IdentityAttentionError(f"{tokens_name} was not found", node=node, input_name="tokens_name", fix="save tokens first, or put the file in models/identity_attention/")
+        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
+            path = resolve_in_folders(tokens_name, folder_list(FOLDER))
+        except WeightError as err:
+            raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}

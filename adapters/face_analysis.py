@@ -401,9 +401,61 @@ def _describe_onnx(path: Path) -> str:
         return f"not readable as ONNX ({type(err).__name__})"
 
 
+def _onnx_tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers, sparse initializers, node attributes, subgraphs."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def external_data_problem(path: Path) -> Optional[str]:
+    """Why an ONNX file's external tensor data would be read from outside its folder, or None.
+
+    An ONNX file may keep large tensors in other files ("external data", named by a
+    path in the model). onnxruntime >= 1.2x and onnx >= 1.16 refuse paths that leave the
+    model's folder; older ones (and insightface's own ``onnx.load`` of the recognizer)
+    follow ``../../`` or absolute paths. Checked here for every file before loading.
+    """
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable: onnxruntime reports it when loading
+        return None
+    folder = os.path.realpath(path.parent)
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or not target.startswith(folder + os.sep):
+            return f"its tensor '{tensor.name}' would be read from '{location}', outside the pack folder"
+    return None
+
+
 def _route(path: Path, providers, provider_options):
     """insightface's shape-based routing of one file: ``(model or None, reason)``."""
     from insightface.model_zoo import model_zoo
+
+    problem = external_data_problem(path)
+    if problem:
+        raise FaceAnalysisError(
+            f"{path.name} in the face analysis pack was refused: {problem}",
+            fix="delete this file and download the pack again from its publisher",
+            input_name="pack",
+        )
 
     try:
         model = model_zoo.get_model(str(path), providers=providers, provider_options=provider_options)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -98,15 +99,20 @@ def check_size(path: str, expected_bytes: Optional[int] = None, max_bytes: int =
     return size
 
 
-def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None):
+MAX_NESTING = 16  # released checkpoints nest dicts 1-3 deep
+
+
+def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None, depth: int = 0):
     """Nested dicts -> ``{"a.b.c": tensor}``; non-tensor leaves are listed in ``ignored``."""
     tensors = {} if tensors is None else tensors
     ignored = [] if ignored is None else ignored
+    if depth > MAX_NESTING:
+        raise WeightError(f"the file's dictionaries are nested more than {MAX_NESTING} deep: it is not a weight file", fix="pick a weight file")
     if isinstance(obj, torch.Tensor):
         tensors[prefix.rstrip(".")] = obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            flatten(value, f"{prefix}{key}.", tensors, ignored)
+            flatten(value, f"{prefix}{key}.", tensors, ignored, depth + 1)
     else:
         ignored.append(prefix.rstrip(".") or "<root>")
     return tensors, ignored
@@ -133,7 +139,7 @@ def _read_safetensors(path: str):
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, OverflowError, MemoryError) as err:
         raise WeightError(
             f"'{_name(path)}' is a damaged safetensors file ({err})",
             fix="download the file again; with the pack's download command the result is checked against the published sha256",
@@ -147,7 +153,7 @@ def _check_archive(path: str, size: int) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error, OverflowError) as err:
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({err})", fix="download the file again") from None
     unpacked = sum(m.file_size for m in members)
     if unpacked > MAX_BYTES or unpacked > MAX_INFLATION * max(size, 1):
@@ -173,7 +179,8 @@ def _read_pytorch(path: str):
                 fix="use the .safetensors version of this file, or a copy from the original publisher",
             ) from None
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({text.splitlines()[0] if text else 'unpickling failed'})", fix="download the file again") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, OverflowError,
+            ZeroDivisionError, AssertionError, RecursionError, MemoryError, NotImplementedError, zipfile.BadZipFile) as err:
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", fix="download the file again") from None
     tensors, ignored = flatten(obj)
     return tensors, ignored

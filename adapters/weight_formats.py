@@ -100,18 +100,24 @@ def _shape(t: Optional[torch.Tensor]) -> tuple:
 # --- detection ------------------------------------------------------------------------------------
 
 
+def _divides(t: Optional[torch.Tensor], norm: Optional[torch.Tensor]) -> bool:
+    """``t``'s rows are a whole number of ``norm``-widths (tokens x width); False for shapes that cannot say."""
+    rows, width = _shape(t), _shape(norm)
+    return len(rows) == 2 and len(width) == 1 and width[0] > 0 and rows[0] % width[0] == 0
+
+
 def _image_proj_kind(proj: Mapping[str, torch.Tensor]) -> Optional[str]:
     if "perceiver_resampler.proj_in.weight" in proj and "proj.0.weight" in proj and "norm.weight" in proj:
         return "faceid_plus"
-    if "latents" in proj and "proj_in.weight" in proj and len(_shape(proj["latents"])) == 3:
+    if "latents" in proj and len(_shape(proj.get("proj_in.weight"))) == 2 and len(_shape(proj["latents"])) == 3:
         return "instantid" if proj["proj_in.weight"].shape[1] == 512 else "ip_adapter_plus"
     if {"proj.0.weight", "proj.2.weight", "proj.3.weight"} <= set(proj):
-        w0 = proj["proj.0.weight"]
-        if w0.dim() == 2 and w0.shape[0] == w0.shape[1]:
+        w0 = _shape(proj["proj.0.weight"])
+        if len(w0) == 2 and w0[0] == w0[1]:
             return "ip_adapter_full_face"
-    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(proj) and proj["proj.2.weight"].shape[0] % proj["norm.weight"].shape[0] == 0:
+    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(proj) and _divides(proj["proj.2.weight"], proj["norm.weight"]):
         return "faceid"
-    if {"proj.weight", "norm.weight"} <= set(proj) and proj["proj.weight"].dim() == 2 and proj["proj.weight"].shape[0] % proj["norm.weight"].shape[0] == 0:
+    if {"proj.weight", "norm.weight"} <= set(proj) and _divides(proj["proj.weight"], proj["norm.weight"]):
         return "ip_adapter"
     return None
 

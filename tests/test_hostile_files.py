@@ -606,3 +606,100 @@ def test_face_packs_follow_the_same_rules(tmp_path):
     linked_root = tmp_path / "linked_insightface"
     os.symlink(root, linked_root)  # the whole insightface folder on another disk
     assert face_analysis.find_face_pack("good", [linked_root]).name == "good"
+
+
+# --- the nodes that open files apply the same rules -----------------------------------------------------
+
+
+@pytest.fixture()
+def node_folders(tmp_path, monkeypatch):
+    """The pack's model folders pointed at a fresh tree with a link out of it (in-process host)."""
+    import folder_paths
+
+    weights_nodes = pack("nodes.weights_nodes")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folders = {}
+    for name in weights_nodes.ADAPTER_FOLDERS:
+        path = tmp_path / "models" / name
+        path.mkdir(parents=True)
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}))
+        folders[name] = path
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {}, raising=False)
+    weights_nodes._ADAPTERS.clear()
+    return folders, outside
+
+
+def _node_error(fn, *args):
+    errors = pack("nodes.errors")
+    with pytest.raises(errors.IdentityAttentionError) as err:
+        fn(*args)
+    return str(err.value)
+
+
+def test_load_identity_adapter_refuses_links_out_of_the_folders(node_folders, tiny):
+    folders, outside = node_folders
+    weights_nodes = pack("nodes.weights_nodes")
+    state, _ = wf.ip_family_state("faceid", "sd15", seed=1)
+    save_file(state, str(outside / "faceid.safetensors"))
+    os.symlink(outside / "faceid.safetensors", folders["ipadapter"] / "faceid_link.safetensors")
+    message = _node_error(weights_nodes.LoadIdentityAdapter().load, "ipadapter/faceid_link.safetensors", tiny.unet("sd15"))
+    assert message.startswith("Load identity adapter: input 'adapter':") and "symbolic link" in message and "Fix:" in message
+    save_file(state, str(folders["ipadapter"] / "faceid.safetensors"))  # the same file inside the folder loads
+    adapter, _ = weights_nodes.LoadIdentityAdapter().load("ipadapter/faceid.safetensors", tiny.unet("sd15"))
+    assert adapter.format == "faceid"
+    for name in ("ipadapter/../outside/faceid.safetensors", f"ipadapter/{outside}/faceid.safetensors", "ipadapter/\x00"):
+        assert "outside the model folders" in _node_error(weights_nodes.LoadIdentityAdapter().load, name, tiny.unet("sd15"))
+
+
+def test_face_encoder_and_identity_tokens_refuse_links_out(node_folders):
+    folders, outside = node_folders
+    face_encoder_nodes = pack("nodes.face_encoder_nodes")
+    stage_token_nodes = pack("nodes.stage_token_nodes")
+    from test_transface_encoder import transface_state_dict
+
+    torch.save(transface_state_dict(depth=1, heads=False), outside / "transface.pt")
+    os.symlink(outside / "transface.pt", folders["identity_attention"] / "transface.pt")
+    message = _node_error(face_encoder_nodes.LoadFaceEncoder().load, "transface.pt")
+    assert message.startswith("Load face encoder (TransFace): input 'encoder_name':") and "symbolic link" in message
+    tensors, metadata = pack("adapters.stage_tokens").make_tokens("sd15").to_file_dict()
+    save_file(tensors, str(outside / "tokens.safetensors"), metadata=metadata)
+    os.symlink(outside / "tokens.safetensors", folders["identity_attention"] / "tokens.safetensors")
+    message = _node_error(stage_token_nodes.LoadIdentityTokens().load, "tokens.safetensors")
+    assert message.startswith("Load identity tokens: input 'tokens_name':") and "symbolic link" in message
+    os.replace(outside / "tokens.safetensors", folders["identity_attention"] / "real_tokens.safetensors")
+    assert stage_token_nodes.LoadIdentityTokens().load("real_tokens.safetensors")[0].stages == 5
+    assert "outside the model folders" in _node_error(stage_token_nodes.LoadIdentityTokens().load, "../outside/x.safetensors")
+
+
+def _onnx_with_external_data(path: Path, location: str) -> Path:
+    from onnx import TensorProto, helper
+
+    tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], initializer=[tensor],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_onnx_files_that_read_data_from_outside_their_folder_are_refused(tmp_path):
+    """ONNX files are models, not code, but their 'external data' may name any file: refused before loading."""
+    import toy_faces as toy
+
+    (tmp_path / "secret.bin").write_bytes(b"0123456789abcdef")
+    pack_dir = toy.copy_pack(toy.toy_pack(), tmp_path / "insightface" / "models" / "toypack")
+    for location in ("../../../secret.bin", str(tmp_path / "secret.bin")):
+        evil = _onnx_with_external_data(pack_dir / "a_evil.onnx", location)
+        assert "outside the pack folder" in face_analysis.external_data_problem(evil)
+        with pytest.raises(face_analysis.FaceAnalysisError, match="a_evil.onnx in the face analysis pack was refused") as err:
+            face_analysis.load_face_analysis(pack_dir, "CPU")
+        assert err.value.input_name == "pack" and err.value.fix
+    (pack_dir / "inside.bin").write_bytes(b"0123456789abcdef")
+    assert face_analysis.external_data_problem(_onnx_with_external_data(pack_dir / "a_evil.onnx", "inside.bin")) is None

@@ -14,7 +14,7 @@ from .ca2_stage import CA2GateStage
 from .dispatcher import apply_attention_stage, installed_dispatcher
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
-from .input_checks import check_image
+from .input_checks import check_image, check_latent
 from .map_images import LAYER_SELECTIONS, gray_image, layer_mean, pixel_size, resize_maps
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs, validate_mask
 from .visual_condition import clip_vision_features, visual_tokens
@@ -188,6 +188,7 @@ class InspectCA2Scores:
 
     def inspect(self, model, samples, layers):
         node = self.DISPLAY_NAME
+        check_latent(samples, node, "samples")
         stages = ca2_stages(model)
         if not stages:
             raise IdentityAttentionError("this MODEL has no CA² gate", node=node, input_name="model", fix="connect the MODEL output of 'Apply CA² gate'")

@@ -160,6 +160,7 @@ class InspectSTFGBoundary:
 
     def inspect(self, model, samples):
         node = self.DISPLAY_NAME
+        check_latent(samples, node, "samples")
         guidance = installed_guidance(model)
         if guidance is None:
             raise IdentityAttentionError("this MODEL has no STFG guidance", node=node, input_name="model", fix="connect the MODEL output of 'Apply STFG guidance' (with strength above 0)")

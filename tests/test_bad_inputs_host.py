@@ -258,7 +258,7 @@ BAD = (
     Row("ca2-image-empty-batch", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "0,32,32,3"), set_inputs(p, "ca2", image=["bad", 0])))),
     Row("ca2-image-int64", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,32,32,3", dtype="int64"), set_inputs(p, "ca2", image=["bad", 0])))),
     Row("ca2-image-rgba", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,32,32,4"), set_inputs(p, "ca2", image=["bad", 0])))),
-    Row("ca2-image-is-a-mask", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,32,32"), set_inputs(p, "ca2", image=["bad", 1])))),
+    Row("ca2-image-of-mask-shape", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,32,32"), set_inputs(p, "ca2", image=["bad", 0])))),
     Row("ca2-image-batch-3-latent-2", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "3,32,32,3"), set_inputs(p, "ca2", image=["bad", 0]), latent_batch(p, 2)))),
     Row("ca2-no-visual-condition", CA2, "clip_vision_output", mech(C(mechanism="ca2", **SD15), lambda p: p["ca2"]["inputs"].pop("clip_vision"))),
     # --- latents
@@ -268,6 +268,8 @@ BAD = (
     Row("stfg-original-3d", STFG, "original_latent", mech(C(mechanism="stfg", **SD15), lambda p: (tensor(p, "bad", "4,4,4"), set_inputs(p, "stfg", original_latent=["bad", 2])))),
     Row("stfg-original-other-size", STFG, "original_latent", mech(C(mechanism="stfg", **SD15), lambda p: (tensor(p, "bad", "1,4,8,8"), set_inputs(p, "stfg", original_latent=["bad", 2])))),
     Row("stfg-original-batch-3-latent-2", STFG, "original_latent", mech(C(mechanism="stfg", **SD15), lambda p: (tensor(p, "bad", "3,4,4,4"), set_inputs(p, "stfg", original_latent=["bad", 2]), latent_batch(p, 2)))),
+    Row("ca2-scores-latent-3d", CA2_SCORES, "samples", edited(graph(inspect_graph, "ca2", "IdentityAttentionInspectCA2Scores", model=["ca2", 0], samples=["bad", 2], layers="mean of all layers"), lambda p: tensor(p, "bad", "4,4,4"))),
+    Row("stfg-boundary-latent-nan", STFG_BOUNDARY, "samples", edited(graph(inspect_graph, "stfg", "IdentityAttentionInspectSTFGBoundary", model=["stfg", 0], samples=["bad", 2]), lambda p: tensor(p, "bad", "1,4,4,4", fill="nan"))),
     Row("router-maps-latent-3d", ROUTER, "latent", edited(graph(inspect_graph, "moa", "IdentityAttentionInspectRouter", model=["moa", 0], latent=["bad", 2], half="cond", routing_node=0), lambda p: tensor(p, "bad", "4,4,4"))),
     # --- wrong base model: SDXL weights on SD1.5 and SD1.5 weights on SDXL
     Row("pva-sdxl-adapter-on-sd15", PVA, "id_adapter", mech(C(mechanism="pva_joint", **SD15), adapter_from("sdxl"))),
@@ -309,7 +311,7 @@ BAD = (
     Row("kv-token-counts-differ", KV, "token_mismatch", mech(C(mechanism="kv_mixed", **SD15), lambda p: set_inputs(p, "kv_mixed", token_mismatch="error"))),
     Row("nested-token-index-past-the-prompt", NESTED, "token_index", mech(C(mechanism="nested", **SD15), lambda p: set_inputs(p, "nested", token_index=600))),
     Row("stage-tokens-too-many-vectors", PROMPT_TOKENS, "text", mech(C(mechanism="stage_tokens", **SD15), lambda p: (
-        set_inputs(p, "tokens", vectors=8), set_inputs(p, "token_prompt", text=" ".join(["V*"] * 12) + " person")))),
+        set_inputs(p, "tokens", vectors=8), set_inputs(p, "token_prompt", text=" ".join(["V*"] * 40) + " person")))),
     Row("stage-boundaries-not-numbers", STAGE, "stage_boundaries", mech(C(mechanism="stage_tokens", **SD15), lambda p: set_inputs(p, "stage_tokens", stage_boundaries="early, late"))),
     Row("stage-prompt-without-placeholder", PROMPT_TOKENS, "text", mech(C(mechanism="stage_tokens", **SD15), lambda p: set_inputs(p, "token_prompt", text="a photo of a person"))),
     Row("create-tokens-empty-word", CREATE_TOKENS, "init_word", mech(C(mechanism="stage_tokens", **SD15), lambda p: set_inputs(p, "tokens", init="word", init_word="  "))),

@@ -225,9 +225,11 @@ def list_face_packs(roots: Iterable[os.PathLike]) -> List[str]:
 def find_face_pack(name: str, roots: Sequence[os.PathLike]) -> Path:
     """The folder of pack ``name``, or :class:`FaceAnalysisError` listing what was searched.
 
-    ``name`` must be one folder name (no separators, no ``..``); the pack folder's real
-    location must be inside the real location of one of ``roots`` (the pack's
-    symbolic-link rule, see ``safe_load.check_inside``).
+    ``name`` must be one folder name (no separators, no ``..``). Links: the insightface
+    folder and a pack folder may be symbolic links to anywhere (a pack is the unit people
+    share, e.g. insightface's own ``~/.insightface/models/antelopev2`` linked in), but the
+    pack's ``.onnx`` files must really be inside the (real) pack folder: a file link out of
+    it is refused, as are ONNX files whose external data leaves it (:func:`external_data_problem`).
     """
     if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")) or ":" in name:
         raise FaceAnalysisError(f"'{name}' is not a pack name (a pack is one folder name)", fix="pick a pack from the list", input_name="pack")
@@ -235,12 +237,13 @@ def find_face_pack(name: str, roots: Sequence[os.PathLike]) -> Path:
     for d in searched:
         found = _pack_dir(d / name)
         if found is not None:
-            for path in [found] + list(_onnx_files(found)):
+            pack_real = os.path.realpath(found)
+            for path in _onnx_files(found):
                 real = os.path.realpath(path)
-                if not any(real.startswith(os.path.realpath(r).rstrip(os.sep) + os.sep) for r in roots):
+                if not real.startswith(pack_real.rstrip(os.sep) + os.sep):
                     raise FaceAnalysisError(
-                        f"'{name}' ({Path(path).name}) is a symbolic link to {real}, outside the insightface model folders",
-                        fix="link the whole insightface folder instead, or move the pack into models/insightface/models/",
+                        f"{path.name} in the face analysis pack '{name}' is a symbolic link to {real}, outside the pack's folder",
+                        fix="put the pack's .onnx files themselves in its folder (linking the whole pack folder is fine)",
                         input_name="pack",
                     )
             return found

@@ -18,7 +18,9 @@ What may come out (the documented errors; anything else is a bug):
 The symbolic-link rule (safe_load.check_inside): a model folder may itself be a link,
 or lie in a linked folder (a models folder on another disk); a link INSIDE a model
 folder is followed only when its real target is inside one of the node's model
-folders. Tested below for the loader and for every node that opens files.
+folders. Tested below for the loader and for every node that opens files. Face-analysis
+packs: the insightface folder and a pack folder may be links (a pack is the unit people
+share); the pack's .onnx files and their external data must be inside the real pack folder.
 
 Bounded for CI: :data:`EXAMPLES` examples per target (a few seconds in all),
 derandomized (the same examples every run, no example database). A longer run:
@@ -599,7 +601,8 @@ def test_face_packs_follow_the_same_rules(tmp_path):
     (root / "models" / "file_link").mkdir()
     os.symlink(outside / "det.onnx", root / "models" / "file_link" / "det.onnx")
     assert face_analysis.find_face_pack("good", [root]).name == "good"
-    for name in ("../../elsewhere/evil", "/etc", "..", "a\\b", "linked_out", "file_link", "C:x"):
+    assert face_analysis.find_face_pack("linked_out", [root]).name == "linked_out"  # a whole pack folder linked in
+    for name in ("../../elsewhere/evil", "/etc", "..", "a\\b", "file_link", "C:x"):
         with pytest.raises(face_analysis.FaceAnalysisError) as err:
             face_analysis.find_face_pack(name, [root])
         assert err.value.input_name == "pack"

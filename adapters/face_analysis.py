@@ -223,11 +223,29 @@ def list_face_packs(roots: Iterable[os.PathLike]) -> List[str]:
 
 
 def find_face_pack(name: str, roots: Sequence[os.PathLike]) -> Path:
-    """The folder of pack ``name``, or :class:`FaceAnalysisError` listing what was searched."""
+    """The folder of pack ``name``, or :class:`FaceAnalysisError` listing what was searched.
+
+    ``name`` must be one folder name (no separators, no ``..``). Links: the insightface
+    folder and a pack folder may be symbolic links to anywhere (a pack is the unit people
+    share, e.g. insightface's own ``~/.insightface/models/antelopev2`` linked in), but the
+    pack's ``.onnx`` files must really be inside the (real) pack folder: a file link out of
+    it is refused, as are ONNX files whose external data leaves it (:func:`external_data_problem`).
+    """
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00")) or ":" in name:
+        raise FaceAnalysisError(f"'{name}' is not a pack name (a pack is one folder name)", fix="pick a pack from the list", input_name="pack")
     searched = pack_search_dirs(roots)
     for d in searched:
         found = _pack_dir(d / name)
         if found is not None:
+            pack_real = os.path.realpath(found)
+            for path in _onnx_files(found):
+                real = os.path.realpath(path)
+                if not real.startswith(pack_real.rstrip(os.sep) + os.sep):
+                    raise FaceAnalysisError(
+                        f"{path.name} in the face analysis pack '{name}' is a symbolic link to {real}, outside the pack's folder",
+                        fix="put the pack's .onnx files themselves in its folder (linking the whole pack folder is fine)",
+                        input_name="pack",
+                    )
             return found
     where = "; ".join(str(d / name) for d in searched) or "(no insightface model folder is registered)"
     present = list_face_packs(roots)
@@ -386,9 +404,61 @@ def _describe_onnx(path: Path) -> str:
         return f"not readable as ONNX ({type(err).__name__})"
 
 
+def _onnx_tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers, sparse initializers, node attributes, subgraphs."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def external_data_problem(path: Path) -> Optional[str]:
+    """Why an ONNX file's external tensor data would be read from outside its folder, or None.
+
+    An ONNX file may keep large tensors in other files ("external data", named by a
+    path in the model). onnxruntime >= 1.2x and onnx >= 1.16 refuse paths that leave the
+    model's folder; older ones (and insightface's own ``onnx.load`` of the recognizer)
+    follow ``../../`` or absolute paths. Checked here for every file before loading.
+    """
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable: onnxruntime reports it when loading
+        return None
+    folder = os.path.realpath(path.parent)
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or not target.startswith(folder + os.sep):
+            return f"its tensor '{tensor.name}' would be read from '{location}', outside the pack folder"
+    return None
+
+
 def _route(path: Path, providers, provider_options):
     """insightface's shape-based routing of one file: ``(model or None, reason)``."""
     from insightface.model_zoo import model_zoo
+
+    problem = external_data_problem(path)
+    if problem:
+        raise FaceAnalysisError(
+            f"{path.name} in the face analysis pack was refused: {problem}",
+            fix="delete this file and download the pack again from its publisher",
+            input_name="pack",
+        )
 
     try:
         model = model_zoo.get_model(str(path), providers=providers, provider_options=provider_options)

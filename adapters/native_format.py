@@ -136,6 +136,15 @@ def _json(header: Mapping[str, str], key: str, default):
         raise WeightError(f"the native file's header field '{key}' is not valid JSON", fix="save the adapter again") from None
 
 
+def _json_table(header: Mapping[str, str], key: str) -> dict:
+    value = _json(header, key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WeightError(f"the native file's header field '{key}' is not a JSON object", fix="save the adapter again")
+    return value
+
+
 def from_tensors(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], source: str = "") -> IdAdapter:
     """Build the ID_ADAPTER of a native file from its tensors and header."""
     if not is_native(header):
@@ -147,7 +156,7 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str],
         raise WeightError(f"the native file's header names the base model {base!r}; known: {', '.join(BASES)}")
     layers: Dict[Tuple[str, int, int], Dict[str, torch.Tensor]] = {}
     projector_state: Dict[str, torch.Tensor] = {}
-    extras: Dict[str, object] = dict(_json(header, "extras", {}))
+    extras: Dict[str, object] = dict(_json_table(header, "extras"))
     for key, value in tensors.items():
         group, _, rest = key.partition(".")
         if group == "layers":
@@ -166,7 +175,7 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str],
     if spec is not None:
         if not isinstance(spec, dict) or "class" not in spec:
             raise WeightError("the native file's 'projector' header field has no 'class'")
-        projector = build_projector(spec["class"], spec.get("config", {}), projector_state)
+        projector = build_projector(spec["class"], spec.get("config") or {}, projector_state)
         if projector.num_tokens != _int(header, "num_tokens") or projector.token_dim != _int(header, "token_dim"):
             raise WeightError(
                 f"the header says {header.get('num_tokens')} tokens of {header.get('token_dim')} but the stored projector makes "
@@ -175,7 +184,7 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str],
             )
     elif projector_state:
         raise WeightError("the native file has projector tensors but no 'projector' header field")
-    metadata = {str(k): str(v) for k, v in dict(_json(header, "metadata", {})).items()}
+    metadata = {str(k): str(v) for k, v in _json_table(header, "metadata").items()}
     metadata["source_format"] = header.get("source_format", "native")
     if source:
         metadata["source"] = source

@@ -59,13 +59,14 @@ def build_projector(name: str, config: Mapping, state: Mapping[str, torch.Tensor
     themselves (no copy), so a half-precision file stays half precision and a
     1.7 GB adapter is not held twice; ``dtype`` converts them first.
     """
-    cls = PROJECTORS.get(name)
+    cls = PROJECTORS.get(name) if isinstance(name, str) else None
     if cls is None:
         raise WeightError(f"unknown token projector {name!r}; known: {', '.join(PROJECTORS)}")
+    _check_config(name, config)
     try:
         with torch.device("meta"):  # no memory and no random init: the parameters come from ``state``
             module = cls(**dict(config))
-    except TypeError as err:
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as err:
         raise WeightError(f"the settings stored for the {name} token projector are not valid ({err})") from None
     missing, unexpected = _compare(module, state)
     if missing or unexpected:
@@ -75,11 +76,35 @@ def build_projector(name: str, config: Mapping, state: Mapping[str, torch.Tensor
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:5])}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
         raise WeightError(f"the {name} token projector's weights do not fit ({'; '.join(parts)})", fix="the file is incomplete or of another model; download it again")
+    integer = [k for k, v in state.items() if not v.is_floating_point()]
+    if integer:
+        raise WeightError(f"the {name} token projector's weights hold integers ({', '.join(integer[:3])})", fix="the file is damaged; download it again")
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    module.load_state_dict(tensors, strict=True, assign=True)  # the module uses the file's tensors: no copy, file dtype kept
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)  # the module uses the file's tensors: no copy, file dtype kept
+    except RuntimeError as err:
+        raise WeightError(f"the {name} token projector's weights do not fit ({str(err).splitlines()[-1].strip()[:200]})", fix="the file is damaged; download it again") from None
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+MAX_WIDTH = 1 << 16  # the widest projector of a released file is 12288 (FaceID's 4 x 3072 SDXL tokens)
+MAX_DEPTH = 64  # layers; released projectors have at most 10
+DEPTH_KEYS = ("depth", "num_layer")
+
+
+def _check_config(name: str, config) -> None:
+    """Bound a stored config before building from it: a native file's header is untrusted text, and
+    ``depth = 10**7`` would make building the (empty, meta-device) module take minutes."""
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        raise WeightError(f"the settings stored for the {name} token projector are not a table of named values")
+    for key, value in config.items():
+        if isinstance(value, bool) or isinstance(value, str):
+            continue
+        limit = MAX_DEPTH if key in DEPTH_KEYS else MAX_WIDTH
+        if not isinstance(value, (int, float)) or not (0 <= value <= limit) or value != value:
+            raise WeightError(f"the {name} token projector setting {key}={value!r} is out of range (0 to {limit})", fix="the file is damaged; download it again")
 
 
 def _compare(module: torch.nn.Module, state: Mapping[str, torch.Tensor]):

@@ -48,7 +48,10 @@ def find_word(sections: Sequence[Section], word_ids: Sequence[int]) -> List[Tupl
     """Every ``(section, start, end)`` where the tokens ``word_ids`` appear inside one word.
 
     A whitespace word may carry punctuation ("person," is the tokens of
-    "person" then ","), so the tokens are searched for inside each word's span.
+    "person" then ","), so the tokens are searched for inside each word's span,
+    every non-overlapping occurrence: ComfyUI 0.3.x gives all words of a
+    weighted segment ONE word id (it splits words only at ``embedding:``), so a
+    span there may hold the word several times.
     """
     target = [int(t) for t in word_ids]
     found = []
@@ -57,10 +60,13 @@ def find_word(sections: Sequence[Section], word_ids: Sequence[int]) -> List[Tupl
     for s, section in enumerate(sections):
         for start, end, _ in word_spans(section):
             ids = _ids(section, start, end)
-            for i in range(len(ids) - len(target) + 1):
+            i = 0
+            while i <= len(ids) - len(target):
                 if ids[i : i + len(target)] == target:
                     found.append((s, start + i, start + i + len(target)))
-                    break
+                    i += len(target)
+                else:
+                    i += 1
     return found
 
 

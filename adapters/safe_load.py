@@ -11,9 +11,12 @@
   released file (an interrupted download) are refused before reading.
 - Paths: :func:`resolve_in_folders` turns a file name from a node's list into
   a path and refuses names that leave the registered model folders
-  (absolute paths, ``..``); :func:`check_inside` does the same for full paths.
-  Paths are compared after ``normpath``, not ``realpath``, so a models folder
-  that is itself a symbolic link to another drive keeps working.
+  (absolute paths, drive letters, ``..``, NUL bytes); :func:`check_inside`
+  does the same for full paths. The symbolic-link rule (see
+  :func:`check_inside`): a registered model folder may itself be a link (or
+  live under one) to another disk; a link INSIDE it is followed only when its
+  target is inside one of the registered folders too, so a link planted in a
+  models folder cannot make a node read ``~/.ssh`` or ``/etc``.
 - :func:`sha256_file` hashes in chunks and reports progress to a callback
   (``nodes/`` passes a ComfyUI progress bar).
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -36,6 +41,7 @@ from .weight_errors import UnsafeFileError, WeightError
 MAX_BYTES = 8 * 1024**3  # the largest identity adapter known is 1.7 GB (InstantID); CLIP-vision bigG is 3.7 GB
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
 WRAPPER_PREFIXES = ("state_dict.", "module.")
+MAX_INFLATION = 4  # a zip PyTorch file unpacks to about its own size (records are stored, not compressed)
 
 
 
@@ -72,6 +78,11 @@ def sniff(path: str) -> str:
     )
 
 
+def path_is_zip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def check_size(path: str, expected_bytes: Optional[int] = None, max_bytes: int = MAX_BYTES) -> int:
     if not os.path.isfile(path):
         raise WeightError(f"the file '{path}' does not exist", fix="pick a file from the list, or put the file in one of the model folders")
@@ -88,15 +99,20 @@ def check_size(path: str, expected_bytes: Optional[int] = None, max_bytes: int =
     return size
 
 
-def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None):
+MAX_NESTING = 16  # released checkpoints nest dicts 1-3 deep
+
+
+def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None, depth: int = 0):
     """Nested dicts -> ``{"a.b.c": tensor}``; non-tensor leaves are listed in ``ignored``."""
     tensors = {} if tensors is None else tensors
     ignored = [] if ignored is None else ignored
+    if depth > MAX_NESTING:
+        raise WeightError(f"the file's dictionaries are nested more than {MAX_NESTING} deep: it is not a weight file", fix="pick a weight file")
     if isinstance(obj, torch.Tensor):
         tensors[prefix.rstrip(".")] = obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            flatten(value, f"{prefix}{key}.", tensors, ignored)
+            flatten(value, f"{prefix}{key}.", tensors, ignored, depth + 1)
     else:
         ignored.append(prefix.rstrip(".") or "<root>")
     return tensors, ignored
@@ -123,7 +139,7 @@ def _read_safetensors(path: str):
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, OverflowError, MemoryError) as err:
         raise WeightError(
             f"'{_name(path)}' is a damaged safetensors file ({err})",
             fix="download the file again; with the pack's download command the result is checked against the published sha256",
@@ -131,7 +147,25 @@ def _read_safetensors(path: str):
     return tensors, metadata
 
 
+def _check_archive(path: str, size: int) -> None:
+    """A zip-format PyTorch file must not unpack to more than :data:`MAX_BYTES` (torch.save stores
+    records uncompressed; a small file that inflates to gigabytes is a memory bomb, not weights)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error, OverflowError) as err:
+        raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({err})", fix="download the file again") from None
+    unpacked = sum(m.file_size for m in members)
+    if unpacked > MAX_BYTES or unpacked > MAX_INFLATION * max(size, 1):
+        raise WeightError(
+            f"'{_name(path)}' would unpack to {unpacked / 1024**3:.1f} GB from {size / 1024**2:.1f} MB: it is not a weight file",
+            fix="use the .safetensors version of this file, or a copy from the original publisher",
+        )
+
+
 def _read_pytorch(path: str):
+    if path_is_zip(path):
+        _check_archive(path, os.path.getsize(path))
     try:
         # an open file, not the path: torch.load would route a path ending in .safetensors by its name
         with open(path, "rb") as f:
@@ -145,7 +179,8 @@ def _read_pytorch(path: str):
                 fix="use the .safetensors version of this file, or a copy from the original publisher",
             ) from None
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({text.splitlines()[0] if text else 'unpickling failed'})", fix="download the file again") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, OverflowError,
+            ZeroDivisionError, AssertionError, RecursionError, MemoryError, NotImplementedError, zipfile.BadZipFile) as err:
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", fix="download the file again") from None
     tensors, ignored = flatten(obj)
     return tensors, ignored
@@ -181,11 +216,28 @@ def is_inside(path: str, root: str) -> bool:
 
 
 def check_inside(path: str, roots: Iterable[str]) -> None:
+    """``path`` must be inside one of ``roots``, by name AND after following links.
+
+    The symbolic-link rule: each root is taken as it really is (``realpath``), so
+    ``models/ipadapter -> /mnt/disk2/ipadapter`` (or a whole ``models`` folder on
+    another disk) works; the file's own real location must then be inside the real
+    location of one of the roots. A link inside a models folder whose target is
+    outside every root (``models/ipadapter/x.safetensors -> /home/me/.ssh/id_rsa``,
+    or a linked subfolder pointing at ``/``) is refused.
+    """
     roots = list(roots)
     if not any(is_inside(path, root) for root in roots):
         raise WeightError(
             f"'{path}' is outside the model folders this node reads ({', '.join(roots) or 'none registered'})",
             fix="put the file in one of those folders and pick it from the list",
+        )
+    real = os.path.realpath(path)
+    if not any(is_inside(real, os.path.realpath(root)) for root in roots):
+        raise WeightError(
+            f"'{_name(path)}' is a symbolic link (or lies in a linked folder) whose target {real} is outside the model folders "
+            f"({', '.join(roots)}); links that leave the model folders are not followed",
+            fix="link the whole model folder instead (e.g. models/ipadapter -> /mnt/disk/ipadapter), move the file into the folder, "
+            "or add the folder that holds it to extra_model_paths.yaml",
         )
 
 
@@ -203,6 +255,7 @@ def resolve_in_folders(name: str, roots: Sequence[str]) -> str:
     for root in roots:
         candidate = os.path.join(root, name)
         if is_inside(candidate, root) and os.path.isfile(candidate):
+            check_inside(candidate, roots)
             return candidate
     raise WeightError(f"'{name}' was not found in {', '.join(roots) or 'any model folder'}", fix="put the file there, or pick another file from the list")
 

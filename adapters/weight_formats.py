@@ -100,18 +100,24 @@ def _shape(t: Optional[torch.Tensor]) -> tuple:
 # --- detection ------------------------------------------------------------------------------------
 
 
+def _divides(t: Optional[torch.Tensor], norm: Optional[torch.Tensor]) -> bool:
+    """``t``'s rows are a whole number of ``norm``-widths (tokens x width); False for shapes that cannot say."""
+    rows, width = _shape(t), _shape(norm)
+    return len(rows) == 2 and len(width) == 1 and width[0] > 0 and rows[0] % width[0] == 0
+
+
 def _image_proj_kind(proj: Mapping[str, torch.Tensor]) -> Optional[str]:
     if "perceiver_resampler.proj_in.weight" in proj and "proj.0.weight" in proj and "norm.weight" in proj:
         return "faceid_plus"
-    if "latents" in proj and "proj_in.weight" in proj and len(_shape(proj["latents"])) == 3:
+    if "latents" in proj and len(_shape(proj.get("proj_in.weight"))) == 2 and len(_shape(proj["latents"])) == 3:
         return "instantid" if proj["proj_in.weight"].shape[1] == 512 else "ip_adapter_plus"
     if {"proj.0.weight", "proj.2.weight", "proj.3.weight"} <= set(proj):
-        w0 = proj["proj.0.weight"]
-        if w0.dim() == 2 and w0.shape[0] == w0.shape[1]:
+        w0 = _shape(proj["proj.0.weight"])
+        if len(w0) == 2 and w0[0] == w0[1]:
             return "ip_adapter_full_face"
-    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(proj) and proj["proj.2.weight"].shape[0] % proj["norm.weight"].shape[0] == 0:
+    if {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(proj) and _divides(proj["proj.2.weight"], proj["norm.weight"]):
         return "faceid"
-    if {"proj.weight", "norm.weight"} <= set(proj) and proj["proj.weight"].dim() == 2 and proj["proj.weight"].shape[0] % proj["norm.weight"].shape[0] == 0:
+    if {"proj.weight", "norm.weight"} <= set(proj) and _divides(proj["proj.weight"], proj["norm.weight"]):
         return "ip_adapter"
     return None
 
@@ -353,19 +359,65 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
     """
     fmt = detect_format(tensors, metadata)
     hints = hints or {}
-    if fmt == "native":
-        adapter = native_from_tensors(tensors, metadata or {}, source=source)
-    elif fmt == "pulid":
-        adapter = _convert_pulid(tensors)
-    elif fmt == "fact":
-        adapter = _convert_fact(tensors)
-    elif fmt == "pva":
-        adapter = _convert_pva(tensors)
-    else:
-        adapter = _convert_ip_family(fmt, tensors, hints)
+    try:
+        if fmt == "native":
+            adapter = native_from_tensors(tensors, metadata or {}, source=source)
+        elif fmt == "pulid":
+            adapter = _convert_pulid(tensors)
+        elif fmt == "fact":
+            adapter = _convert_fact(tensors)
+        elif fmt == "pva":
+            adapter = _convert_pva(tensors)
+        else:
+            adapter = _convert_ip_family(fmt, tensors, hints)
+    except WeightError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, RuntimeError, ZeroDivisionError, StopIteration) as err:
+        # the loader's contract is WeightError only: a file that matched a format's key names but not its
+        # layout (a missing or reshaped tensor the converter reads) is a damaged file, not a crash
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise WeightError(
+            f"this file has the key names of {KNOWN_FORMATS[fmt]} but its tensors do not fit that layout ({type(err).__name__}: {detail})",
+            fix="the file is damaged or was edited; download it again",
+        ) from None
     if source:
         adapter.metadata.setdefault("source", source)
+    check_weights_usable(adapter)
     return adapter
+
+
+def _named_tensors(adapter: IdAdapter):
+    for key, entries in adapter.layers.items():
+        for name, t in entries.items():
+            yield f"{describe(key)} {name}", t
+    if adapter.projector is not None:
+        for name, t in adapter.projector.state_dict().items():
+            yield f"projector {name}", t
+    for name, t in adapter.extras.items():
+        if isinstance(t, torch.Tensor):
+            yield f"extra {name}", t
+
+
+def check_weights_usable(adapter: IdAdapter) -> None:
+    """Refuse an adapter with integer tensors or NaN / inf weights (a damaged file, or a training run that diverged).
+
+    Such weights would not fail here but in the middle of sampling, or not at all:
+    every picture would come out black or as noise. One pass over the tensors when a
+    file is loaded (the loader caches the result).
+    """
+    named = list(_named_tensors(adapter))
+    integer = [f"{name} ({str(t.dtype).replace('torch.', '')})" for name, t in named if not (t.is_floating_point() or t.is_complex())]
+    if integer:
+        raise WeightError(
+            f"{len(integer)} of the adapter's weight tensors hold integers, not weights (first: {integer[0]})",
+            fix="the file is damaged or is not an identity adapter; download it again",
+        )
+    bad = [name for name, t in named if t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightError(
+            f"{len(bad)} of the adapter's tensors hold NaN or infinite values (first: {bad[0]}); every picture would be black or noise",
+            fix="download the file again; if it came from a training run, take an earlier checkpoint",
+        )
 
 
 # --- the MODEL it will patch ----------------------------------------------------------------------

@@ -67,8 +67,8 @@ def _file_problem(file: str) -> Optional[str]:
     if not isinstance(file, str) or not file:
         return "file must be a non-empty string"
     parts = file.split("/")
-    if file.startswith("/") or "\\" in file or ":" in parts[0] or ".." in parts or "" in parts:
-        return f"file {file!r} must be a relative '/'-separated path without '..'"
+    if file.startswith("/") or "\\" in file or ":" in parts[0] or ".." in parts or "." in parts or "" in parts or "\x00" in file:
+        return f"file {file!r} must be a relative '/'-separated path without '.' or '..' parts"
     return None
 
 
@@ -156,24 +156,30 @@ def validate_manifest(data: Mapping, node_ids: Optional[Iterable[str]] = None) -
             problems.append("every entry must be an object")
             continue
         problems += validate_entry(entry, node_ids)
-        eid = entry.get("id")
+        eid = _hashable(entry.get("id"))
         if eid in ids:
             problems.append(f"{eid}: duplicate id")
         ids.add(eid)
-        place = (entry.get("folder"), entry.get("file"))
+        place = (_hashable(entry.get("folder")), _hashable(entry.get("file")))
         if place in places:
             problems.append(f"{eid}: another entry already writes {place[0]}/{place[1]}")
         places.add(place)
-    groups = {e.get("group") for e in entries if isinstance(e, Mapping) and e.get("group")}
-    clash = groups & ids
+    groups = {_hashable(e.get("group")) for e in entries if isinstance(e, Mapping) and e.get("group")}
+    clash = {g for g in groups if g in ids}
     if clash:
-        problems.append(f"group names that are also ids: {sorted(clash)}")
+        problems.append(f"group names that are also ids: {sorted(map(str, clash))}")
     for entry in entries:
         if isinstance(entry, Mapping):
-            for req in entry.get("requires", []) or []:
-                if req not in ids and req not in groups:
+            requires = entry.get("requires", []) or []
+            for req in requires if isinstance(requires, list) else [requires]:
+                if _hashable(req) not in ids and _hashable(req) not in groups:
                     problems.append(f"{entry.get('id')}: requires unknown id or group {req!r}")
     return problems
+
+
+def _hashable(value):
+    """``value`` for set membership: JSON lists and objects (wrong types, reported elsewhere) by their repr."""
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
 class Manifest:
@@ -232,5 +238,9 @@ def load_manifest(path: Optional[str] = None) -> Manifest:
     key = f"{path}:{os.path.getmtime(path)}"
     if key not in _CACHE:
         with open(path, "r", encoding="utf-8") as f:
-            _CACHE[key] = Manifest(json.load(f), path)
+            try:
+                data = json.load(f)
+            except RecursionError:  # "[[[[..." nested deeper than the parser's stack: not a manifest
+                raise ValueError(f"{path} is not a valid weights manifest: its JSON is nested too deeply") from None
+        _CACHE[key] = Manifest(data, path)
     return _CACHE[key]

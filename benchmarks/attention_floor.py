@@ -130,24 +130,22 @@ def joint(fi: FloorInputs, tokens: int, visual_q: bool) -> Floor:
     return _sum(fi.table, flops, nbytes)
 
 
-def routed_mixture(fi: FloorInputs, tokens: int) -> Floor:
-    """MoA: a second (personalized) attention over [text; identity] keys, a router, a per-pixel blend.
+def routing(fi: FloorInputs, tokens: int) -> Floor:
+    """MoA's router and blend on top of a personalized branch already applied (PVA joint over T tokens).
 
-    Assumes the training-free router (the attention mass on the identity
-    columns, normalised per layer) and a personalized branch attending to
-    M + T keys. FLOPs 4BN(M+T)C + 5BHN(M+T) + BHNT + 3BNC;
-    bytes e(3BNC + 2BMC + 2*2TC + BN).
+    The training-free router reads the attention mass on the T identity columns,
+    which the branch's joint softmax already holds: summing it over the columns
+    and averaging over heads (BHNT + BHN), a two-way softmax with temperature
+    (~10BN), then ``R0 * prior + R1 * personalized`` (3BNC; the prior is the
+    layer's text attention, computed once per call anyway). Bytes: read prior
+    and branch, write the result, e(3BNC), plus the router map e(BN).
+    The branch itself is its own scenario's floor (``joint``).
     """
     e, t = fi.elem_bytes, tokens
-
-    def flops(g):
-        keys = g.text_tokens + t
-        return 4 * g.batch * g.tokens * keys * g.inner + SOFTMAX * g.batch * g.heads * g.tokens * keys + g.batch * g.heads * g.tokens * t + 3 * g.batch * g.tokens * g.inner
-
     return _sum(
         fi.table,
-        flops,
-        lambda g: e * (3 * g.batch * g.tokens * g.inner + 2 * g.batch * g.text_tokens * g.inner + CHUNKS * 2 * t * g.inner + g.batch * g.tokens),
+        lambda g: g.batch * g.heads * g.tokens * (t + 1) + 10 * g.batch * g.tokens + 3 * g.batch * g.tokens * g.inner,
+        lambda g: e * (3 * g.batch * g.tokens * g.inner + g.batch * g.tokens),
     )
 
 
@@ -192,8 +190,12 @@ def boundary_guidance(fi: FloorInputs, min_downscale: int = 4) -> Floor:
 def boundary_guidance_exact(fi: FloorInputs) -> Floor:
     """STFG exact: STFG fast plus a backward pass through the UNet (about 2x its forward FLOPs).
 
-    Bytes not modelled (the stored activations dominate and depend on
-    checkpointing). Needs the counted UNet FLOPs; without them only the fast part.
+    The least it can cost: the step's own forward keeps its activations and one
+    backward follows. The node re-runs the CFG forward with autograd on instead
+    (``gradient_support.cfg_denoiser``: +1x forward), so expect ~3x on top of
+    the step at best. Bytes not modelled (the stored activations dominate and
+    depend on checkpointing). Needs the counted UNet FLOPs; without them only
+    the fast part.
     """
     backward = Floor(2.0 * fi.unet_flops, None, "backward ~ 2x UNet forward") if fi.unet_flops else Floor(0.0, None, "UNet FLOPs unknown")
     return boundary_guidance(fi) + backward
@@ -225,8 +227,12 @@ def split_key_value_context(fi: FloorInputs) -> Floor:
     """Per-stage K/V tokens: keys from one encoded prompt, values from another (same token count).
 
     Nothing extra per step: to_v projects the value context instead of the text
-    context (same FLOPs, same bytes), the pair is chosen by sigma on the CPU,
-    and the two prompt encodings happen once per sampling.
+    context (same FLOPs, same bytes), the pair is chosen by sigma (on the device,
+    one index), and the prompt encodings happen once, in the encode node. The
+    node's attn2_patch does move memory: it returns new context and value
+    tensors for the batch (4eBMC_t per layer, C_t the context width), which
+    ComfyUI's patch interface forces and a kernel reading the stage context
+    in place would not; not counted here.
     """
     return Floor(0.0, 0.0)
 

@@ -31,6 +31,7 @@ class Row:
     rounds: List[RoundResult] = field(default_factory=list)
     floor: Optional[floors.Floor] = None
     ratios: List[float] = field(default_factory=list)  # per round, over the reference
+    identity: Optional[object] = None  # identity_scoring.IdentityScore, with --score-identity
 
     @property
     def ok(self) -> bool:
@@ -91,14 +92,19 @@ def _median(times):
     return statistics.median(times)
 
 
-def compare(model, config: Config, size: str, dtype: torch.dtype, scenarios: List[Scenario], rounds: int, steps: int, warmup: int, log=print) -> ConfigResult:
-    """Patch ``model`` with each scenario and time them all, interleaved; floors for every row."""
+def compare(model, config: Config, size: str, dtype: torch.dtype, scenarios: List[Scenario], rounds: int, steps: int, warmup: int, log=print, cache: Optional[dict] = None, after=None) -> ConfigResult:
+    """Patch ``model`` with each scenario and time them all, interleaved; floors for every row.
+
+    cache: the scenario inputs of this model, shared by its configurations (synthetic adapters take
+    seconds to draw). after(rows, patched, inputs, ctx): called once the timing is done, with every
+    row and its patched model (``--score-identity`` samples and scores images there).
+    """
     from .geometry import layer_table
 
     device = torch.device(model.load_device)
     inputs = step_inputs(model, config)
     table = layer_table(model, config.latent_hw, batch=2, text_tokens=inputs.positive[0][0].shape[1])
-    ctx = BenchContext(config.arch, device, dtype, inputs.latent, table)
+    ctx = BenchContext(config.arch, device, dtype, inputs.latent, table, cache if cache is not None else {})
     base_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
 
     rows = [Row(s) for s in scenarios]
@@ -122,7 +128,7 @@ def compare(model, config: Config, size: str, dtype: torch.dtype, scenarios: Lis
             p = patched[row.scenario.name]
             try:
                 count = row is rows[0] and r == 0
-                row.rounds.append(run_round(p.model, inputs, warmup, steps, noise_mask=p.noise_mask, count_flops=count))
+                row.rounds.append(run_round(p.model, inputs, warmup, steps, noise_mask=p.noise_mask, count_flops=count, latent=p.latent))
             except Exception as exc:
                 traceback.print_exc(file=sys.stderr)
                 row.status = f"failed while sampling: {type(exc).__name__}: {exc}"
@@ -137,6 +143,8 @@ def compare(model, config: Config, size: str, dtype: torch.dtype, scenarios: Lis
             row.ratios = [_median(a.times) / _median(b.times) for a, b in zip(row.rounds, reference.rounds)]
         elif row.status == "ok":
             row.status = "failed: incomplete rounds"
+    if after is not None:
+        after(rows, patched, inputs, ctx)
     return ConfigResult(
         config=config,
         size=size,

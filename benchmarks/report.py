@@ -99,6 +99,10 @@ def config_section(result: ConfigResult, ceilings: Ceilings) -> List[str]:
     ]
     for row in result.rows:
         lines.append("| " + " | ".join(row_cells(result, row, ceilings)) + " |")
+    scored = [row for row in result.rows if row.identity is not None]
+    if scored:
+        lines += ["", "| scenario | identity similarity of one sampled image (--score-identity) |", "|---|---|"]
+        lines += [f"| `{row.scenario.name}` | {row.identity.cell} |" for row in scored]
     return lines + [""]
 
 
@@ -110,6 +114,7 @@ def fragment(
     results: List[ConfigResult],
     tasks: List[tuple],
     memory_note: str,
+    identity_note: str = "",
 ) -> str:
     """The whole Markdown fragment of one run."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -122,8 +127,10 @@ def fragment(
         f"- ceilings: {ceilings.describe()}; overhead floor = max(extra FLOPs ÷ matmul rate, extra bytes ÷ copy rate) "
         "÷ the unpatched step (benchmarks/attention_floor.py)",
         f"- memory: {memory_note}",
-        "",
     ]
+    if identity_note:
+        lines.append(f"- identity: {identity_note}")
+    lines.append("")
     for result in results:
         lines += config_section(result, ceilings)
     if tasks:

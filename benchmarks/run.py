@@ -2,12 +2,15 @@
 
     python -m benchmarks.run [--device cpu|cuda] [--quick] [--out benchmarks/RESULTS.md]
                              [--configs sd15:64,sdxl:128] [--scenarios a,b] [--json PATH]
+                             [--score-identity]
 
 GPU (default when one is present): full-size SD1.5 and SDXL in fp16 at 512²
 and 1024² px, 5 rounds x 5 timed steps (+2 warm-up calls per round) per
 scenario. CPU: the micro models (real layouts, few channels) in fp32 at small
 latents, for a quick relative check. The Markdown table is printed last and
-appended to ``--out``; ``--json`` writes every timed step.
+appended to ``--out``; ``--json`` writes every timed step. ``--score-identity``
+(off by default) also samples, decodes and scores one image per scenario with
+the real face recognizer (``identity_scoring.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=-1, help="untimed calls per round")
     p.add_argument("--verbose", action="store_true", help="keep ComfyUI's info logging (model loads every round)")
+    p.add_argument(
+        "--score-identity",
+        action="store_true",
+        help="after timing, sample one image per scenario, decode it (the test kit's random TAESD) and score it against "
+        "reference photos with the real YuNet/SFace recognizer (benchmarks/identity_scoring.py); off by default",
+    )
     return p.parse_args(argv)
 
 
@@ -132,14 +141,23 @@ def _run(args, p) -> int:
     ceilings = device_ceilings.measure(p["device"], p["dtype"])
     log(f"ceilings: {ceilings.describe()}")
 
+    scoring = None
+    if args.score_identity:
+        from .identity_scoring import STEPS, IdentityScoring
+
+        scoring = IdentityScoring(log=log)
     results = []
     for arch in dict.fromkeys(c.arch for c in configs):
         t0 = time.perf_counter()
         model = build_model(arch, p["size"], p["device"], p["dtype"])
         log(f"built {arch} {p['size']} in {time.perf_counter() - t0:.1f} s")
+        inputs_cache = {}  # the scenarios' synthetic adapters etc., shared by this model's configurations
         for config in (c for c in configs if c.arch == arch):
             log(f"{config.label}: {len(chosen)} scenarios")
-            results.append(compare(model, config, p["size"], p["dtype"], chosen, p["rounds"], p["steps"], p["warmup"], log=log))
+            results.append(
+                compare(model, config, p["size"], p["dtype"], chosen, p["rounds"], p["steps"], p["warmup"], log=log, cache=inputs_cache, after=scoring)
+            )
+        del inputs_cache
         free(model)
 
     task_rows = []
@@ -155,7 +173,13 @@ def _run(args, p) -> int:
         if p["device"].type == "cuda"
         else "n/a on the CPU (no allocator statistics)"
     )
-    text = report.fragment(title, facts, timing_note(p, args.quick), ceilings, results, task_rows, memory)
+    identity = ""
+    if scoring is not None:
+        identity = scoring.unavailable or (
+            f"one image per scenario, euler {STEPS} steps, decoded by a random TAESD (plumbing: random weights draw no faces), "
+            f"scored by {scoring.label}"
+        )
+    text = report.fragment(title, facts, timing_note(p, args.quick), ceilings, results, task_rows, memory, identity)
     if args.json:
         Path(args.json).write_text(json.dumps(_as_json(facts, p, ceilings, results), indent=1))
     if args.out:
@@ -187,6 +211,7 @@ def _as_json(facts, p, ceilings, results) -> dict:
                         "times": [rnd.times for rnd in row.rounds],
                         "floor": None if row.floor is None else dataclasses.asdict(row.floor),
                         "peak_bytes": r.peak_bytes(row),
+                        "identity": None if row.identity is None else {"scores": row.identity.scores, "note": row.identity.note},
                     }
                     for row in r.rows
                 ],

@@ -1,35 +1,44 @@
 """Every benchmarked scenario, registered in one place.
 
-A scenario patches a MODEL the way its nodes would and says what arithmetic it
+A scenario patches a MODEL the way its node does and says what arithmetic it
 adds (its floor, ``attention_floor.py``). The harness times each against the
 unpatched model in the same run.
 
-    @scenario("name", issue="#6", summary="...", needs=("adapters.x",), floor=lambda fi: ...)
+    @scenario("name", issue="#6", summary="...", needs=("nodes.x_nodes",), floor=lambda fi: ...)
     def _build_name(model, ctx):      # model: a ComfyUI ModelPatcher (unpatched)
-        return patched_model          # or Patched(patched_model, noise_mask=...)
+        return patched_model          # or Patched(patched_model, noise_mask=..., latent=...)
 
 ``needs`` names the pack modules the scenario imports; when one is not in this
 branch the row reads "not available" (never silently dropped). Import pack
 modules inside the body (``pack("nodes.x")``), never at the top of this file.
 A body that cannot run raises :class:`ScenarioUnavailable` with the reason.
 
-For the mechanism engineers: fill the body of your stub below (keep its name,
-so RESULTS.md rows stay comparable), correct ``needs`` to your module names and
-the floor's token counts to what your node uses by default. ``ctx`` gives the
-synthetic identity and adapter (``tests/testkit/synthetic.py``) at the model's
-real layer sizes, the layer geometry and the latent.
+Every mechanism scenario calls its node's ``FUNCTION`` (``scenario_inputs.apply_node``)
+with the inputs an artist connects (synthetic IDENTITY / ID_ADAPTER / CLIP /
+CLIP_VISION / mask / original latent from :class:`BenchContext`) and every other
+input at the node's own default. Token counts (and so the floors) follow the
+adapters the papers ship: PVA 10 identity tokens with its own visual query,
+InstantID / IP-Adapter Plus 16, FACT 16 face tokens. A new mechanism: add a
+scenario the same way and check it on the CPU first:
+``python -m benchmarks.run --quick --out "" --scenarios unpatched,your_name``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import attention_floor as floors
-from .geometry import LayerGeometry
 from .host_setup import pack, pack_has
+from .scenario_inputs import EDIT_PROMPT, BenchContext, apply_node, call_node
+
+__all__ = ["BenchContext", "Patched", "SCENARIOS", "REFERENCE", "Scenario", "ScenarioUnavailable", "selected"]
+
+PVA_TOKENS = 10  # PVA's checkpoint: 10 identity tokens, its own to_visual_q / k / v
+ADAPTER_TOKENS = 16  # InstantID's Resampler, IP-Adapter Plus / Plus-Face: 16 tokens
+FACE_TOKENS = 16  # FACT's resampler: 16 face tokens per reference
 
 
 class ScenarioUnavailable(Exception):
@@ -38,51 +47,11 @@ class ScenarioUnavailable(Exception):
 
 @dataclass
 class Patched:
-    """A patched MODEL plus what the sampler must be given besides (e.g. an inpainting noise mask)."""
+    """A patched MODEL plus what the sampler must be given besides (inpainting: a noise mask and the original latent)."""
 
     model: object
-    noise_mask: Optional[torch.Tensor] = None  # [1, 1, h, w] latent-space mask, as KSampler takes it
-
-
-@dataclass
-class BenchContext:
-    """What a scenario body may use. One per (architecture, latent size)."""
-
-    arch: str  # "sd15" | "sdxl"
-    device: torch.device
-    dtype: torch.dtype
-    latent: torch.Tensor  # [1, 4, h, w], what is being sampled
-    table: List[LayerGeometry]
-    _cache: Dict[tuple, object] = field(default_factory=dict)
-
-    @property
-    def latent_hw(self) -> Tuple[int, int]:
-        return tuple(self.latent.shape[-2:])
-
-    def layers(self, model):
-        """The model's cross-attention layers (``nodes.host.LayerInfo``)."""
-        return pack("nodes.host").cross_attention_layers(model)
-
-    def identity(self, references: int = 1):
-        """A synthetic IDENTITY (random faces, CLIP features and face tokens of the usual shapes)."""
-        key = ("identity", references)
-        if key not in self._cache:
-            from testkit.synthetic import synthetic_identity
-
-            self._cache[key] = synthetic_identity(references=references, seed=0, face_tokens=True)
-        return self._cache[key]
-
-    def adapter(self, model, num_tokens: int = 4, visual_q: bool = False):
-        """A synthetic ID_ADAPTER with random to_k / to_v (and to_q) at every layer of ``model``."""
-        key = ("adapter", num_tokens, visual_q)
-        if key not in self._cache:
-            from testkit.synthetic import synthetic_adapter
-
-            layers = self.layers(model)
-            context_dim = layers[0].context_dim
-            base = pack("nodes.host").BASE_BY_CONTEXT_DIM.get(context_dim, "sd15")
-            self._cache[key] = synthetic_adapter(layers, base, context_dim, num_tokens=num_tokens, visual_q=visual_q)
-        return self._cache[key]
+    noise_mask: Optional[torch.Tensor] = None  # [1, 1, H, W] mask, as KSampler takes it (resized to the latent)
+    latent: Optional[torch.Tensor] = None  # [1, 4, h, w] the latent to sample from instead of the empty one (inpainting: the original)
 
 
 @dataclass(frozen=True)
@@ -94,6 +63,7 @@ class Scenario:
     floor: Callable[[floors.FloorInputs], floors.Floor]
     build: Callable[[object, BenchContext], object]
     components: Tuple[str, ...] = ()  # for a stack: the scenarios it applies, in order
+    stack_floor: Optional[Callable[[floors.FloorInputs], floors.Floor]] = None  # what it adds inside a stack, if not ``floor``
 
     def missing(self) -> List[str]:
         """Pack modules this scenario needs that this branch lacks (component scenarios, for a stack)."""
@@ -115,20 +85,21 @@ SCENARIOS: Dict[str, Scenario] = {}
 REFERENCE = "unpatched"
 
 
-def scenario(name: str, issue: str, summary: str, floor, needs: Tuple[str, ...] = ()):
+def scenario(name: str, issue: str, summary: str, floor, needs: Tuple[str, ...] = (), stack_floor=None):
     def register(build):
-        SCENARIOS[name] = Scenario(name, issue, summary, tuple(needs), floor, build)
+        SCENARIOS[name] = Scenario(name, issue, summary, tuple(needs), floor, build, stack_floor=stack_floor)
         return build
 
     return register
 
 
-def _not_written(name: str):
-    raise ScenarioUnavailable(f"benchmark body not written yet (benchmarks/scenarios.py: {name})")
-
-
 def _schedule(weight: float = 1.0):
     return pack("nodes.dispatcher").StageSchedule(weight=weight)
+
+
+def _inpainting(model, ctx: BenchContext) -> Patched:
+    """The sampler side of an inpainting edit: the edit mask as noise mask, the original latent to start from."""
+    return Patched(model, noise_mask=ctx.noise_mask(), latent=ctx.original_latent())
 
 
 # --- references ------------------------------------------------------------------------------------
@@ -165,137 +136,200 @@ def _build_minimal_decoupled(model, ctx):
     return pack("nodes.dispatcher").apply_attention_stage(model, MinimalDecoupledStage(_schedule(0.8), adapter, tokens))
 
 
-# --- mechanisms (issues #6-#8): stubs until their engineers fill them ------------------------------
+@scenario(
+    "inpainting_unpatched",
+    "#7",
+    "the unpatched model sampled as an inpainting edit (noise mask + original latent): the setup the CA²/STFG rows run in",
+    floor=floors.nothing,
+)
+def _build_inpainting_unpatched(model, ctx):
+    return _inpainting(model.clone(), ctx)
+
+
+# --- mechanisms (issues #6-#8): each through its node -----------------------------------------------
+
+
+def _parallel_attention(model, ctx, adapter):
+    node = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+    return apply_node(node, model=model, id_adapter=adapter, identity=ctx.identity())
 
 
 @scenario(
     "pva_joint",
     "#6",
-    "PVA joint softmax over [text; 10 identity tokens] with its own visual Q/K/V",
-    floor=lambda fi: floors.joint(fi, tokens=10, visual_q=True),
-    needs=("adapters.parallel_attention", "nodes.parallel_attention_nodes"),
+    f"Apply parallel visual attention, PVA weights (mode auto -> joint): one softmax over [text; {PVA_TOKENS} identity tokens], its own visual query",
+    floor=lambda fi: floors.joint(fi, tokens=PVA_TOKENS, visual_q=True),
+    needs=("adapters.parallel_attention", "nodes.parallel_attention_stage", "nodes.parallel_attention_nodes"),
 )
 def _build_pva_joint(model, ctx):
-    _not_written("pva_joint")
+    adapter = ctx.adapter(model, PVA_TOKENS, visual_q=True, fmt="pva", mechanism="joint")
+    return _parallel_attention(model, ctx, adapter)
 
 
 @scenario(
     "pva_decoupled",
     "#6",
-    "decoupled (IP-Adapter / InstantID / PuLID) mode of the PVA node, 16 identity tokens",
-    floor=lambda fi: floors.decoupled(fi, tokens=16),
-    needs=("adapters.parallel_attention", "nodes.parallel_attention_nodes"),
+    f"Apply parallel visual attention, InstantID-style weights (mode auto -> decoupled): out + w·attn(q, K_id, V_id), {ADAPTER_TOKENS} tokens",
+    floor=lambda fi: floors.decoupled(fi, tokens=ADAPTER_TOKENS),
+    needs=("adapters.parallel_attention", "nodes.parallel_attention_stage", "nodes.parallel_attention_nodes"),
 )
 def _build_pva_decoupled(model, ctx):
-    _not_written("pva_decoupled")
+    adapter = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
+    return _parallel_attention(model, ctx, adapter)
 
 
 @scenario(
     "kv_mixed",
     "#6",
-    "keys from one token source, values from another, 16 tokens",
-    floor=lambda fi: floors.decoupled(fi, tokens=16),
-    needs=("adapters.kv_mixed_attention", "nodes.kv_mixed_nodes"),
+    f"Apply KV-mixed attention: keys from the face embedding (InstantID-style, {ADAPTER_TOKENS} tokens), values from CLIP image features (IP-Adapter Plus-style, {ADAPTER_TOKENS} tokens)",
+    floor=lambda fi: floors.decoupled(fi, tokens=ADAPTER_TOKENS),
+    needs=("adapters.kv_mixed_attention", "nodes.parallel_attention_stage", "nodes.kv_mixed_nodes"),
 )
 def _build_kv_mixed(model, ctx):
-    _not_written("kv_mixed")
+    node = pack("nodes.kv_mixed_nodes").ApplyKVMixedAttention
+    keys = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
+    values = ctx.adapter(model, ADAPTER_TOKENS, projector="clip_embeds", fmt="ip_adapter_plus")
+    identity = ctx.identity()
+    return apply_node(node, model=model, key_adapter=keys, key_identity=identity, value_adapter=values, value_identity=identity)
+
+
+def _has_identity_attention(model) -> bool:
+    dispatcher = pack("nodes.dispatcher").installed_dispatcher(model)
+    return any(callable(getattr(s, "identity_share", None)) for s in (dispatcher.stages if dispatcher else ()))
 
 
 @scenario(
     "moa",
     "#6",
-    "mixture of attention: prior + personalized branch over [text; 16 tokens], training-free router",
-    floor=lambda fi: floors.routed_mixture(fi, tokens=16),
-    needs=("adapters.mixture_of_attention", "nodes.mixture_of_attention_nodes"),
+    "Apply mixture-of-attention (identity_attention router) routing pva_joint's branch against the prior: this row is pva_joint + MoA, so MoA alone is its gap to pva_joint",
+    floor=lambda fi: floors.joint(fi, tokens=PVA_TOKENS, visual_q=True) + floors.routing(fi, tokens=PVA_TOKENS),
+    stack_floor=lambda fi: floors.routing(fi, tokens=PVA_TOKENS),
+    needs=("adapters.attention_routing", "nodes.routing_stage", "nodes.mixture_of_attention_nodes", "nodes.parallel_attention_nodes"),
 )
 def _build_moa(model, ctx):
-    _not_written("moa")
+    # the node routes the identity attention applied before it (and refuses a MODEL without one):
+    # alone, it gets pva_joint's; in a stack, the one already there
+    if not _has_identity_attention(model):
+        model = _build_pva_joint(model, ctx)
+    return apply_node(pack("nodes.mixture_of_attention_nodes").ApplyMixtureOfAttention, model=model)
 
 
 @scenario(
     "ca2",
     "#7",
-    "CA² gate: decoupled visual attention (16 tokens) scaled by (1 - Score·Mask), training-free score",
-    floor=lambda fi: floors.ca2_gate(fi, tokens=16),
-    needs=("adapters.ca2_gate", "nodes.ca2_nodes"),
+    f"Apply CA² gate (training-free text-attention score): the original image's CLIP tokens ({ADAPTER_TOKENS}, IP-Adapter Plus-style) as a decoupled condition scaled by (1 - Score·Mask)",
+    floor=lambda fi: floors.ca2_gate(fi, tokens=ADAPTER_TOKENS),
+    needs=("adapters.ca2_gate", "nodes.ca2_stage", "nodes.visual_condition", "nodes.ca2_nodes"),
 )
 def _build_ca2(model, ctx):
-    _not_written("ca2")
+    node = pack("nodes.ca2_nodes").ApplyCA2Gate
+    adapter = ctx.adapter(model, ADAPTER_TOKENS, projector="clip_embeds", fmt="ip_adapter_plus")
+    return apply_node(node, model=model, id_adapter=adapter, mask=ctx.edit_mask(), clip_vision=ctx.clip_vision(), image=ctx.original_image())
+
+
+def _stfg(model, ctx, mode: str) -> Patched:
+    node = pack("nodes.stfg_nodes").ApplySTFG
+    patched = apply_node(node, model=model, original_latent={"samples": ctx.original_latent()}, mask=ctx.edit_mask(), mode=mode)
+    return _inpainting(patched, ctx)
 
 
 @scenario(
     "stfg_fast",
     "#7",
-    "STFG guidance, closed form (no backward): boundary map from coarse text attention + FFT low-pass",
+    "Apply STFG guidance, mode fast, inpainting (closed form, no backward): coarse-layer text-attention map + FFT low-pass pull; compare with inpainting_unpatched",
     floor=floors.boundary_guidance,
-    needs=("adapters.stfg_guidance", "nodes.stfg_nodes"),
+    needs=("adapters.stfg_guidance", "nodes.stfg_attention_stage", "nodes.stfg_post_cfg", "nodes.stfg_nodes"),
 )
 def _build_stfg_fast(model, ctx):
-    _not_written("stfg_fast")
+    return _stfg(model, ctx, "fast")
 
 
 @scenario(
     "stfg_exact",
     "#7",
-    "STFG guidance with the gradient through the UNet (newer hosts only)",
+    "Apply STFG guidance, mode exact, inpainting: the gradient through the UNet every step (hosts that support a backward pass only)",
     floor=floors.boundary_guidance_exact,
-    needs=("adapters.stfg_guidance", "nodes.stfg_nodes"),
+    needs=("adapters.stfg_guidance", "nodes.gradient_support", "nodes.stfg_post_cfg", "nodes.stfg_nodes"),
 )
 def _build_stfg_exact(model, ctx):
-    _not_written("stfg_exact")
+    supported, reason = pack("nodes.gradient_support").gradient_support()
+    if not supported:
+        raise ScenarioUnavailable(f"this host cannot take a gradient through the UNet: {reason}")
+    return _stfg(model, ctx, "exact")
 
 
 @scenario(
     "face_adapter",
     "#8",
-    "FACT gated self-attention over [x; 16 face tokens] plus its feed-forward, at every attn2 block",
-    floor=lambda fi: floors.gated_self_attention(fi, tokens=16),
-    needs=("adapters.gated_self_attention", "nodes.face_adapter_nodes"),
+    f"Apply face adapter (FACT gated self-attention over [x; {FACE_TOKENS} face tokens] + its feed-forward) at every transformer block, gate 0.5",
+    floor=lambda fi: floors.gated_self_attention(fi, tokens=FACE_TOKENS),
+    needs=("adapters.gated_self_attention", "nodes.face_adapter_patch", "nodes.face_adapter_nodes"),
 )
 def _build_face_adapter(model, ctx):
-    _not_written("face_adapter")
+    node = pack("nodes.face_adapter_nodes").ApplyFaceAdapter
+    return apply_node(node, model=model, adapter=ctx.fact_adapter(model, FACE_TOKENS), identity=ctx.identity())
 
 
 @scenario(
     "stage_tokens",
     "#8",
-    "per-stage K/V identity tokens: keys and values from two encodings of the prompt",
+    "Apply per-stage identity tokens (5 stages): keys and values from two encodings of the prompt, swapped into the positive rows' context",
     floor=floors.split_key_value_context,
-    needs=("adapters.stage_tokens", "nodes.stage_token_nodes"),
+    needs=("adapters.stage_tokens", "nodes.stage_token_patch", "nodes.stage_token_nodes"),
 )
 def _build_stage_tokens(model, ctx):
-    _not_written("stage_tokens")
+    nodes = pack("nodes.stage_token_nodes")
+    clip = ctx.text_encoder()
+    # init "seed": the node's default "word" reads CLIP's token embedding table, which the tiny text
+    # encoder does not expose; the tokens' values do not change what a step costs
+    tokens = apply_node(nodes.CreateIdentityTokens, base=ctx.arch, init="seed", clip=clip)
+    _, contexts = call_node(nodes.EncodePromptWithIdentityTokens, clip=clip, tokens=tokens)  # "a photo of V* person"
+    return apply_node(nodes.ApplyStageTokens, model=model, stage_contexts=contexts)
 
 
 @scenario(
     "nested",
     "#8",
-    "nested attention: the subject token's value from an attention over 16 subject tokens",
-    floor=lambda fi: floors.nested(fi, tokens=16),
-    needs=("adapters.nested_attention", "nodes.nested_attention_nodes"),
+    f"Apply nested attention: the subject token's value from an attention over {ADAPTER_TOKENS} identity tokens (adapter K/V), cond rows",
+    floor=lambda fi: floors.nested(fi, tokens=ADAPTER_TOKENS),
+    needs=("adapters.nested_attention", "nodes.nested_attention_stage", "nodes.nested_attention_nodes"),
 )
 def _build_nested(model, ctx):
-    _not_written("nested")
+    node = pack("nodes.nested_attention_nodes").ApplyNestedAttention
+    adapter = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
+    return apply_node(node, model=model, adapter=adapter, identity=ctx.identity(), clip=ctx.text_encoder(), prompt=EDIT_PROMPT)
 
 
 FULL_STACK = ("pva_joint", "moa", "ca2", "stfg_fast", "face_adapter", "stage_tokens", "nested")
 
 
 def _build_full_stack(model, ctx):
-    """Each component applied in turn, in FULL_STACK order (as an artist would chain the nodes)."""
+    """Each component applied in turn, in FULL_STACK order (as an artist would chain the nodes).
+
+    MoA routes the pva_joint branch already on the model (it adds no branch of its own);
+    the inpainting inputs come from stfg_fast.
+    """
     patched = Patched(model)
     for name in FULL_STACK:
         step = SCENARIOS[name].patch(patched.model, ctx)
-        patched = Patched(step.model, step.noise_mask if step.noise_mask is not None else patched.noise_mask)
+        patched = Patched(
+            step.model,
+            step.noise_mask if step.noise_mask is not None else patched.noise_mask,
+            step.latent if step.latent is not None else patched.latent,
+        )
     return patched
+
+
+def _stack_floor(fi):
+    return floors.total((SCENARIOS[name].stack_floor or SCENARIOS[name].floor)(fi) for name in FULL_STACK)
 
 
 SCENARIOS["full_stack"] = Scenario(
     "full_stack",
     "#6-#8",
-    "every step mechanism stacked on one model: " + " + ".join(FULL_STACK),
+    "every step mechanism stacked on one model, inpainting: " + " + ".join(FULL_STACK),
     tuple(dict.fromkeys(m for name in FULL_STACK for m in SCENARIOS[name].needs)),
-    lambda fi: floors.total(SCENARIOS[name].floor(fi) for name in FULL_STACK),
+    _stack_floor,
     _build_full_stack,
     components=FULL_STACK,
 )

@@ -52,8 +52,11 @@ class RoundResult:
     flops: Optional[float] = None  # one step, counted by torch's FlopCounterMode (when asked)
 
 
-def run_round(model, inputs: StepInputs, warmup: int, steps: int, noise_mask=None, count_flops: bool = False) -> RoundResult:
-    """One round on ``model`` (a ModelPatcher): ``warmup`` + ``steps`` sampler steps, the latter timed."""
+def run_round(model, inputs: StepInputs, warmup: int, steps: int, noise_mask=None, count_flops: bool = False, latent=None) -> RoundResult:
+    """One round on ``model`` (a ModelPatcher): ``warmup`` + ``steps`` sampler steps, the latter timed.
+
+    ``noise_mask`` / ``latent``: an inpainting edit's mask and original latent (default: none / ``inputs.latent``).
+    """
     device = model.load_device
     cuda = torch.device(device).type == "cuda"
     result = RoundResult(times=[])
@@ -100,7 +103,7 @@ def run_round(model, inputs: StepInputs, warmup: int, steps: int, noise_mask=Non
             sigmas,
             inputs.positive,
             inputs.negative,
-            inputs.latent,
+            inputs.latent if latent is None else latent,
             noise_mask=noise_mask,
             disable_pbar=True,
             seed=0,

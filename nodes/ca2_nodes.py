@@ -14,6 +14,7 @@ from .ca2_stage import CA2GateStage
 from .dispatcher import apply_attention_stage, installed_dispatcher
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
+from .input_checks import check_image, check_latent
 from .map_images import LAYER_SELECTIONS, gray_image, layer_mean, pixel_size, resize_maps
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs, validate_mask
 from .visual_condition import clip_vision_features, visual_tokens
@@ -102,6 +103,8 @@ class ApplyCA2Gate:
         if source is None:
             raise IdentityAttentionError(f"unknown score source {score_source!r}", node=node, input_name="score_source", fix=f"choose one of: {', '.join(SCORE_CHOICES)}")
         edit_mask = validate_mask(mask, node, "mask")
+        if image is not None:
+            image = check_image(image, node, "image", channels=(3,))
         _check_adapter(model, id_adapter, source, node)
         features = clip_vision_features(node, clip_vision, image, clip_vision_output)
         tokens_cond, tokens_uncond = visual_tokens(id_adapter, features, node)
@@ -185,6 +188,7 @@ class InspectCA2Scores:
 
     def inspect(self, model, samples, layers):
         node = self.DISPLAY_NAME
+        check_latent(samples, node, "samples")
         stages = ca2_stages(model)
         if not stages:
             raise IdentityAttentionError("this MODEL has no CA² gate", node=node, input_name="model", fix="connect the MODEL output of 'Apply CA² gate'")

@@ -41,7 +41,7 @@ _COND, _UNCOND = 0, 1
 class CA2GateStage(AttentionStage):
     """tokens_cond ``[R, T, D]`` (R = 1 or one per image), tokens_uncond ``[1, T, D]``, edit_mask ``[Bm, H, W]``."""
 
-    label = "CA² gate"
+    label = "Apply CA² gate"
 
     def __init__(
         self,

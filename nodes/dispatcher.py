@@ -144,6 +144,8 @@ class AttentionCall:
         self.heads = int(extra_options["n_heads"])
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
         self._sigma_reader = sigma_reader
+        # per-call results one stage computes and a later one reuses (e.g. PVA's identity share for MoA)
+        self.scratch: Dict[object, torch.Tensor] = {}
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
         self._fallback = fallback
         self._text = text

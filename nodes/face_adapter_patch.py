@@ -30,7 +30,7 @@ _TENSOR_KEYS = tuple(k for k in gsa.FACT_LAYER_KEYS if not k.startswith("alpha_"
 class FaceAdapterPatch(AttentionStage):
     """The middle patch: one instance per applied node, shared by MODEL clones."""
 
-    label = "face adapter (gated self-attention)"
+    label = "Apply face adapter (gated self-attention)"
     identity_attention_face_adapter = True
 
     def __init__(self, schedule: StageSchedule, adapter: IdAdapter, tokens: IdentityTokens, layers: Iterable[LayerKey]):

@@ -28,7 +28,9 @@ import comfy.utils
 import folder_paths
 
 from ..adapters.face_crop_mask import warp_to_crop
+from ..adapters.safe_load import resolve_in_folders
 from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
+from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
 from .folders import folder_list
 from .stage_inputs import CATEGORY
@@ -110,14 +112,15 @@ class LoadFaceEncoder:
         }
 
     def load(self, encoder_name):
-        path = folder_paths.get_full_path(FOLDER, encoder_name)
-        if path is None or not os.path.isfile(path):
+        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
+            path = resolve_in_folders(encoder_name, folder_list(FOLDER))
+        except WeightError as err:
             raise IdentityAttentionError(
-                f"{encoder_name} was not found",
+                err.problem,
                 node=self.DISPLAY_NAME,
                 input_name="encoder_name",
-                fix=f"put the file in one of: {', '.join(folder_list(FOLDER)) or 'models/identity_attention'}",
-            )
+                fix=err.fix or f"put the file in one of: {', '.join(folder_list(FOLDER)) or 'models/identity_attention'}",
+            ) from None
         return (load_face_encoder(path, self.DISPLAY_NAME),)
 
 

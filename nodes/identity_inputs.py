@@ -15,6 +15,7 @@ from ..adapters.identity import Identity
 from ..adapters.parallel_attention import ORTHO_MODES
 from .errors import IdentityAttentionError
 from .host import LayerInfo, base_model_of, cross_attention_layers
+from .input_checks import check_cross_attention_adapter
 from .parallel_attention_stage import ModuleProjection, WeightProjection
 
 REFERENCE_CHOICES = ("fused", "per_reference")
@@ -35,6 +36,7 @@ def check_types(node: str, adapter, identity, adapter_input: str = "id_adapter",
         raise IdentityAttentionError(
             f"expected an ID_ADAPTER, got {type(adapter).__name__}", node=node, input_name=adapter_input, fix="connect the output of an identity adapter loader"
         )
+    check_cross_attention_adapter(adapter, node, adapter_input)
     if not isinstance(identity, Identity):
         raise IdentityAttentionError(
             f"expected an IDENTITY, got {type(identity).__name__}", node=node, input_name=identity_input, fix="connect the output of an identity encoder node"

@@ -21,6 +21,7 @@ from ..adapters import face_visuals as fv
 from ..adapters.identity import Identity
 from .errors import IdentityAttentionError, MissingDependencyError
 from .folders import folder_list
+from .input_checks import check_image
 from .stage_inputs import CATEGORY
 
 ENCODE_CATEGORY = f"{CATEGORY}/encode"
@@ -207,6 +208,7 @@ class EncodeIdentity:
         if not isinstance(model, fa.FaceAnalysisModel):
             raise IdentityAttentionError("this input needs a face analysis model", node=node, input_name="face_analysis",
                                          fix="connect Load face analysis model")
+        groups = [check_image(g, node, "images", channels=(1, 2, 3, 4)) if torch.is_tensor(g) else g for g in groups]
         try:
             photos = [fa.to_uint8_rgb(g) for g in groups]  # per list item: its photos as [H, W, 3] uint8
             flat = [p for group in photos for p in group]
@@ -276,6 +278,7 @@ class IdentitySimilarity:
         if not isinstance(identity, Identity):
             raise IdentityAttentionError("this input needs an IDENTITY", node=node, input_name="identity",
                                          fix="connect the identity output of Encode identity")
+        images = check_image(images, node, "images", channels=(1, 2, 3, 4))
         try:
             result = fa.identity_similarity(face_analysis, identity, images, face=face)
         except fa.FaceAnalysisError as err:

@@ -9,6 +9,7 @@ from ..adapters.id_adapter import IdAdapter, IdentityTokens
 from ..adapters.identity import Identity
 from .errors import IdentityAttentionError
 from .host import base_model_of
+from .input_checks import check_tokens_finite
 
 REFERENCE_CHOICES = ("per_reference", "fused")
 
@@ -60,7 +61,7 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             fix="connect a CLIP vision model to the identity encoder node",
         )
     try:
-        return adapter.identity_tokens(identity, per_reference=per_reference)
+        tokens = adapter.identity_tokens(identity, per_reference=per_reference)
     except (RuntimeError, ValueError, AttributeError, TypeError) as err:
         raise IdentityAttentionError(
             f"could not make identity tokens with this adapter ({err})",
@@ -68,3 +69,5 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name="adapter",
             fix="check that the adapter and the identity encoder belong together (same face/CLIP encoder)",
         ) from err
+    check_tokens_finite(tokens, node, "identity")
+    return tokens

@@ -12,6 +12,7 @@ from ..adapters.id_adapter import IdAdapter
 from .dispatcher import apply_attention_stage, installed_dispatcher
 from .errors import IdentityAttentionError
 from .identity_inputs import check_base, model_layers
+from .input_checks import check_latent
 from .routing_stage import ROUTERS, MixtureOfAttentionStage
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs, validate_mask, weight_input
 
@@ -187,6 +188,7 @@ class InspectRouter:
 
     def show(self, model, latent, half, routing_node):
         node = self.DISPLAY_NAME
+        check_latent(latent, node, "latent")
         dispatcher = installed_dispatcher(model)
         stages: List[MixtureOfAttentionStage] = [s for s in (dispatcher.stages if dispatcher else ()) if isinstance(s, MixtureOfAttentionStage)]
         if not stages:

@@ -20,6 +20,7 @@ from .dispatcher import apply_attention_stage
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
 from .identity_token_inputs import check_base, identity_tokens, references_input
+from .input_checks import check_cross_attention_adapter
 from .nested_attention_stage import PROJECTIONS, NestedAttentionStage
 from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
 
@@ -72,6 +73,7 @@ class ApplyNestedAttention:
         kind = PROJECTION_CHOICES.get(projection)
         if kind is None:
             raise IdentityAttentionError(f"unknown projection {projection!r}", node=node, input_name="projection", fix=f"choose one of: {', '.join(PROJECTION_CHOICES)}")
+        check_cross_attention_adapter(adapter, node, "adapter")
         check_base(model, adapter, node)
         index, prompt_length = self._subject(subject, token_index, clip, prompt, node)
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)

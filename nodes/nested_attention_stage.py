@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from ..adapters.id_adapter import DeviceCache, IdAdapter, IdentityTokens
 from ..adapters.nested_attention import nested_attention, one_hot, subject_positions
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule
+from .errors import IdentityAttentionError
 from .host import LayerKey, attention_fn_for
 
 PROJECTIONS = {"adapter": ("to_k", "to_v"), "nested": ("nested.to_k", "nested.to_v")}
 
 
 class NestedAttentionStage(AttentionStage):
-    label = "nested attention"
+    label = "Apply nested attention"
 
     def __init__(
         self,
@@ -63,8 +64,13 @@ class NestedAttentionStage(AttentionStage):
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         positions = self._positions_for(call.k.shape[1])
-        if not positions:
-            return out
+        if not positions:  # a shape, not a tensor value: no host sync
+            raise IdentityAttentionError(
+                f"the subject token index {self.token_index} is past the end of the prompt ({call.k.shape[1]} tokens), so nested attention would do nothing",
+                node=self.label,
+                input_name="token_index",
+                fix="use 'Find subject token' to get the subject word's index, or set subject to 'last prompt token'",
+            )
         kv = {code: self._nested_kv(call.layer, code, call.q) for code in set(call.chunks)}
         kn = call.per_row({code: pair[0] for code, pair in kv.items()})
         vn = call.per_row({code: pair[1] for code, pair in kv.items()})

@@ -236,6 +236,7 @@ class ParallelAttentionStage(AttentionStage):
             return add_in_region(out, id_out * self.schedule.weight, region)
         q_joint, keys, values, bias = self._joint_inputs(call, share_only=False)
         id_part, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
+        call.scratch[(id(self), "share")] = share  # a mixture-of-attention router reads it, no second pass
         mixed = mix_with_text(out, id_part.to(out.dtype), share.to(out.dtype), call.heads)
         return blend_in_region(out, mixed, region)
 
@@ -250,8 +251,10 @@ class ParallelAttentionStage(AttentionStage):
         keep = [self.schedule.applies_to_chunk(code) for code in call.chunks]
         if not any(keep):
             return None
-        q_joint, keys, values, bias = self._joint_inputs(call, share_only=True)
-        _, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
+        share = call.scratch.get((id(self), "share"))  # computed by forward on this very call
+        if share is None:
+            q_joint, keys, values, bias = self._joint_inputs(call, share_only=True)
+            _, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
         share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:

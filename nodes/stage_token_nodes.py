@@ -16,6 +16,7 @@ import torch
 import comfy.utils
 import folder_paths
 
+from ..adapters.safe_load import resolve_in_folders
 from ..adapters.stage_tokens import (
     DEFAULT_STAGES,
     ENCODER_WIDTHS,
@@ -26,10 +27,12 @@ from ..adapters.stage_tokens import (
     make_tokens,
     parse_boundaries,
 )
+from ..adapters.weight_errors import WeightError
 from . import prompt_encoding
 from .errors import IdentityAttentionError
 from .folders import folder_list
 from .host import base_model_of, context_dim_of, percent_to_sigma
+from .input_checks import check_finite
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs
 from .stage_token_patch import StageTokenPatch
 
@@ -44,6 +47,12 @@ def _base_of_clip(clip) -> str:
         if tuple(sorted(widths)) == keys:
             return base
     return "unknown"
+
+
+def _check_tokens_finite(tokens: StageTokens, node: str, input_name: str, fix: str) -> None:
+    for encoder in tokens.encoders:
+        for kind, table in (("keys", tokens.keys), ("values", tokens.values)):
+            check_finite(table[encoder], node, input_name, f"the identity tokens ({encoder} {kind})", fix)
 
 
 class CreateIdentityTokens:
@@ -153,21 +162,24 @@ class LoadIdentityTokens:
         from safetensors import safe_open
 
         node = self.DISPLAY_NAME
-        path = folder_paths.get_full_path(FOLDER, tokens_name)
-        if path is None or not os.path.isfile(path):
-            raise IdentityAttentionError(f"{tokens_name} was not found", node=node, input_name="tokens_name", fix="save tokens first, or put the file in models/identity_attention/")
+        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
+            path = resolve_in_folders(tokens_name, folder_list(FOLDER))
+        except WeightError as err:
+            raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            return (StageTokens.from_file_dict(tensors, metadata),)
-        except (ValueError, OSError, RuntimeError) as err:
+            tokens = StageTokens.from_file_dict(tensors, metadata)
+        except (ValueError, OSError, RuntimeError, KeyError) as err:
             raise IdentityAttentionError(
                 f"{tokens_name} is not a usable identity-token file ({err})",
                 node=node,
                 input_name="tokens_name",
                 fix="choose a file written by Save identity tokens",
             ) from err
+        _check_tokens_finite(tokens, node, "tokens_name", "train or save the tokens again; this file is damaged")
+        return (tokens,)
 
 
 class EncodePromptWithIdentityTokens:
@@ -201,6 +213,7 @@ class EncodePromptWithIdentityTokens:
 
     def encode(self, clip, tokens, text, placeholder, class_word):
         node = self.DISPLAY_NAME
+        _check_tokens_finite(tokens, node, "tokens", "train the tokens again with a lower learning rate, or load a saved set")
         placeholder = placeholder.strip()
         if not prompt_encoding.has_placeholder(text, placeholder):
             raise IdentityAttentionError(f"the prompt does not contain the placeholder '{placeholder}'", node=node, input_name="text", fix=f"write {placeholder or 'V*'} where the person goes, e.g. 'a photo of {placeholder or 'V*'} person'")

@@ -26,7 +26,7 @@ from .host import SigmaReader
 
 
 class StageTokenPatch:
-    label = "per-stage identity tokens"
+    label = "Apply per-stage identity tokens"
     identity_attention_stage_tokens = True
 
     def __init__(self, schedule: StageSchedule, contexts: StageContexts, boundary_sigmas: Sequence[float], boundaries: Sequence[float]):

@@ -8,6 +8,7 @@ from .dispatcher import StageSchedule, apply_attention_stage
 from .errors import IdentityAttentionError
 from .gradient_support import add_identity_weight_wrappers, gradient_support
 from .host import model_sampling, percent_to_sigma
+from .input_checks import check_latent
 from .map_images import gray_image, pixel_size, resize_maps
 from .stage_inputs import CATEGORY, validate_mask
 from .stfg_attention_stage import STFGAttentionStage
@@ -92,9 +93,7 @@ class ApplySTFG:
                 f"start_percent ({start_percent}) must not be after end_percent ({end_percent})", node=node, input_name="start_percent", fix="set start_percent lower than end_percent"
             )
         edit_mask = validate_mask(mask, node, "mask")
-        samples = original_latent.get("samples") if isinstance(original_latent, dict) else None
-        if not torch.is_tensor(samples) or samples.dim() != 4:
-            raise IdentityAttentionError("expected a LATENT with 4-D samples", node=node, input_name="original_latent", fix="connect the output of a VAE Encode node")
+        samples = check_latent(original_latent, node, "original_latent")
         if _is_flow_model(model):
             raise IdentityAttentionError(
                 "STFG is defined for diffusion models sampled as x = x0 + sigma * noise; this is a flow-matching model",
@@ -161,6 +160,7 @@ class InspectSTFGBoundary:
 
     def inspect(self, model, samples):
         node = self.DISPLAY_NAME
+        check_latent(samples, node, "samples")
         guidance = installed_guidance(model)
         if guidance is None:
             raise IdentityAttentionError("this MODEL has no STFG guidance", node=node, input_name="model", fix="connect the MODEL output of 'Apply STFG guidance' (with strength above 0)")

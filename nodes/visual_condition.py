@@ -16,6 +16,7 @@ import torch
 
 from ..adapters.identity import IdentityFeatures
 from .errors import IdentityAttentionError
+from .input_checks import check_finite
 
 ARCFACE_WIDTH = 512
 
@@ -51,8 +52,16 @@ def clip_vision_features(
                 input_name="clip_vision_output",
                 fix="connect clip_vision (Load CLIP Vision) and image (the original photo), or a CLIP Vision Encode output to clip_vision_output",
             )
-        clip_vision_output = clip_vision.encode_image(image)
-        black = clip_vision.encode_image(torch.zeros_like(image[:1]))
+        try:
+            clip_vision_output = clip_vision.encode_image(image)
+            black = clip_vision.encode_image(torch.zeros_like(image[:1]))
+        except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+            raise IdentityAttentionError(
+                f"the CLIP vision model could not encode the image ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+                node=node,
+                input_name="clip_vision",
+                fix="connect a CLIP vision model from Load CLIP Vision and an RGB IMAGE",
+            ) from err
     embeds = _field(clip_vision_output, "image_embeds")
     hidden = _field(clip_vision_output, "penultimate_hidden_states")
     if embeds is None and hidden is None:
@@ -62,6 +71,10 @@ def clip_vision_features(
             input_name="clip_vision_output",
             fix="connect the output of a CLIP Vision Encode node",
         )
+    source = "clip_vision_output" if black is None else "image"
+    for t in (embeds, hidden):
+        if t is not None:
+            check_finite(t.detach().float().cpu(), node, source, "the CLIP-vision features of the image", "check the image and the CLIP vision model (a NaN image or a model run in float16 can cause it)")
     count = (embeds if embeds is not None else hidden).shape[0]
     zeros = torch.zeros(count, ARCFACE_WIDTH)
     return IdentityFeatures(

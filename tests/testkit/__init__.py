@@ -16,6 +16,8 @@
 - ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
 - ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
   several sizes as one list; values handed back to a test through /history (report_nodes.py).
+- ``IdentityAttentionTestKit_Tensor`` / ``IdentityAttentionTestKit_DamagedIdentity``: wrong values
+  (any shape / dtype / NaN, broken identities) for the bad-input tests (malformed_nodes.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 
 import torch
 
+from .malformed_nodes import DamagedIdentity, Tensor
 from .report_nodes import ImageList, Report
 
 _CACHE = {}
@@ -334,6 +337,6 @@ class SyntheticClipVision:
 
 from .clip_vision import TinyClipVision  # noqa: E402
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

@@ -1,0 +1,98 @@
+"""Checks of IMAGE / LATENT / token inputs at the node boundary, shared by several nodes.
+
+Every check raises :class:`IdentityAttentionError` naming the node, the input
+and the fix, before anything is computed from the value, so a wrong input
+(another node's NaN output, an empty batch, a MASK wired into an IMAGE, an
+IMAGE of integers) stops the prompt with one clear message instead of a raw
+traceback or a silently black / noisy picture. MASK inputs are checked by
+:func:`.stage_inputs.validate_mask`.
+
+All checks are on CPU copies or on tensors the node already holds on the CPU,
+once per node execution (never inside an attention patch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..adapters.id_adapter import IdAdapter
+from .errors import IdentityAttentionError
+
+
+def check_finite(t: torch.Tensor, node: str, input_name: str, what: str, fix: str) -> None:
+    """``t`` must hold no NaN / inf (integer tensors always pass)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise IdentityAttentionError(f"{what} contains {bad} NaN or infinite value{'s' if bad != 1 else ''}", node=node, input_name=input_name, fix=fix)
+
+
+def check_image(image, node: str, input_name: str = "image", channels=(1, 3, 4)) -> torch.Tensor:
+    """An IMAGE ``[B, H, W, C]`` with B, H, W >= 1, C in ``channels``, finite; returned as float32 in [0, 1] units.
+
+    uint8 (0-255) and bool images are converted; other integer dtypes are refused
+    (their scale is unknown).
+    """
+    connect = "connect an IMAGE output (Load Image, VAE Decode...)"
+    if not torch.is_tensor(image):
+        raise IdentityAttentionError(f"expected an IMAGE, got {type(image).__name__}", node=node, input_name=input_name, fix=connect)
+    if image.dim() != 4:
+        hint = " (that is a MASK: convert it with 'Convert Mask to Image')" if image.dim() == 3 else ""
+        raise IdentityAttentionError(
+            f"expected an IMAGE of shape [batch, height, width, channels], got {list(image.shape)}{hint}", node=node, input_name=input_name, fix=connect
+        )
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise IdentityAttentionError(
+            f"the IMAGE is empty ({b} images of {w}x{h} pixels)", node=node, input_name=input_name, fix="connect a node that outputs at least one image"
+        )
+    if c not in channels:
+        raise IdentityAttentionError(
+            f"the IMAGE has {c} channels; expected {' or '.join(map(str, channels))}", node=node, input_name=input_name, fix=connect
+        )
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    elif image.dtype == torch.bool:
+        image = image.float()
+    elif not image.is_floating_point():
+        raise IdentityAttentionError(
+            f"the IMAGE holds {str(image.dtype).replace('torch.', '')} values; images are floats from 0 to 1",
+            node=node,
+            input_name=input_name,
+            fix="connect an IMAGE output of a ComfyUI node (Load Image, VAE Decode...), or convert the values to floats in 0-1",
+        )
+    check_finite(image, node, input_name, "the IMAGE", "check the node that made it (a NaN often comes from a VAE decode in float16: try --fp32-vae or a fixed VAE)")
+    return image
+
+
+def check_latent(latent, node: str, input_name: str = "latent", dims=(4,)) -> torch.Tensor:
+    """A LATENT dict whose ``samples`` are ``dims``-D, non-empty and finite; returns the samples."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.dim() not in dims:
+        got = list(samples.shape) if torch.is_tensor(samples) else type(latent).__name__
+        raise IdentityAttentionError(
+            f"expected a LATENT with {'/'.join(map(str, dims))}-D samples, got {got}", node=node, input_name=input_name, fix="connect the output of a VAE Encode node"
+        )
+    if samples.numel() == 0:
+        raise IdentityAttentionError(f"the LATENT is empty (shape {list(samples.shape)})", node=node, input_name=input_name, fix="connect a LATENT with at least one image")
+    check_finite(samples, node, input_name, "the LATENT", "encode the picture again (a NaN often comes from a VAE in float16: try --fp32-vae)")
+    return samples
+
+
+def check_cross_attention_adapter(adapter, node: str, input_name: str) -> None:
+    """The adapter must attend through cross-attention (not FACT's gated self-attention)."""
+    if isinstance(adapter, IdAdapter) and (adapter.mechanism == "gated_self_attention" or adapter.format == "fact"):
+        raise IdentityAttentionError(
+            "this is a FaceChain-FACT face adapter (gated self-attention): it has no identity key/value projections for cross-attention",
+            node=node,
+            input_name=input_name,
+            fix="connect it to 'Apply face adapter (gated self-attention)', and give this node an IP-Adapter, FaceID, InstantID, PuLID or PVA adapter",
+        )
+
+
+def check_tokens_finite(tokens, node: str, input_name: str, fix: Optional[str] = None) -> None:
+    """Identity tokens (an :class:`IdentityTokens` or a tensor) must be finite."""
+    fix = fix or "re-encode the identity; if it still happens, the adapter file or the identity encoder is damaged"
+    for t in (tokens.cond, tokens.uncond) if hasattr(tokens, "cond") else (tokens,):
+        check_finite(t, node, input_name, "the identity tokens made from this input", fix)

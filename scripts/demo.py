@@ -61,6 +61,10 @@ def main() -> int:
             for image in images:
                 shutil.copy2(image, target / image.name)
             print(f"ok     {path.name}: {len(images)} image(s) in {time.time() - t0:.1f} s -> {target}")
+            texts = [t for out in entry.get("outputs", {}).values() for t in out.get("text", []) or []]
+            for text in texts:  # what Show text nodes show on the page
+                (target / "text.txt").open("a").write(str(text) + "\n\n")
+                print("       | " + str(text).replace("\n", "\n       | "))
     print(f"== {len(workflows) - len(failures)} of {len(workflows)} workflows ran; images in {out}")
     return 1 if failures else 0
 

@@ -42,6 +42,8 @@ MODEL_FOLDERS = (
     "loras",
     "clip_vision",
     "ipadapter",
+    "instantid",
+    "pulid",
     "identity_attention",
     "insightface",
     "insightface/models",

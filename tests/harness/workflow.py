@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+IMAGE_NODES = {"LoadImage", "PreviewImage", "SaveImage"}  # they show a picture in the page
+NOTE_SIZE = (420, 300)
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
@@ -229,18 +231,61 @@ class WorkflowBuilder:
                         changed = True
         return depth
 
-    def build(self, description: str = "") -> dict:
+    # -- layout --
+    def _size(self, n: "_Node") -> Tuple[int, int]:
+        """A size the page will not need to grow: title, slot rows, widgets, text boxes, image previews."""
+        definition = self.object_info[n.kind]
+        entries = _inputs_in_order(definition)
+        widgets = [(name, spec) for name, spec in entries if is_widget(spec)]
+        slots = max(len([1 for _, spec in entries if not is_widget(spec)]), len(definition.get("output", [])))
+        rows = sum(1 + ui_only_values(name, spec) for name, spec in widgets)
+        multiline = sum(1 for _, spec in widgets if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("multiline"))
+        height = 40 + 22 * slots + 26 * rows + 110 * multiline + (240 if n.kind in IMAGE_NODES else 0)
+        longest = max([len(f"{name} {n.widgets.get(name, '')}") for name, _ in widgets] + [len(n.title or n.kind)], default=0)
+        return (int(min(560, max(320, 60 + 7.5 * longest))), int(height))
+
+    def _layout(self):
+        """Positions and sizes: one horizontal band per group (in the order groups were added, then the
+        ungrouped nodes), columns by graph depth inside a band, notes in a column on the left."""
         depth = self._depths()
-        column_y: Dict[int, float] = defaultdict(float)
-        positions = {}
-        sizes = {}
-        for n in self.nodes:
-            d = depth[n.node_id]
-            widget_count = len(widget_names(self.object_info[n.kind]))
-            h = 60 + 26 * (widget_count + len(n.links)) + (80 if n.kind == "CLIPTextEncode" else 0)
-            sizes[n.node_id] = (340, h)
-            positions[n.node_id] = (40 + d * 400, 80 + column_y[d])
-            column_y[d] += h + 60
+        sizes = {n.node_id: self._size(n) for n in self.nodes}
+        grouped = [m for _, members, _ in self.groups for m in members]
+        bands = [list(members) for _, members, _ in self.groups]
+        rest = [n.node_id for n in self.nodes if n.node_id not in grouped]
+        if rest:
+            bands.append(rest)
+        notes_x, band_x, gap = 40, 40 + NOTE_SIZE[0] + 80 if self.notes else 40, 60
+        positions, band_top, band_rects = {}, {}, []
+        y = 80.0
+        for members in bands:
+            members = [m for m in members if m not in positions]
+            if not members:
+                band_rects.append(None)
+                continue
+            first = min(depth[m] for m in members)
+            columns: Dict[int, List[int]] = defaultdict(list)
+            for m in sorted(members):
+                columns[depth[m] - first].append(m)
+            x, bottom = float(band_x), y
+            for col in sorted(columns):
+                col_y = y
+                for m in columns[col]:
+                    positions[m] = (x, col_y)
+                    band_top.setdefault(m, y)
+                    col_y += sizes[m][1] + gap
+                bottom = max(bottom, col_y - gap)
+                x += max(sizes[m][0] for m in columns[col]) + 80
+            band_rects.append((band_x - 20, y - 60, x - 80 - band_x + 40, bottom - y + 80))
+            y = bottom + 140
+        note_positions, next_y = [], 80.0
+        for _, _, near in self.notes:  # beside the band of the node they explain, never overlapping
+            ny = max(band_top.get(near, 80.0) if near else 80.0, next_y)
+            note_positions.append((notes_x, ny))
+            next_y = ny + NOTE_SIZE[1] + 40
+        return depth, positions, sizes, band_rects, note_positions
+
+    def build(self, description: str = "") -> dict:
+        depth, positions, sizes, band_rects, note_positions = self._layout()
 
         ui_nodes, ui_links = [], []
         link_id = 0
@@ -297,14 +342,13 @@ class WorkflowBuilder:
                 entry["color"] = n.color
             ui_nodes.append(entry)
         next_id = len(self.nodes) + 1
-        for title, text, near in self.notes:
-            x, y = (positions[near][0], positions[near][1] - 220) if near else (40, -260 - 240 * (next_id - len(self.nodes) - 1))
+        for (title, text, near), (x, y) in zip(self.notes, note_positions):
             ui_nodes.append(
                 {
                     "id": next_id,
                     "type": "Note",
                     "pos": [x, y],
-                    "size": [380, 200],
+                    "size": list(NOTE_SIZE),
                     "flags": {},
                     "order": len(ui_nodes),
                     "mode": 0,
@@ -319,12 +363,9 @@ class WorkflowBuilder:
             )
             next_id += 1
         ui_groups = []
-        for title, members, color in self.groups:
-            xs = [positions[m][0] for m in members]
-            ys = [positions[m][1] for m in members]
-            x2 = [positions[m][0] + sizes[m][0] for m in members]
-            y2 = [positions[m][1] + sizes[m][1] for m in members]
-            ui_groups.append({"title": title, "bounding": [min(xs) - 20, min(ys) - 60, max(x2) - min(xs) + 40, max(y2) - min(ys) + 80], "color": color, "font_size": 24, "flags": {}})
+        for (title, members, color), rect in zip(self.groups, band_rects):
+            if rect is not None:
+                ui_groups.append({"title": title, "bounding": [round(v) for v in rect], "color": color, "font_size": 24, "flags": {}})
         return {
             "last_node_id": next_id - 1,
             "last_link_id": link_id,

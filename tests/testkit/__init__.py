@@ -9,6 +9,8 @@
   a plain attn2 replace, without the dispatcher (the expected result).
 - ``IdentityAttentionTestKit_ForeignReplace``: an attn2 replace as another pack would
   install it, to prove ours chains it.
+- ``IdentityAttentionTestKit_TinyClipVision``: a tiny CLIP vision model of ComfyUI's own class
+  with the real widths (clip_vision.py); the demo and the workflow tests swap CLIPVisionLoader for it.
 - ``IdentityAttentionTestKit_SyntheticIdentity`` / ``_SyntheticAdapter`` / ``_SyntheticFactAdapter``:
   IDENTITY and ID_ADAPTER values (IP-Adapter-style or FaceChain-FACT-shaped) from a seed.
 - ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
@@ -333,6 +335,8 @@ class SyntheticClipVision:
         return (Encoder(seed),)
 
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, Tensor, DamagedIdentity]
+from .clip_vision import TinyClipVision  # noqa: E402
+
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

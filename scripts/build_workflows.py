@@ -3,7 +3,8 @@
     python scripts/build_workflows.py [--only NAME]
 
 Starts the host to read the node definitions (/object_info) so widget order and
-defaults are the host's, then runs every spec in scripts/workflow_specs.py.
+defaults are the host's, then runs every spec: ``SPECS`` of scripts/workflow_specs.py and of
+every ``scripts/workflow_specs_<topic>.py`` (one module per group of mechanisms).
 The JSON files are committed; the workflow tests check them against the host
 and run them on the tiny models.
 """
@@ -22,7 +23,19 @@ sys.path.insert(0, str(REPO / "scripts"))
 from harness.host import CACHE, prepare_instance  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 from harness.workflow import WorkflowBuilder  # noqa: E402
-import workflow_specs  # noqa: E402
+import importlib  # noqa: E402
+
+
+def all_specs() -> dict:
+    """name -> spec function, from workflow_specs.py and every workflow_specs_<topic>.py."""
+    specs = {}
+    for path in sorted(REPO.joinpath("scripts").glob("workflow_specs*.py")):
+        module = importlib.import_module(path.stem)
+        clash = set(specs) & set(module.SPECS)
+        if clash:
+            raise SystemExit(f"{path.name}: workflow names defined twice: {sorted(clash)}")
+        specs.update(module.SPECS)
+    return specs
 
 
 def main() -> int:
@@ -34,7 +47,7 @@ def main() -> int:
         info = server.object_info()
     target = REPO / "example_workflows"
     target.mkdir(exist_ok=True)
-    for name, spec in workflow_specs.SPECS.items():
+    for name, spec in all_specs().items():
         if args.only and args.only not in name:
             continue
         builder = WorkflowBuilder(info)

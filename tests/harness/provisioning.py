@@ -297,3 +297,15 @@ def _lora(node: dict, instance: Instance, context: dict) -> dict:
 
 register("LoraLoaderModelOnly")(_lora)
 register("LoraLoader")(_lora)
+
+
+# Provisioners of other mechanisms live in sibling modules ``provisioning_<topic>.py``; importing
+# this module registers them all.
+def _register_siblings() -> None:
+    import importlib
+
+    for path in sorted(Path(__file__).parent.glob("provisioning_*.py")):
+        importlib.import_module(f"{__package__}.{path.stem}")
+
+
+_register_siblings()

@@ -127,7 +127,8 @@ def nested_attention(wb) -> str:
         "'library', 'sunlit' and the framing follow the prompt.\n\n"
         "Find subject token lists the prompt's tokens with their positions (the subject marked with >) and passes the "
         "subject's position to token_index. Type the SAME text in it as in the Prompt node, or the position is wrong. "
-        "Leave subject_word empty to use the last word.\n\n"
+        "Leave subject_word empty to use the last word. In the table '</w>' ends a word; a long word can take two "
+        "positions (sun lit), and the subject is its last one.\n\n"
         "weight: how much of the word is replaced (1 = as in the paper, 0 = off exactly). apply_to 'cond': only the "
         "positive prompt has the subject at that position.",
         title="How to read this workflow", near=nested)

@@ -50,8 +50,14 @@ def manifest_file(entry_id: str) -> str:
     return manifest_entries()[entry_id]["file"]
 
 
-def download_note(ids, extra: str = "") -> str:
-    """Which files to download (manifest ids), where they go, and the command that fetches them."""
+CHECKPOINT_LINES = {
+    "sd15": "Any SD1.5 checkpoint works in Load checkpoint (models/checkpoints/).",
+    "sdxl": "Any SDXL checkpoint works in Load checkpoint (models/checkpoints/); SD1.5 adapters do not fit it.",
+}
+
+
+def download_note(ids, extra: str = "", base: str = "sd15") -> str:
+    """Which files to download (manifest ids), where they go, and the command that fetches them (``base``: the checkpoint family)."""
     entries = manifest_entries()
     groups = {}
     for e in entries.values():
@@ -71,7 +77,7 @@ def download_note(ids, extra: str = "") -> str:
         "Download them (from ComfyUI/custom_nodes, checked against their published sha256):",
         f"{DOWNLOAD_COMMAND} {' '.join(ids)}",
         "",
-        "Any SD1.5 checkpoint works in Load checkpoint (models/checkpoints/).",
+        CHECKPOINT_LINES[base],
     ]
     if extra:
         lines += ["", extra]

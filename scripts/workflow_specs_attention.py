@@ -19,14 +19,6 @@ from workflow_specs import (
     text_to_image,
 )
 
-ANY_SD15 = "Any SD1.5 checkpoint works in Load checkpoint (models/checkpoints/)."
-
-
-def sdxl_download_note(ids, extra: str = "") -> str:
-    """:func:`download_note` for an SDXL workflow (the shared note speaks of SD1.5 checkpoints)."""
-    text = download_note(ids, extra)
-    assert ANY_SD15 in text, "download_note changed its checkpoint line: update sdxl_download_note"
-    return text.replace(ANY_SD15, "Any SDXL checkpoint works in Load checkpoint (models/checkpoints/); SD1.5 adapters do not fit it.")
 
 
 def similarity_check(wb, images, identity, faces, title="How much does it look like the person?", prefix="identity_similarity"):
@@ -161,7 +153,7 @@ def identity_portrait_sdxl(wb) -> str:
     wb.group("3. Generate 1024x1024: decoupled (top) and joint (bottom), same seed", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")]
              + [joint_sampler, joint_decode, joint_save], MODEL_BLUE)
     wb.group("4. Check: how close each is to the person", [score, scored, joint_score, joint_scored], CHECK_YELLOW)
-    wb.note(sdxl_download_note(["antelopev2", "clip-vit-h", "ip-adapter-plus-face_sdxl_vit-h"], extra=(
+    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-plus-face_sdxl_vit-h"], base="sdxl", extra=(
         "The _vit-h SDXL adapters read CLIP ViT-H (the same file as the SD1.5 ones), not ViT-bigG.")),
         title="Download first")
     wb.note(

@@ -114,10 +114,11 @@ def per_stage_identity_tokens(wb) -> str:
     score = wb.node("IdentityAttentionIdentitySimilarity", title="Does A / B look like the person?", images=both[0],
                     identity=person[0], face_analysis=faces[0], face="largest")
     scored = wb.node("SaveImage", title="Similarity of A and B", images=score[2], filename_prefix="identity_similarity")
-    wb.group("1. Who: A = fresh tokens from a word (and saved), B = tokens trained on one person", [fresh, saved, saved_name, trained], IDENTITY_GREEN)
-    wb.group("2. Model: the prompt encoded once per stage, swapped into cross-attention", [ckpt, encode_a, apply_a, encode_b, apply_b, report, shown], ADAPTER_BLUE)
-    wb.group("3. Generate A and B with the same seed", [neg, latent] + [n for pair in samples.values() for n in pair] + [both, save], MODEL_BLUE)
-    wb.group("4. Check: B should look like the person, A like anyone", [photo, faces, person, score, scored], CHECK_YELLOW)
+    wb.group("1. Shared by A and B: the model, the negative prompt, the image size", [ckpt, neg, latent], MODEL_BLUE)
+    wb.group("2. Who: A = fresh tokens from a word (saved too), B = tokens trained on one person", [fresh, saved, saved_name, trained], IDENTITY_GREEN)
+    wb.group("3. A: untrained tokens, the baseline (draws what 'person' draws)", [encode_a, apply_a, *samples["A"]], ADAPTER_BLUE)
+    wb.group("4. B: your trained tokens, same prompt and seed", [encode_b, apply_b, report, shown, *samples["B"]], ADAPTER_BLUE)
+    wb.group("5. Check: B should look like the person, A like anyone", [both, save, photo, faces, person, score, scored], CHECK_YELLOW)
     wb.note(download_note(["antelopev2"], extra=(
         "The identity tokens are not downloaded: you train them for your person (see 'Train your own tokens'). The "
         "face models only score the result.")), title="Download first")
@@ -127,18 +128,9 @@ def per_stage_identity_tokens(wb) -> str:
         "and Apply per-stage identity tokens swaps those prompts into the model's cross-attention at that stage. Its "
         "'conditioning' (V* replaced by class_word) is the sampler's positive prompt.\n\n"
         "A starts from the word 'person' and is not trained: it draws what 'person' draws, the baseline. B is the same "
-        "graph with trained tokens. weight 1 = the identity prompts replace the prompt in cross-attention, 0.5 blends, "
-        "0 = off.",
+        "graph with trained tokens, same prompt and seed (edit both prompts). weight 1 = the identity prompts replace "
+        "the prompt in cross-attention, 0.5 blends, 0 = off.",
         title="How to read this workflow", near=fresh)
-    wb.note(
-        "Stages are counted in noise, not steps. stage_boundaries '0.2, 0.4, 0.6, 0.8' cut the way from pure noise (0) to "
-        "a clean picture (1) into five equal parts; on SD1.5 the cuts sit at noise levels (sigma) of about 5.1, 2.3, 1.2 "
-        "and 0.57 (sampling starts near 14.6). Stage 1 decides layout and pose, the middle stages face shape, the last "
-        "ones skin, eyes and hair strands. With a Karras schedule more steps fall in the later, finer stages.\n\n"
-        "Each stage has two words: the key word decides where and how strongly the picture looks at the person (it "
-        "carries texture and lighting), the value word what it finds there: the person's features. That split keeps "
-        "the identity from dragging the pose, clothes and light of the training photos along.",
-        title="Stages, keys and values", near=apply_a)
     wb.note(
         f"Train tokens for one person with the pack's trainer, from ComfyUI/custom_nodes:\n{TRAIN_COMMAND}\n\n"
         "my_person.json: {\"models\": {\"checkpoint\": \"v1-5-pruned-emaonly.safetensors\"}, \"data\": {\"folder\": "
@@ -147,6 +139,15 @@ def per_stage_identity_tokens(wb) -> str:
         "Copy runs/my_person/my_person_tokens.safetensors into models/identity_attention/identity_tokens/ and refresh. "
         "Save tokens writes A's tokens there too (identity_tokens/person_00001.safetensors...).",
         title="Train your own tokens", near=trained)
+    wb.note(
+        "Stages are counted in noise, not steps. stage_boundaries '0.2, 0.4, 0.6, 0.8' cut the way from pure noise (0) to "
+        "a clean picture (1) into five equal parts; on SD1.5 the cuts sit at noise levels (sigma) of about 5.1, 2.3, 1.2 "
+        "and 0.57 (sampling starts near 14.6). Stage 1 decides layout and pose, the middle stages face shape, the last "
+        "ones skin, eyes and hair strands. With a Karras schedule more steps fall in the later, finer stages.\n\n"
+        "Each stage has two words: the key word decides where and how strongly the picture looks at the person (it "
+        "carries texture and lighting), the value word what it finds there: the person's features. Kept apart, and "
+        "per stage, they add the person without taking over the picture: the prompt still decides pose, clothes and scene.",
+        title="Stages, keys and values", near=apply_a)
     return "Per-stage K/V identity tokens (SeFi-IDE): untrained tokens from a word next to tokens trained on one person, same seed."
 
 

@@ -79,6 +79,10 @@ def encode_with_vectors(clip, marked_tokens: dict, marker_ids: Dict[str, list], 
     return cond
 
 
+class NoTokenTable(ValueError):
+    """The CLIP gives no access to its token-embedding table (a word's vector cannot be read)."""
+
+
 def embedding_table(clip, encoder: str):
     """The input token-embedding matrix ``[vocab, width]`` of one of the CLIP's text encoders, or None."""
     model = getattr(clip.cond_stage_model, f"clip_{encoder}", None)
@@ -92,7 +96,8 @@ def embedding_table(clip, encoder: str):
 def word_embedding(clip, word: str) -> Dict[str, torch.Tensor]:
     """``{encoder: [width]}``: the word's token embedding (the mean over its tokens if it has several).
 
-    Raises ``ValueError`` when the CLIP does not expose its embeddings or the word is empty.
+    Raises ``ValueError`` when the word is empty, :class:`NoTokenTable` when the CLIP does not
+    expose its embeddings.
     """
     out = {}
     for key, ids in _word_ids(clip, word).items():
@@ -100,7 +105,7 @@ def word_embedding(clip, word: str) -> Dict[str, torch.Tensor]:
             raise ValueError(f"'{word}' has no tokens")
         table = embedding_table(clip, key)
         if table is None:
-            raise ValueError("this CLIP does not expose its token embeddings")
+            raise NoTokenTable(f"this CLIP's text encoder '{key}' does not expose its token embeddings")
         out[key] = table.detach()[torch.tensor(ids, device=table.device)].float().mean(dim=0).cpu()
     return out
 

@@ -95,6 +95,8 @@ class CreateIdentityTokens:
                 raise IdentityAttentionError("word init needs the CLIP", node=node, input_name="clip", fix="connect the CLIP, or set init to seed")
             try:
                 start = prompt_encoding.word_embedding(clip, init_word.strip())
+            except prompt_encoding.NoTokenTable as err:  # no word will help: say so
+                raise IdentityAttentionError(str(err), node=node, input_name="init", fix="set init to seed (this text encoder cannot start tokens from a word)") from err
             except ValueError as err:
                 raise IdentityAttentionError(str(err), node=node, input_name="init_word", fix="use a plain word such as 'person', or set init to seed") from err
             missing = set(ENCODER_WIDTHS[base]) - set(start)

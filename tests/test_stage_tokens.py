@@ -192,6 +192,24 @@ def test_encode_node_uses_the_token_vectors_like_words(small_clip):
     assert xl.base == "sdxl"
 
 
+@torch.inference_mode()
+def test_word_init_on_the_tiny_clip_encodes_like_the_word_and_a_clip_without_a_table_says_what_to_do(monkeypatch):
+    """The example workflows start tokens from a word on the test kit's tiny CLIP: its table view must be the encoder's own rows."""
+    from testkit.tiny_models import build_clip
+
+    clip = build_clip("sd15", seed=1)
+    tokens = nodes_mod.CreateIdentityTokens().create("sd15", "word", "person", 0, 5, 1, 0.0, clip=clip)[0]
+    _, contexts = nodes_mod.EncodePromptWithIdentityTokens().encode(clip, tokens, "a photo of V*, smiling", "V*", "")
+    as_word = clip.encode_from_tokens(clip.tokenize("a photo of person , smiling"))
+    for s in range(5):
+        torch.testing.assert_close(contexts.keys[s], as_word[0], rtol=0, atol=0)
+        torch.testing.assert_close(contexts.values[s], as_word[0], rtol=0, atol=0)
+    monkeypatch.setattr(prompt_encoding, "embedding_table", lambda clip, encoder: None)
+    with pytest.raises(errors.IdentityAttentionError, match="does not expose") as failure:
+        nodes_mod.CreateIdentityTokens().create("sd15", "word", "person", 0, 5, 1, 0.0, clip=clip)
+    assert failure.value.input_name == "init" and "set init to seed" in str(failure.value)
+
+
 # --- sampling ------------------------------------------------------------------------------------------
 
 

@@ -9,69 +9,12 @@ import torch
 
 from conftest import pack
 from testkit.synthetic import synthetic_identity
+from weight_fixtures import transface_state_dict
 
 tf = pack("adapters.transface_encoder")
 crop_mask = pack("adapters.face_crop_mask")
 encoder_nodes = pack("nodes.face_encoder_nodes")
 errors = pack("nodes.errors")
-
-
-def transface_state_dict(depth=12, dim=512, patch=9, seed=0, heads=True):
-    """Random weights under the names and shapes of ms1mv2_model_TransFace_S.pt (TransFace-S)."""
-    gen = torch.Generator().manual_seed(seed)
-    grid = 112 // patch
-    n = grid * grid
-
-    def rnd(*shape, scale=None):
-        fan_in = shape[-1] if len(shape) > 1 else 1
-        return torch.randn(*shape, generator=gen) * (scale if scale is not None else 1.0 / math.sqrt(fan_in))
-
-    sd = {
-        "patch_embed.proj.weight": rnd(dim, 3, patch, patch, scale=1.0 / math.sqrt(3 * patch * patch)),
-        "patch_embed.proj.bias": rnd(dim, scale=0.02),
-        "pos_embed": rnd(1, n, dim, scale=0.02),
-        "mask_token": rnd(1, 1, dim, scale=0.02),
-        "norm.weight": 1.0 + rnd(dim, scale=0.1),
-        "norm.bias": rnd(dim, scale=0.02),
-    }
-    for i in range(depth):
-        p = f"blocks.{i}."
-        sd.update(
-            {
-                p + "norm1.weight": 1.0 + rnd(dim, scale=0.1),
-                p + "norm1.bias": rnd(dim, scale=0.02),
-                p + "attn.qkv.weight": rnd(3 * dim, dim),
-                p + "attn.proj.weight": rnd(dim, dim),
-                p + "attn.proj.bias": rnd(dim, scale=0.02),
-                p + "norm2.weight": 1.0 + rnd(dim, scale=0.1),
-                p + "norm2.bias": rnd(dim, scale=0.02),
-                p + "mlp.fc1.weight": rnd(4 * dim, dim),
-                p + "mlp.fc1.bias": rnd(4 * dim, scale=0.02),
-                p + "mlp.fc2.weight": rnd(dim, 4 * dim),
-                p + "mlp.fc2.bias": rnd(dim, scale=0.02),
-            }
-        )
-    if heads:  # the global-embedding head and SE weighting: in the file, unused for patch tokens
-        half = torch.float16
-        sd.update(
-            {
-                "feature.0.weight": torch.zeros(dim, dim * n, dtype=half),
-                "feature.1.weight": torch.ones(dim),
-                "feature.1.bias": torch.zeros(dim),
-                "feature.1.running_mean": torch.zeros(dim),
-                "feature.1.running_var": torch.ones(dim),
-                "feature.1.num_batches_tracked": torch.tensor(0),
-                "feature.2.weight": torch.zeros(512, dim),
-                "feature.3.weight": torch.ones(512),
-                "feature.3.bias": torch.zeros(512),
-                "feature.3.running_mean": torch.zeros(512),
-                "feature.3.running_var": torch.ones(512),
-                "feature.3.num_batches_tracked": torch.tensor(0),
-                "senet.0.weight": torch.zeros(n, dim * n, dtype=half),
-                "senet.2.weight": torch.zeros(n, n),
-            }
-        )
-    return sd
 
 
 def reference_tokens(sd, images, heads=8):

@@ -222,6 +222,55 @@ class TinyTextEncoder(torch.nn.Module):
         v = vector.reshape(-1).to(device=self.embed.weight.device, dtype=self.embed.weight.dtype)[: self.context_dim]
         return torch.nn.functional.pad(v, (0, self.context_dim - v.shape[0]))
 
+    # where the pack looks up a word's token embedding (``cond_stage_model.clip_<encoder>.transformer
+    # .get_input_embeddings().weight[ids]``, nodes/prompt_encoding.py): the hashed table seen as a
+    # real vocabulary, so "Create identity tokens" can start from a word on the tiny models
+    @property
+    def clip_l(self):
+        return _TokenTableView(self, 768)
+
+    @property
+    def clip_g(self):
+        if self.arch == "sd15":
+            raise AttributeError("clip_g")
+        return _TokenTableView(self, 1280)
+
+
+class _HashedRows:
+    """Row ``i`` of a vocabulary-sized table = row ``i % TABLE`` of the tiny table, first ``width`` channels."""
+
+    def __init__(self, weight: torch.Tensor, width: int):
+        self.weight, self.width = weight, width
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def detach(self):
+        return _HashedRows(self.weight.detach(), self.width)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids % self.weight.shape[0], : self.width]
+
+
+class _TokenTableView:
+    """``clip_l`` / ``clip_g`` of a :class:`TinyTextEncoder`: just ``.transformer.get_input_embeddings().weight``.
+
+    For SD1.5 a word's vector is exactly the row the encoder embeds the word with, so tokens
+    started from a word encode like the word (SDXL: the first 768 / 1280 of the 2048 channels).
+    """
+
+    def __init__(self, encoder: "TinyTextEncoder", width: int):
+        self.transformer = self
+        self._rows = _HashedRows(encoder.embed.weight, width)
+
+    def get_input_embeddings(self):
+        return self
+
+    @property
+    def weight(self):
+        return self._rows
+
 
 class _Target:
     def __init__(self, arch: str, seed: int):

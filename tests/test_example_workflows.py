@@ -22,6 +22,7 @@ WEIGHT_WIDGETS = {
     "CLIPVisionLoader": ("clip_name", lambda e, v: e["folder"] == "clip_vision" and e["file"] == v),
     "LoraLoaderModelOnly": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
     "LoraLoader": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
+    "IdentityAttentionLoadFaceEncoder": ("encoder_name", lambda e, v: e["folder"] == "identity_attention" and e["file"] == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

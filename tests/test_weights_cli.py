@@ -20,11 +20,7 @@ from conftest import REPO, pack
 cli = pack("weights")
 manifest_mod = pack("adapters.weights_manifest")
 
-NODE_IDS = [
-    "IdentityAttentionApplyParallelAttention", "IdentityAttentionApplyKVMixedAttention", "IdentityAttentionApplyMixtureOfAttention",
-    "IdentityAttentionApplyCA2Gate", "IdentityAttentionApplyFaceAdapter", "IdentityAttentionApplyNestedAttention",
-    "IdentityAttentionLoadIdentityAdapter", "IdentityAttentionLoadFaceAnalysis", "IdentityAttentionEncodeIdentity",
-]
+NODE_IDS = sorted(pack("nodes").NODE_CLASS_MAPPINGS)  # every node the pack registers
 
 
 # --- the shipped manifest -------------------------------------------------------------------------

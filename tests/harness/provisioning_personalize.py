@@ -1,0 +1,26 @@
+"""Provisioner for PVA's personalization workflow (see tiny_swap.py).
+
+``IdentityAttentionPersonalizeIdentity`` needs no file (it trains the adapter it is given), but
+its work is shrunk as ``for_tiny_models`` shrinks samplers: PVA's 40 steps at 512 px take minutes
+on the tiny models on a CPU (40 steps at 64 px: about 13 s), so a test or demo run trains
+``TINY_STEPS`` steps at ``TINY_RESOLUTION`` px. Everything else about the node (the masks, the
+learned word, saving) runs as in the workflow.
+"""
+
+from __future__ import annotations
+
+from .host import Instance
+from .tiny_swap import register
+
+TINY_STEPS = 2
+TINY_RESOLUTION = 64
+
+
+@register("IdentityAttentionPersonalizeIdentity")
+def _personalize(node: dict, instance: Instance, context: dict) -> dict:
+    inputs = node["inputs"]
+    if isinstance(inputs.get("steps"), int):
+        inputs["steps"] = min(inputs["steps"], TINY_STEPS)
+    if isinstance(inputs.get("resolution"), int):
+        inputs["resolution"] = min(inputs["resolution"], TINY_RESOLUTION)
+    return node

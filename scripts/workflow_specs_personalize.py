@@ -88,19 +88,17 @@ def personalize_then_generate(wb) -> str:
         "(SD1.5): its face projector turns the identity into tokens, its key/value projections are the starting point of "
         "the trained ones. Its LoRA goes on the model for training and generation alike.")), title="Download first")
     wb.note(
-        "Personalize identity teaches the adapter one person, PVA-style. What is trained: the visual query/key/value "
-        "projections of every cross-attention layer and one new prompt word, <new1>. The checkpoint, text encoder, VAE "
-        "and the face projector stay as they are. It runs 40 steps, as in PVA's paper; on a GPU that is a short wait, "
-        "on a CPU a long one. The progress bar and the loss curve update every step; Cancel stops it and changes nothing.\n\n"
-        "Photos: 3-10 of the same person, different days and angles. Encode identity's face masks tell training where "
-        "the face is.\n\n"
-        f"Saved: with save_name '{SAVE_NAME}' the adapter lands in models/identity_attention/{SAVE_NAME}.safetensors and "
-        f"the word in models/embeddings/{SAVE_NAME}.safetensors. Reuse it without training: refresh the page, pick "
-        f"'identity_attention/{SAVE_NAME}.safetensors' in 'Load identity adapter' and connect it where Personalize "
-        "identity is connected now (empty save_name: nothing is saved; the same name again: replaced).\n\n"
-        "<new1> is the learned word for this person: 'Identity prompt' writes it into any prompt ('a painting of a <new1> "
-        "person in a garden'); the saved embedding also works as embedding:" + SAVE_NAME + " in a plain prompt. Keep "
-        "mode joint, projections adapter and the same references setting as in training.",
+        "Personalize identity teaches the adapter one person, as PVA does. Trained: the visual query/key/value projections "
+        "of every cross-attention layer and one new prompt word, <new1>; the checkpoint, text encoder, VAE and face "
+        "projector are not changed. 40 steps as in PVA's paper, each a forward and backward pass over 2 photos x 2 noise "
+        "levels: longer than making a picture (use a GPU). The progress bar counts the steps and the loss curve updates "
+        "each step; Cancel stops it and changes nothing.\n\n"
+        "Photos: 3-10 of the person, the face large; each is cropped square around its face mask.\n\n"
+        f"Saved as models/identity_attention/{SAVE_NAME}.safetensors (the word: models/embeddings/{SAVE_NAME}.safetensors). "
+        f"Reuse it without training: refresh the page, pick identity_attention/{SAVE_NAME}.safetensors in 'Load identity "
+        "adapter' and connect it where Personalize identity is connected. Empty save_name: nothing is saved.\n\n"
+        "<new1> is the learned word for the person: write it in 'Identity prompt' ('a painting of a <new1> person'), or "
+        f"embedding:{SAVE_NAME} in a plain prompt. Keep mode joint, projections adapter.",
         title="How to read this workflow", near=train)
     return "Personalize an identity adapter on several photos of one person (PVA, 40 steps), then generate with it and the learned word <new1>."
 

@@ -3,8 +3,12 @@
 ``IdentityAttentionPersonalizeIdentity`` needs no file (it trains the adapter it is given), but
 its work is shrunk as ``for_tiny_models`` shrinks samplers: PVA's 40 steps at 512 px take minutes
 on the tiny models on a CPU (40 steps at 64 px: about 13 s), so a test or demo run trains
-``TINY_STEPS`` steps at ``TINY_RESOLUTION`` px. Everything else about the node (the masks, the
-learned word, saving) runs as in the workflow.
+``TINY_STEPS`` steps at ``TINY_RESOLUTION`` px. ``save_name`` is cleared: the node writes the
+learned word to the first ``embeddings`` folder, which on a test host is the shared host copy's
+(``.cache/hosts/...``), not the instance's; saving and reloading are tested in
+tests/test_train_host.py, which cleans up after itself. Everything else (the face masks, the
+learned word, the adapter wired on to parallel attention and Identity prompt) runs as in the
+workflow.
 """
 
 from __future__ import annotations
@@ -23,4 +27,6 @@ def _personalize(node: dict, instance: Instance, context: dict) -> dict:
         inputs["steps"] = min(inputs["steps"], TINY_STEPS)
     if isinstance(inputs.get("resolution"), int):
         inputs["resolution"] = min(inputs["resolution"], TINY_RESOLUTION)
+    if "save_name" in inputs:
+        inputs["save_name"] = ""
     return node

@@ -100,7 +100,7 @@ def personalize_then_generate(wb) -> str:
         "<new1> is the learned word for the person: write it in 'Identity prompt' ('a painting of a <new1> person'), or "
         f"embedding:{SAVE_NAME} in a plain prompt. Keep mode joint, projections adapter.",
         title="How to read this workflow", near=train)
-    return "Personalize an identity adapter on several photos of one person (PVA, 40 steps), then generate with it and the learned word <new1>."
+    return "Personalize an identity adapter on several photos of one person (PVA, 40 steps), then generate with it and the learned word `<new1>`."
 
 
 SPECS = {

@@ -16,7 +16,7 @@ gives the same pool) and are ``[H, W]`` float in {0, 1}.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +110,33 @@ def masked_pixels(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return images * (1.0 - m) + 0.5 * m
 
 
-def square_crop_resize(images: torch.Tensor, side: int) -> torch.Tensor:
-    """``[B, H, W, C]`` -> centre square crop resized to ``side`` (area down, bilinear up)."""
+def mask_centre(mask: Optional[torch.Tensor]) -> Optional[Tuple[float, float]]:
+    """``(y, x)`` pixel centre of a mask's box ``[H, W]`` (see :func:`mask_box`); None for no mask or an empty one."""
+    box = mask_box(mask) if mask is not None else None
+    if box is None:
+        return None
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def square_crop_resize(images: torch.Tensor, side: int, centres: Optional[Sequence[Optional[Tuple[float, float]]]] = None) -> torch.Tensor:
+    """``[B, H, W, C]`` -> a square crop of side ``min(H, W)`` resized to ``side`` (area down, bilinear up).
+
+    ``centres``: per image the ``(y, x)`` pixel to centre the square on (e.g. the face, so a face
+    off the middle of a wide photo is not cut off), moved to keep the square inside the image;
+    None (for all, or for one image) crops the middle.
+    """
     b, h, w, c = images.shape
     s = min(h, w)
-    y0, x0 = (h - s) // 2, (w - s) // 2
-    x = images[:, y0 : y0 + s, x0 : x0 + s].permute(0, 3, 1, 2).float()
+    crops = []
+    for i in range(b):
+        centre = centres[i] if centres is not None else None
+        if centre is None:
+            y0, x0 = (h - s) // 2, (w - s) // 2
+        else:
+            y0 = int(min(max(round(centre[0] - s / 2), 0), h - s))
+            x0 = int(min(max(round(centre[1] - s / 2), 0), w - s))
+        crops.append(images[i : i + 1, y0 : y0 + s, x0 : x0 + s])
+    x = torch.cat(crops).permute(0, 3, 1, 2).float()
     if s != side:
         x = F.interpolate(x, size=(side, side), mode="area" if s > side else "bilinear", **({} if s > side else {"align_corners": False}))
     return x.permute(0, 2, 3, 1).clamp(0.0, 1.0)

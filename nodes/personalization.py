@@ -6,9 +6,10 @@ benchmark harness times. Following PVA's fine-tune (``script/finetune.py``,
 
 - trainable: ``to_visual_{q,k,v}`` of every cross-attention layer and the ``<new1>`` prompt
   token; frozen: UNet, text encoder, VAE, identity transformer (``nodes/pva_training.py``);
-- data: the reference photos (centre square crop, ``resolution`` px), one per micro-step, each
-  with one of ``mask_pool`` random inpainting-style face masks (``adapters/training_masks.py``,
-  around the artist's MASK when given), prompt "photo of a <new1> person";
+- data: the reference photos (a square crop, centred on the face mask when given, else the middle;
+  ``resolution`` px), one per micro-step, each with one of ``mask_pool`` random inpainting-style
+  face masks (``adapters/training_masks.py``, around the artist's MASK when given), prompt
+  "photo of a <new1> person";
 - per micro-step ``time_resample`` noisy copies of that image at stratified timesteps (a batch),
   eps-MSE (``adapters/training_losses.py``): for inpainting models (9-channel input) the UNet
   gets ``[noisy latent, hole mask, latent of the photo with the hole grey]`` and the loss is
@@ -40,7 +41,7 @@ import comfy.model_management
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.identity import Identity
 from ..adapters.training_losses import denoising_loss, loss_weight_map
-from ..adapters.training_masks import inpaint_mask, list_of_masks, mask_pool, masked_pixels, square_crop_resize, to_latent
+from ..adapters.training_masks import inpaint_mask, list_of_masks, mask_centre, mask_pool, masked_pixels, square_crop_resize, to_latent
 from ..adapters.training_schedule import PersonalizeRecipe, check_recipe, sigmas_for, step_generator, stratified_timesteps
 from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
 from .errors import IdentityAttentionError
@@ -167,12 +168,13 @@ def personalize_identity(
     gen = torch.Generator().manual_seed(recipe.seed)
 
     # data (all VAE work before the models are loaded for training)
-    pixels = square_crop_resize(images[..., :3].float().cpu(), resolution)
-    refs = pixels.shape[0]
-    base_masks = None
-    if masks is not None:
-        m = masks[None] if masks.dim() == 2 else masks
-        base_masks = square_crop_resize(m.float().cpu()[..., None], resolution)[..., 0]
+    refs = images.shape[0]
+    base_masks, centres = None, None
+    if masks is not None:  # square crops centred on the face, so a face off the middle of a wide photo stays in
+        m = list_of_masks((masks[None] if masks.dim() == 2 else masks).float().cpu(), refs)
+        centres = [mask_centre(b) for b in m]
+        base_masks = square_crop_resize(torch.stack(m)[..., None], resolution, centres)[..., 0]
+    pixels = square_crop_resize(images[..., :3].float().cpu(), resolution, centres)
     pools = torch.stack([mask_pool(b, (resolution, resolution), recipe.mask_pool, gen) for b in list_of_masks(base_masks, refs)])  # [R, K, H, W]
     latents = encode_latents(vae, model, pixels)  # [R, C, h, w]
     hw = tuple(latents.shape[-2:])

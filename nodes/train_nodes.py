@@ -99,7 +99,7 @@ class PersonalizeIdentity:
                 "model": ("MODEL", {"tooltip": "The checkpoint to personalize for (SD1.5, SDXL or their inpainting versions). It is not changed."}),
                 "clip": ("CLIP", {"tooltip": "The same checkpoint's text encoder: it reads the training prompt with the learned <new1> word."}),
                 "vae": ("VAE", {"tooltip": "The same checkpoint's VAE: it turns the photos into latents once, before training."}),
-                "images": ("IMAGE", {"tooltip": "Photos of the person (a batch). Square face crops work best, e.g. the crops of 'Encode identity'."}),
+                "images": ("IMAGE", {"tooltip": "Photos of the person (a batch: join several Load Image with Batch images). Each is cropped square (around the face when masks are connected, else the middle) and resized to resolution, so photos in which the face is large work best."}),
                 "id_adapter": ("ID_ADAPTER", {"tooltip": "The adapter to start from: a PVA adapter (with visual projections) or any adapter whose tokens fit the model's text space (its visual projections then start as copies of the model's own, as PVA does)."}),
                 "identity": ("IDENTITY", {"tooltip": "The same person, from an identity encoder node fed with these photos: it gives the identity tokens the adapter attends to."}),
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 2000, "tooltip": "Optimizer steps (PVA: 40). Each step looks at 2 photos x 2 noise levels."}),

@@ -195,3 +195,37 @@ def test_saved_adapter_loads_through_the_weights_loader_and_patches(setup, two_s
     with torch.inference_mode():
         cond = IdentityPrompt().encode(s["clip"], loaded, TEMPLATE)[0]
     assert torch.equal(cond[0][0], context)
+
+
+def test_square_crop_is_centred_on_the_face_and_stays_inside_the_photo():
+    crop = pack("adapters.training_masks").square_crop_resize
+    images = torch.rand(3, 40, 100, 3, generator=torch.Generator().manual_seed(0))
+    out = crop(images, 40, [(20.0, 10.0), None, (5.0, 90.0)])
+    assert torch.equal(out[0], images[0, :, 0:40])  # face at the left edge: the square starts at the edge
+    assert torch.equal(out[1], images[1, :, 30:70])  # no face: the middle
+    assert torch.equal(out[2], images[2, :, 60:100])  # face at the right edge
+    assert torch.equal(crop(images, 40), images[:, :, 30:70])
+    mid = crop(images[:1], 40, [(20.0, 45.0)])
+    assert torch.equal(mid[0], images[0, :, 25:65])
+
+
+def test_training_photos_are_cropped_around_the_face_mask(setup, monkeypatch):
+    """A face at the left edge of a wide photo stays in the training crop (a centre crop would cut it off)."""
+    s = setup
+    wide = torch.rand(2, 64, 160, 3, generator=torch.Generator().manual_seed(4))
+    masks = torch.zeros(2, 64, 160)
+    masks[0, 20:40, 4:24] = 1.0  # photo 1: face at the left edge
+    masks[1, 20:40, 130:150] = 1.0  # photo 2: face at the right edge
+    seen = []
+    encode = pers.encode_latents
+
+    def spy(vae, model, pixels, batch=4):
+        seen.append(pixels.clone())
+        return encode(vae, model, pixels, batch)
+
+    monkeypatch.setattr(pers, "encode_latents", spy)
+    run(s, steps=1, images=wide, masks=masks, learning_rate=0.0, token_learning_rate=0.0)
+    assert torch.equal(seen[0][0], wide[0, :, 0:64]) and torch.equal(seen[0][1], wide[1, :, 96:160])
+    seen.clear()
+    run(s, steps=1, images=wide, learning_rate=0.0, token_learning_rate=0.0)
+    assert torch.equal(seen[0], wide[:, :, 48:112])  # without masks: the middle

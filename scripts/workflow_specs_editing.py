@@ -31,14 +31,14 @@ CA2_NOTE = (
     "- sharpness: 1 = the scores as computed; higher keeps the photo except where the text clearly wins, lower "
     "turns the photo down across more of the mask (bigger changes).\n"
     "- score_source: 'text attention (training-free)' reads the prompt's own attention and works with any "
-    "IP-Adapter; 'native score weights' needs CA² weights with the trained score predictor (none are published).\n"
+    "image IP-Adapter (plus, plus-face, full-face); 'native score weights' needs CA² weights with the trained score predictor (none are published).\n"
     "- Inspect CA² scores: one frame per step, light = the text won there and the photo was turned down."
 )
 STFG_NOTE = (
     "STFG guidance (skin transition frequency guidance): every step, in the ring inside the mask where the prompt "
     "barely reaches (the edge between edited and untouched skin), the coarse colours and shading of the picture "
     "being made are pulled toward the original's, so the edit blends in without a visible seam.\n"
-    "- strength: how hard (0 = off exactly; 10 is a good start, 20-50 for stubborn seams).\n"
+    "- strength: how hard (0 = off exactly; 10 is the default: raise it if a seam stays visible).\n"
     "- mode: 'fast' skips the model's own reaction and costs almost nothing; 'exact' is the paper's gradient "
     "through the UNet (several times slower, needs ComfyUI from June 2025 or newer, refused with a message on older).\n"
     "- band: how coarse 'coarse' is (0.5 = the paper; lower = only broad colour).\n"
@@ -121,7 +121,7 @@ def _groups_and_notes(wb, r: dict, ca2: bool, stfg: bool, mechanisms: str) -> No
     ids = ["antelopev2"] + (["clip-vit-h", "ip-adapter-plus-face_sd15"] if ca2 else [])
     extra = ("antelopev2 finds the face (the edit mask) and scores the result. "
              + ("The CA² gate reads the original photo through CLIP ViT-H and IP-Adapter plus-face; ip-adapter-plus_sd15 "
-                "works too (better for half-body photos). SDXL: ip-adapter-plus-face_sdxl_vit-h with the same CLIP ViT-H. " if ca2 else "")
+                "works too (better for half-body photos). SDXL: ip-adapter-plus-face_sdxl_vit-h with the same CLIP ViT-H, and fit the photo to 1.0 megapixels. " if ca2 else "")
              + ("STFG needs no weights." if stfg else ""))
     wb.note(download_note(ids, extra=extra.strip()), title="Download first")
     check = "Identity similarity (group 5) scores the edited face against the original photo's: if it drops, lower denoise"

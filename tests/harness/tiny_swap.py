@@ -47,6 +47,9 @@ def register(class_type: str):
     """Decorator: ``@register("LoadImage") def provision(node, instance, context) -> node``."""
 
     def wrap(fn):
+        known = PROVISIONERS.get(class_type)
+        if known is not None and known is not fn:  # two modules provisioning one node: the last import would win silently
+            raise RuntimeError(f"{class_type} already has a provisioner ({known.__module__}.{known.__name__})")
         PROVISIONERS[class_type] = fn
         return fn
 

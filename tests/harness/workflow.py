@@ -145,8 +145,12 @@ def _check_widget_value(kind: str, node_id: int, name: str, spec: list, value: A
     choices = spec[0] if isinstance(spec[0], list) else None
     if choices is None and spec[0] == "COMBO" and len(spec) > 1:
         choices = spec[1].get("options")
-    if choices is not None and value not in choices and not _is_file_choice(choices):
+    if choices is not None and value not in choices and not _is_file_choice(choices) and name not in FOLDER_CHOICES.get(kind, ()):
         raise WorkflowError(f"node {node_id} ({kind}): {name}={value!r} is not one of {choices}")
+
+
+# Combos that list folders a user downloads (no extension to recognise them by): node type -> widget names.
+FOLDER_CHOICES = {"IdentityAttentionLoadFaceAnalysis": ("pack",)}
 
 
 def _is_file_choice(choices: list) -> bool:

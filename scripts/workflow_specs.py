@@ -35,6 +35,13 @@ def text_to_image(wb, checkpoint, model_patch=None, prompt="a portrait photo of 
     return {"ckpt": ckpt, "pos": pos, "neg": neg, "latent": latent, "sampler": sampler, "decode": decode, "save": save}
 
 
+def similarity_check(wb, images, identity, faces, title="How much does it look like the person?", prefix="identity_similarity"):
+    """Identity similarity of generated images against an identity, the scored image saved; returns both refs."""
+    score = wb.node("IdentityAttentionIdentitySimilarity", title=title, images=images, identity=identity, face_analysis=faces, face="largest")
+    shown = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix=prefix)
+    return score, shown
+
+
 # --- weights: notes that say what to download, from weights_manifest.json ------------------------
 
 DOWNLOAD_COMMAND = "python -m comfyui-identity-attention.weights download"
@@ -114,11 +121,7 @@ def identity_from_photo(wb, photo="reference_face.png", clip_vision=True, vision
 def encode_identity_and_check_similarity(wb) -> str:
     who = identity_from_photo(wb)
     gen = text_to_image(wb, SD15_CHECKPOINT, prompt="a portrait photo of a woman, studio light, 85mm", title="Sample (no identity yet)")
-    score = wb.node(
-        "IdentityAttentionIdentitySimilarity", title="How much does it look like the person?",
-        images=gen["decode"][0], identity=who["encode"][0], face_analysis=who["faces"][0], face="largest",
-    )
-    shown = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
+    score, shown = similarity_check(wb, gen["decode"][0], who["encode"][0], who["faces"][0])
     wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
     wb.group("2. Generate (identity attention nodes go between Load checkpoint and the sampler)", [gen[k] for k in ("ckpt", "pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.group("3. Check: score the result against the identity", [score, shown], CHECK_YELLOW)
@@ -176,9 +179,7 @@ def identity_portrait_faceid_moa(wb) -> str:
                         prompt="a portrait photo of a woman as an astronaut, helmet under her arm, NASA hangar, 85mm", title="Sample")
     maps = wb.node("IdentityAttentionInspectRouter", title="Where the identity went (router maps)", model=routed[0], latent=gen["sampler"][0])
     maps_preview = wb.node("PreviewImage", title="Router maps (white = identity)", images=maps[0])
-    score = wb.node("IdentityAttentionIdentitySimilarity", title="How much does it look like the person?",
-                    images=gen["decode"][0], identity=who["encode"][0], face_analysis=who["faces"][0], face="largest")
-    scored = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
+    score, scored = similarity_check(wb, gen["decode"][0], who["encode"][0], who["faces"][0])
     wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
     wb.group("2. The model learns the identity: adapter + LoRA, parallel attention, MoA routing", [ckpt, lora, adapter, parallel, routed, report, shown], ADAPTER_BLUE)
     wb.group("3. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)

@@ -16,16 +16,9 @@ from workflow_specs import (
     download_note,
     identity_from_photo,
     manifest_file,
+    similarity_check,
     text_to_image,
 )
-
-
-
-def similarity_check(wb, images, identity, faces, title="How much does it look like the person?", prefix="identity_similarity"):
-    """Identity similarity of generated images against an identity, the scored image saved; returns both refs."""
-    score = wb.node("IdentityAttentionIdentitySimilarity", title=title, images=images, identity=identity, face_analysis=faces, face="largest")
-    shown = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix=prefix)
-    return score, shown
 
 
 # --- KV-mixed attention ------------------------------------------------------------------------------

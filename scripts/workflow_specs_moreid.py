@@ -19,6 +19,7 @@ from workflow_specs import (
     download_note,
     identity_from_photo,
     manifest_file,
+    similarity_check,
     text_to_image,
 )
 
@@ -42,9 +43,7 @@ def face_adapter_fact(wb) -> str:
     shown = wb.node("IdentityAttentionShowText", title="Applied effects", text=report[0])
     gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: face[0], ckpt=ckpt, title="Sample",
                         prompt="a photo of a woman in a red wool coat, snowy street at dusk, bokeh, 85mm")
-    score = wb.node("IdentityAttentionIdentitySimilarity", title="How much does it look like the person?",
-                    images=gen["decode"][0], identity=who["encode"][0], face_analysis=who["faces"][0], face="largest")
-    scored = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
+    score, scored = similarity_check(wb, gen["decode"][0], who["encode"][0], who["faces"][0])
     wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
     wb.group("2. Face tokens: TransFace reads the face, the face mask hides the background", [encoder, face_tokens, seen], IDENTITY_GREEN)
     wb.group("3. The model learns the face: FACT adapter, gated self-attention", [ckpt, adapter, info, face, report, shown], ADAPTER_BLUE)

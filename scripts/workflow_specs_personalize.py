@@ -19,6 +19,7 @@ from workflow_specs import (
     SD15_CHECKPOINT,
     download_note,
     manifest_file,
+    similarity_check,
 )
 
 TRAIN_ORANGE = "#a1683a"
@@ -74,9 +75,7 @@ def personalize_then_generate(wb) -> str:
     decode = wb.node("VAEDecode", title="Decode to pixels", samples=sampler[0], vae=ckpt[2])
     save = wb.node("SaveImage", title="Save image", images=decode[0], filename_prefix="personalized")
 
-    score = wb.node("IdentityAttentionIdentitySimilarity", title="How much does it look like the person?",
-                    images=decode[0], identity=encode[0], face_analysis=faces[0], face="largest")
-    scored = wb.node("SaveImage", title="Similarity written on the image", images=score[2], filename_prefix="identity_similarity")
+    score, scored = similarity_check(wb, decode[0], encode[0], faces[0])
 
     wb.group("1. Who: several photos of one person become an identity (+ face masks)", loaders + batchers + [faces, vision, encode, crops, found], IDENTITY_GREEN)
     wb.group("2. Train: personalize the adapter on these photos (PVA, 40 steps)", [ckpt, lora, start, train, loss], TRAIN_ORANGE)

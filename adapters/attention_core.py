@@ -17,19 +17,38 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+# The per-call reshapes below run at every attn2 call of every step: plain torch views, with the
+# einops pattern they implement in the docstring (einops' own per-call dispatch costs ~15 us,
+# as much as a small layer's arithmetic on a CPU).
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, N, H*D] -> [B, H, N, D]``."""
-    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+    """``b n (h d) -> b h n d``: ``[B, N, H*D] -> [B, H, N, D]`` (a view)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, D] -> [B, N, H*D]``."""
-    return rearrange(x, "b h n d -> b n (h d)")
+    """``b h n d -> b n (h d)``: ``[B, H, N, D] -> [B, N, H*D]``."""
+    return x.transpose(1, 2).flatten(-2)
+
+
+def token_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``b n (h d) -> b n h d``: ``[B, N, H*D] -> [B, N, H, D]`` (a view)."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def sdpa_token_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """SDPA on token-major heads: ``[B, N, H, Dq], [B, M, H, Dq], [B, M, H, Dv] -> [B, N, H, Dv]``.
+
+    ``bias`` broadcasts to ``[B, H, N, M]``; ``scale`` defaults to ``1/sqrt(Dq)``. Inputs and
+    output are views of ``b h n d`` tensors, which is what SDPA's kernels take.
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale)
+    return out.transpose(1, 2)
 
 
 def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -78,6 +97,21 @@ def biased_attention(
         bias = bias.to(dtype=qh.dtype, device=qh.device)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale)
     return merge_heads(out)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
+    """``softmax(Q K^T / sqrt(D)) V`` through torch's fused SDPA kernels: ``[B, N, H*D]`` in q's dtype.
+
+    What the mechanisms' own attention branches run (identity, visual condition): the same
+    formula as the host's ``optimized_attention``, without the host's chunking (its CPU
+    fallback, sub-quadratic attention, takes about twice as long at these key counts).
+    ``upcast`` computes in float32, as the host does for models whose attention overflows
+    in fp16 (``attn_precision``).
+    """
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    return biased_attention(q, k, v, heads).to(dtype)
 
 
 def log_prior(weight: float) -> float:

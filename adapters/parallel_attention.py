@@ -46,23 +46,30 @@ layer's own ``to_k`` / ``to_v`` projecting the identity tokens this is PVA at in
 (PVA initialises ``to_visual_*`` as copies of ``to_q / to_k / to_v``): identity tokens appended
 to the text context.
 
-How joint attention is computed, and how it stacks. The joint softmax splits exactly into the
-text softmax and the identity softmax weighted by their shares of the attention mass::
+How joint attention is computed, and how it stacks. Where joint attention is the first
+mechanism to act at a layer (no other stage before it, no other pack's patch in the slot, no
+mask), it is ONE fused SDPA call, PVA as written: keys ``[k_text ; k_id]``, values
+``[v_text ; v_id]``; the layer's separate text attention is not computed at all. Otherwise the
+joint softmax is split exactly into the text softmax and the identity softmax weighted by their
+shares of the attention mass::
 
     softmax(S) [v_text ; v_id] = (1 - a) * softmax(s q k_text^T) v_text  +  a * softmax(S_id) v_id
     a = sum_{j in id} exp(S_j) / sum_{all j} exp(S_j)              # per query and head
 
-:func:`joint_identity_attention` gets ``a * softmax(S_id) v_id`` and ``a`` in ONE fused SDPA
-call: keys ``[k_text ; k_id]``, values ``[0 ; v_id]`` with one extra value channel per head that is
-1 on identity rows (its output is ``a``). :func:`mix_with_text` then forms
-``(1 - a) * text_out + a * id_attention``. When ``text_out`` is the layer's plain text attention
-this is PVA's output; when stages or another pack's patch changed the text attention before this
-one, their result takes the text share (documented stacking rule: joint attention makes the
-identity compete with whatever attention output the layers before it produced).
+and one fused call gets ``a * softmax(S_id) v_id`` and ``a`` (values ``[0 ; v_id]`` with one more
+value channel per head that is 1 on identity rows: its output is ``a``); :func:`mix_with_text`
+forms ``(1 - a) * text_out + a * id_attention``. When ``text_out`` is the layer's plain text
+attention this equals the single call; when stages or another pack's patch changed the text
+attention before this one, their result takes the text share (documented stacking rule: joint
+attention makes the identity compete with whatever attention output the layers before it
+produced).
 
 PVA's separate visual query in the same single call: queries ``[q | q_id]`` (head dim 2D) against
 keys ``[k_text | 0]`` (text rows) and ``[0 | k_id]`` (identity rows), with the scale fixed at
-``1/sqrt(D)``: the dot products are exactly ``q k_text`` and ``q_id k_id``.
+``1/sqrt(D)``: the dot products are exactly ``q k_text`` and ``q_id k_id``. Every operand of the
+call has one head width (:func:`fused_width`, zero channels where needed), so SDPA runs its fused
+flash kernels; the 2D-wide values of the separate-query layout leave room for the share channel,
+which a mixture-of-attention router then reads without a second pass.
 """
 
 from __future__ import annotations
@@ -71,17 +78,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
-from .attention_core import AttentionFn, biased_attention, log_prior, split_heads
+from .attention_core import AttentionFn, biased_attention, log_prior, sdpa_token_heads, split_heads, token_heads
 
 ORTHO_MODES = ("none", "ortho", "ortho_v2")
 PULID_BODY_TOKENS = 5
 """PuLID's ORTHO_v2 sums the attention on the first 5 ID tokens (its IDEncoder's ArcFace-body tokens)."""
-
-VALUE_PAD = 8
-"""Extra value channels per head in the fused joint call: channel D carries the identity share,
-the rest are zeros that keep the value head dim a multiple of 8 (aligned for fused kernels)."""
 
 
 # --- identity keys and values ------------------------------------------------------------------
@@ -161,49 +163,64 @@ def orthogonalize(
 
 
 # --- joint ------------------------------------------------------------------------------------------
+# Operands of the fused call are token-major heads, ``[B, tokens, H, width]`` (views of the
+# layer's ``[B, tokens, H*D]`` tensors where nothing is padded).
 
 
-def joint_query(q: torch.Tensor, q_id: Optional[torch.Tensor], heads: int) -> torch.Tensor:
-    """Queries of the fused joint call: ``q`` itself, or per head ``[q | q_id]`` (``[B, N, H*2D]``)."""
-    if q_id is None:
-        return q
-    both = torch.cat([split_heads(q, heads), split_heads(q_id, heads)], dim=-1)
-    return rearrange(both, "b h n e -> b n (h e)")
+def fused_width(dim_head: int, separate_query: bool, value_dim: int, share: bool) -> int:
+    """Head width of every operand of one fused joint call.
 
-
-def text_key_block(k_text: torch.Tensor, heads: int, separate_query: bool) -> torch.Tensor:
-    """Text rows of the fused keys: ``k_text`` or per head ``[k_text | 0]``."""
-    if not separate_query:
-        return k_text
-    kh = rearrange(k_text, "b m (h d) -> b m h d", h=heads)
-    return rearrange(torch.cat([kh, torch.zeros_like(kh)], dim=-1), "b m h e -> b m (h e)")
-
-
-def identity_key_block(k_id: torch.Tensor, heads: int, separate_query: bool) -> torch.Tensor:
-    """Identity rows of the fused keys: ``k_id`` or per head ``[0 | k_id]``."""
-    if not separate_query:
-        return k_id
-    kh = rearrange(k_id, "b t (h d) -> b t h d", h=heads)
-    return rearrange(torch.cat([torch.zeros_like(kh), kh], dim=-1), "b t h e -> b t (h e)")
-
-
-def joint_value_block(v_id: Optional[torch.Tensor], text_tokens: int, heads: int, dim_head: int, like: torch.Tensor) -> torch.Tensor:
-    """Values of the fused joint call: ``[B, M + T, H*(D + VALUE_PAD)]``.
-
-    Text rows are all zero; identity rows hold ``v_id`` in channels ``:D`` and 1 in channel ``D``
-    of every head. ``v_id`` ``[B, T, H*D]``; ``None`` builds the share-only block (``D = 0``:
-    channel 0 is the indicator), used by routers that need the identity share alone.
-    ``like`` gives batch, device and dtype (for ``v_id=None``: ``[B, T, ...]``).
+    SDPA's fused kernels (flash, on the CPU and on GPUs) need q, k and v of one head width; a
+    width the query/key layout does not already give is rounded up to a multiple of 8 (GPU
+    alignment). Query/key width: ``D``, or ``2D`` with a separate identity query; value width:
+    ``value_dim`` value channels plus one share channel when ``share``.
     """
-    d = 0 if v_id is None else dim_head
-    b, t = like.shape[0], like.shape[1]
-    width = d + VALUE_PAD
-    ident = like.new_zeros(b, t, heads, width)
+    qk = 2 * dim_head if separate_query else dim_head
+    needed = value_dim + int(share)
+    return qk if needed <= qk else -(-needed // 8) * 8
+
+
+def pad_heads(x: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+    """Per head, ``x``'s channels at ``offset`` in a zero block of ``width``: ``[B, N, H, d] -> [B, N, H, width]``.
+
+    Returns ``x`` itself when nothing moves (``offset == 0``, ``d == width``).
+    """
+    d = x.shape[-1]
+    if offset == 0 and d == width:
+        return x
+    return F.pad(x, (offset, width - offset - d))
+
+
+def joint_query(q: torch.Tensor, q_id: Optional[torch.Tensor], heads: int, width: int) -> torch.Tensor:
+    """Queries of a fused joint call: per head ``[q | 0]`` or ``[q | q_id | 0]``: ``[B, N, H, width]``."""
+    if q_id is None:
+        return pad_heads(token_heads(q, heads), width)
+    return pad_heads(torch.cat([token_heads(q, heads), token_heads(q_id, heads)], dim=-1), width)
+
+
+def identity_key_block(k_id: torch.Tensor, heads: int, width: int, separate_query: bool) -> torch.Tensor:
+    """Identity rows of the fused keys: per head ``[k_id | 0]``, or ``[0 | k_id | 0]`` facing ``q_id``.
+
+    ``[B, T, H*D] -> [B, T, H, width]``. The text rows are ``pad_heads(token_heads(k_text), width)``:
+    ``[k_text | 0]``, which ``q`` meets and ``q_id`` does not.
+    """
+    kh = token_heads(k_id, heads)
+    return pad_heads(kh, width, offset=kh.shape[-1] if separate_query else 0)
+
+
+def identity_value_block(v_id: Optional[torch.Tensor], heads: int, width: int, share: bool, like: torch.Tensor) -> torch.Tensor:
+    """Identity rows of the fused values: per head ``[v_id | 1 | 0]`` (``[v_id | 0]`` without ``share``).
+
+    ``v_id`` ``[B, T, H*D] -> [B, T, H, width]``; ``None`` gives the share-only rows ``[1 | 0]`` (no
+    value channels). ``like`` ``[B, T, ...]`` gives batch, token count, device and dtype.
+    """
+    d = 0 if v_id is None else v_id.shape[-1] // heads
+    ident = like.new_zeros(like.shape[0], like.shape[1], heads, width)
     if v_id is not None:
-        ident[..., :d] = rearrange(v_id, "b t (h d) -> b t h d", h=heads)
-    ident[..., d] = 1.0
-    text = like.new_zeros(b, text_tokens, heads, width)
-    return rearrange(torch.cat([text, ident], dim=1), "b m h e -> b m (h e)")
+        ident[..., :d] = token_heads(v_id, heads)
+    if share:
+        ident[..., d] = 1.0
+    return ident
 
 
 def joint_bias(text_tokens: int, id_tokens: int, weight: float, device, dtype) -> Optional[torch.Tensor]:
@@ -215,32 +232,30 @@ def joint_bias(text_tokens: int, id_tokens: int, weight: float, device, dtype) -
     return bias
 
 
-def joint_identity_attention(
+def fused_joint_call(
     q_joint: torch.Tensor,
-    k_joint: torch.Tensor,
-    v_joint: torch.Tensor,
-    heads: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     dim_head: int,
+    value_dim: int,
+    share: bool,
     bias: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One fused SDPA call over ``[text ; identity]`` keys.
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One fused SDPA call over ``[text ; identity]`` keys, scale ``1/sqrt(D)``.
 
-    Inputs from :func:`joint_query`, the key blocks and :func:`joint_value_block` (value head
-    width ``w_v``: ``dim_head + VALUE_PAD``, or ``VALUE_PAD`` for the share-only block).
-    Returns ``(id_part [B, N, H*D'], share [B, N, H, 1])``: ``a * softmax(S_id) v_id`` (``D' = 0``
-    for the share-only block) and the identity share ``a`` per query and head.
+    Operands ``[B, tokens, H, width]`` (:func:`joint_query`, the key and value blocks).
+    Returns ``(values [B, N, H*value_dim], share [B, N, H, 1] or None)``: the first ``value_dim``
+    output channels of every head and, with ``share``, the next one (the identity share ``a``).
     """
-    out = biased_attention(q_joint, k_joint, v_joint, heads, bias=bias, scale=dim_head**-0.5)
-    oh = rearrange(out, "b n (h e) -> b n h e", h=heads)
-    d = oh.shape[-1] - VALUE_PAD
-    return rearrange(oh[..., :d], "b n h d -> b n (h d)"), oh[..., d : d + 1]
+    out = sdpa_token_heads(q_joint, keys, values, bias=bias, scale=dim_head**-0.5)  # [B, N, H, width]
+    part = out[..., :value_dim].flatten(-2)
+    return part, (out[..., value_dim : value_dim + 1] if share else None)
 
 
 def mix_with_text(text_out: torch.Tensor, id_part: torch.Tensor, share: torch.Tensor, heads: int) -> torch.Tensor:
     """``(1 - a) * text_out + id_part`` per head: ``[B, N, H*D]`` (``share`` ``[B, N, H, 1]``)."""
-    th = rearrange(text_out, "b n (h d) -> b n h d", h=heads)
-    ih = rearrange(id_part, "b n (h d) -> b n h d", h=heads)
-    return rearrange(torch.addcmul(ih.to(th.dtype), th, 1.0 - share.to(th.dtype)), "b n h d -> b n (h d)")
+    th, ih = token_heads(text_out, heads), token_heads(id_part, heads)
+    return torch.addcmul(ih.to(th.dtype), th, 1.0 - share.to(th.dtype)).flatten(-2)
 
 
 def joint_attention(
@@ -252,24 +267,29 @@ def joint_attention(
     heads: int,
     weight: float = 1.0,
     q_id: Optional[torch.Tensor] = None,
-    attention_fn: Optional[AttentionFn] = None,
     text_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PVA's joint attention at one layer: ``[B, N, H*D]`` (see the module docstring).
 
-    ``text_out`` (the layer's text attention, or what earlier stages made of it) defaults to
-    ``attention_fn(q, k_text, v_text, heads)``. Zero identity tokens return ``text_out`` itself.
+    Without ``text_out``: one fused call over ``[text ; identity]`` with values ``[v_text ; v_id]``
+    (PVA as written). With ``text_out`` (the layer's text attention, or what earlier stages made of
+    it): the identity part and share in one call, mixed as ``(1 - a) text_out + a id_attention``.
+    Zero identity tokens return ``text_out`` (or the plain text attention) itself.
     """
-    if text_out is None:
-        if attention_fn is None:
-            raise ValueError("joint_attention needs text_out or an attention_fn")
-        text_out = attention_fn(q, k_text, v_text, heads)
-    if k_id.shape[1] == 0:
-        return text_out
     dim_head = q.shape[-1] // heads
     separate = q_id is not None
-    keys = torch.cat([text_key_block(k_text, heads, separate), identity_key_block(k_id, heads, separate)], dim=1)
-    values = joint_value_block(v_id, k_text.shape[1], heads, dim_head, like=v_id)
+    if k_id.shape[1] == 0:
+        if text_out is not None:
+            return text_out
+        return biased_attention(q, k_text, v_text, heads)
+    fused = text_out is None
+    width = fused_width(dim_head, separate, dim_head, share=not fused)
+    keys = torch.cat([pad_heads(token_heads(k_text, heads), width), identity_key_block(k_id, heads, width, separate)], dim=1)
+    if fused:
+        text_values = pad_heads(token_heads(v_text, heads), width)
+    else:
+        text_values = v_id.new_zeros(v_id.shape[0], k_text.shape[1], heads, width)
+    values = torch.cat([text_values.to(v_id.dtype), identity_value_block(v_id, heads, width, share=not fused, like=v_id)], dim=1)
     bias = joint_bias(k_text.shape[1], k_id.shape[1], weight, q.device, q.dtype)
-    id_part, share = joint_identity_attention(joint_query(q, q_id, heads), keys, values, heads, dim_head, bias)
-    return mix_with_text(text_out, id_part, share, heads)
+    part, share = fused_joint_call(joint_query(q, q_id, heads, width), keys, values, dim_head, dim_head, not fused, bias)
+    return part if fused else mix_with_text(text_out, part, share, heads)

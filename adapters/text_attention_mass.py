@@ -23,10 +23,11 @@ constant factor the normalisations downstream (min-max, μ - σ) ignore.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .attention_core import split_heads
 
@@ -57,11 +58,41 @@ def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torc
     can avoid it.
     """
     qh, kh = split_heads(q, heads), split_heads(k, heads)
-    b, h, _, _ = qh.shape
+    b, h, _, d = qh.shape
     m = kh.shape[2]
-    # 8 identical value columns: kernels prefer head dims that are multiples of 8
-    values = content_indicator(m, device=q.device, dtype=q.dtype).reshape(1, 1, m, 1).expand(b, h, m, 8)
+    # as many identical value columns as q/k have (SDPA's flash kernels need one head width and a
+    # unit channel stride: broadcast over batch and heads only)
+    values = content_indicator(m, device=q.device, dtype=q.dtype).reshape(1, 1, m, 1).repeat(1, 1, 1, d).expand(b, h, m, d)
     per_head = F.scaled_dot_product_attention(qh, kh, values)[..., 0]  # [B, H, N]
+    return mass_from_heads(per_head)
+
+
+def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The text attention and its content mass in ONE fused call: ``([B, N, H*D] in q's dtype, [B, N])``.
+
+    Per head, values ``[v | content indicator | 0]`` and queries / keys ``[q | 0]`` / ``[k | 0]``,
+    all ``round_up(D + 1, 8)`` wide (SDPA's flash kernels need one head width); the zero channels
+    leave every dot product as it is and the scale is fixed at ``1/sqrt(D)``. Output channels
+    ``:D`` are ``softmax(q k^T / sqrt(D)) v``, channel ``D`` the per-head content mass.
+    ``upcast``: compute in float32 (the host's ``attn_precision``).
+    """
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    d = q.shape[-1] // heads
+    width = -(-(d + 1) // 8) * 8
+    pad = (0, width - d)
+    qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    b, h, m, _ = vh.shape
+    indicator = content_indicator(m, device=v.device, dtype=v.dtype).reshape(1, 1, m, 1).expand(b, h, m, 1)
+    values = F.pad(torch.cat([vh, indicator], dim=-1), (0, width - d - 1))
+    out = F.scaled_dot_product_attention(F.pad(qh, pad), F.pad(kh, pad), values, scale=d**-0.5)
+    text = rearrange(out[..., :d], "b h n d -> b n (h d)").to(dtype)
+    return text, mass_from_heads(out[..., d])
+
+
+def mass_from_heads(per_head: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N]`` per-head content mass -> ``[B, N]`` float32, heads averaged, in [0, 1]."""
     return per_head.float().mean(dim=1).clamp(0.0, 1.0)
 
 

@@ -2,7 +2,10 @@
 
 Per attn2 call: the visual K/V of the original image's tokens (cached once
 per layer/device/dtype), the per-pixel score (native MLP or text attention),
-the edit mask at the layer grid, then ``out + w (1 - Score ⊙ M) Attn(q, K_vis, V_vis)``.
+the edit mask at the layer grid, then ``out + w (1 - Score ⊙ M) Attn(q, K_vis, V_vis)``
+(the visual branch through fused SDPA). As the first stage of a call with the
+training-free score, the layer's text attention and its content mass come from
+one fused call (``text_attention_with_mass``) instead of two.
 The edit mask is *not* the stage's schedule mask: the visual term acts
 everywhere (full strength outside the mask), the mask only decides where the
 score may suppress it.
@@ -29,10 +32,10 @@ from ..adapters.ca2_gate import (
     visual_gate,
     visual_keys_values,
 )
+from ..adapters.text_attention_mass import minmax_per_image, text_attention_with_mass
 from ..adapters.id_adapter import DeviceCache
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, blend_in_region, mask_rows
 from .errors import IdentityAttentionError
-from .host import attention_fn_for
 from .step_recorder import StepRecorder
 
 _COND, _UNCOND = 0, 1
@@ -87,27 +90,42 @@ class CA2GateStage(AttentionStage):
             lambda: visual_keys_values(tokens.float(), layer["to_k"].float(), layer["to_v"].float()),
         )
 
-    def score(self, call: AttentionCall) -> torch.Tensor:
-        """``[b, N]`` float32 in [0, 1], after sharpening."""
+    def score(self, call: AttentionCall, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[b, N]`` float32 in [0, 1], after sharpening (``mass``: the content mass, if already known)."""
         if self.score_source == "native":
             layer = self.adapter.layer(call.layer)
             weights = self._cache.get((call.layer, "score"), call.q.device, call.q.dtype, lambda: tuple(layer[n].float() for n in SCORE_KEYS))
             hidden = call.hidden_states()
             raw = native_score(hidden, pooled_text_token(call.context().to(hidden.dtype)), dict(zip(SCORE_KEYS, weights)), self.activation)
+        elif mass is not None:
+            raw = minmax_per_image(mass)
         else:
             raw = text_attention_score(call.q, call.k, call.heads)
         return sharpen(raw, self.sharpness)
 
+    def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """As the first stage, with the training-free score: the text attention and its content
+        mass come from one fused call instead of two."""
+        if self.score_source != "text_attention" or self.schedule.mask is not None:
+            return None
+        upcast = call.extra_options.get("attn_precision") == torch.float32
+        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=upcast)
+        return self._gated(call, text, mass)
+
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
+        return blend_in_region(out, self._gated(call, out), region)
+
+    def _gated(self, call: AttentionCall, out: torch.Tensor, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``out + w (1 - Score ⊙ M) Attn(q, K_vis, V_vis)`` for ``call``'s rows; records the score."""
         kv = {code: self._visual_kv(call, code) for code in set(call.chunks)}
         k_vis = call.per_row({code: pair[0] for code, pair in kv.items()}).contiguous()
         v_vis = call.per_row({code: pair[1] for code, pair in kv.items()}).contiguous()
-        score = self.score(call)
+        score = self.score(call, mass)
         mask = mask_rows(self.edit_mask, call, self._edit_cache, node=self.label, input_name="mask")
         gate = visual_gate(score, mask.float())
-        new = gated_visual_attention(out, call.q, k_vis, v_vis, call.heads, gate, self.schedule.weight, attention_fn_for(call.extra_options))
+        new = gated_visual_attention(out, call.q, k_vis, v_vis, call.heads, gate, self.schedule.weight, lambda q, k, v, heads: call.branch_attention(q, k, v))
         self._record(call, score)
-        return blend_in_region(out, new, region)
+        return new
 
     def _record(self, call: AttentionCall, score: torch.Tensor) -> None:
         if _COND not in call.chunks:

@@ -11,6 +11,7 @@ Per attn2 call (``q, k, v`` already projected by the layer, ``[B, N, H*D]``)::
 
     out = text attention            # the slot's previous (foreign) replace if any,
                                     # else the host's optimized_attention, exactly
+                                    # (or, see below, the first stage's forward_first)
     for stage in stages:            # in node order
         if stage inactive here (weight 0, sigma outside its window, layer filtered,
                                     no batch chunk it applies to): skip
@@ -24,6 +25,13 @@ A stage with ``region`` must leave ``out`` unchanged where ``region`` is 0
 With no active stage the dispatcher returns the unpatched computation bit for
 bit.
 
+The first active stage may skip the text attention altogether
+(:meth:`AttentionStage.forward_first`): joint attention (PVA) is one attention
+call over ``[text; identity]`` keys, so computing the text attention first and
+then the identity part would cost two. Later stages that need the plain text
+attention (a router's prior, PuLID's projection) still get it from
+``call.text_attention()``, computed on first use.
+
 A patch another pack installed in a slot before ours (3-tuple key, or the
 2-tuple block-wide key) is kept as that slot's *fallback*: it computes the
 text attention our stages build on, so it still runs.
@@ -32,7 +40,7 @@ text attention our stages build on, so it still runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,6 +52,7 @@ from .host import (
     LayerKey,
     SigmaReader,
     activations_hw,
+    branch_attention_fn,
     cross_attention_layers,
     host_attention,
     latent_hw,
@@ -144,6 +153,7 @@ class AttentionCall:
         self.heads = int(extra_options["n_heads"])
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
         self._sigma_reader = sigma_reader
+        self._branch = branch_attention_fn(extra_options)
         # per-call results one stage computes and a later one reuses (e.g. PVA's identity share for MoA)
         self.scratch: Dict[object, torch.Tensor] = {}
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
@@ -184,6 +194,10 @@ class AttentionCall:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The host's optimized attention with this layer's heads and precision."""
         return host_attention(q, k, v, self.heads, self.extra_options)
+
+    def branch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A mechanism's own attention branch (identity / visual tokens): fused SDPA, the host's precision."""
+        return self._branch(q, k, v, self.heads)
 
     def text_attention(self) -> torch.Tensor:
         """The layer's own text cross-attention output (what an unpatched model computes).
@@ -310,8 +324,25 @@ class AttentionStage:
         return self
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
-        """Return the new attention output ``[b, N, H*D]`` for ``call``'s rows."""
+        """Return the new attention output ``[b, N, H*D]`` for ``call``'s rows.
+
+        A stage that only observes returns ``out`` itself (the same object): the dispatcher
+        then copies nothing.
+        """
         raise NotImplementedError
+
+    def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """This stage's output straight from the layer's q/k/v, when it is the first to act.
+
+        Called instead of ``forward(call, call.text_attention(), None)`` where that text
+        attention has not been computed yet, the slot holds no other pack's patch, the stage
+        applies to every row and the step's window is decided: a stage that can fold the
+        text attention into its own computation (one attention call instead of two) returns
+        ``[B, N, H*D]`` equal to ``forward``'s result up to rounding; the default, None, has
+        the dispatcher compute the text attention and call ``forward``. A stage with a region
+        (mask) must return None (outside the region the output is the text attention).
+        """
+        return None
 
     def is_active(self, call: AttentionCall) -> bool:
         """Whether the stage acts at this layer (besides its sigma window and chunks,
@@ -426,13 +457,20 @@ class AttentionDispatcher:
             keep = [stage.schedule.applies_to_chunk(code) for code in call.chunks]
             if not any(keep):
                 continue
+            every_row = all(keep)
             if out is None:
+                if every_row and window is True and fallback is None:
+                    out = stage.forward_first(call)  # e.g. PVA: one call over [text; identity]
+                    if out is not None:
+                        continue
                 out = call.text_attention()
-            if all(keep):
+            if every_row:
                 new = stage.forward(call, out, stage.region(call))
             else:
                 sub = call.select_chunks(keep)
-                new = call.scatter_chunks(out, stage.forward(sub, call.take_chunks(out, keep), stage.region(sub)), keep)
+                part_in = call.take_chunks(out, keep)
+                part = stage.forward(sub, part_in, stage.region(sub))
+                new = out if part is part_in else call.scatter_chunks(out, part, keep)  # an observer changed nothing
             # a window decided on the GPU selects without a host sync (exact either way)
             out = new if window is True else torch.where(window.reshape(1, 1, 1), new, out)
         return out if out is not None else call.text_attention()

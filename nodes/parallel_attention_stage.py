@@ -11,9 +11,12 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
 - identity K/V are projected once per layer, device and dtype (adapter weights: once for the
   stage's lifetime; layer modules: again only if the layer's weight object changes, e.g. a LoRA
   patched after this node), and expanded to the call's cond/uncond rows once per batch layout;
-- decoupled: one host attention call (+ PuLID's projection when asked);
-- joint: one fused SDPA call over ``[text ; identity]`` keys (+ one ``to_q`` matmul with a
-  separate identity query), then an elementwise mix;
+- decoupled: one fused SDPA call for the identity branch (+ PuLID's projection when asked);
+- joint, as the first stage of the call (no foreign patch, no mask): PVA's single fused SDPA
+  call over ``[text ; identity]`` keys and values, *instead of* the layer's text attention (+ one
+  ``to_q`` matmul with a separate identity query);
+- joint after other stages: one fused SDPA call for the identity part and share, then an
+  elementwise mix with what those stages produced;
 - no host sync, no Python loop over batch items.
 """
 
@@ -28,16 +31,18 @@ from ..adapters.id_adapter import DeviceCache, IdentityTokens
 from ..adapters.parallel_attention import (
     append_zero_tokens,
     decoupled_attention,
+    fused_joint_call,
+    fused_width,
     identity_key_block,
+    identity_value_block,
     joint_bias,
-    joint_identity_attention,
     joint_query,
-    joint_value_block,
     mix_with_text,
     orthogonalize,
+    pad_heads,
     project_tokens,
-    text_key_block,
 )
+from ..adapters.attention_core import token_heads
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, add_in_region, blend_in_region
 from .host import LayerKey
 
@@ -199,27 +204,45 @@ class ParallelAttentionStage(AttentionStage):
             self._blocks[key] = hit
         return hit
 
-    def _joint_inputs(self, call: AttentionCall, share_only: bool):
+    def _joint_call(self, call: AttentionCall, kind: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """One fused SDPA call over ``[text ; identity]`` keys: ``(values [b, N, H*D] or None, share [b, N, H, 1] or None)``.
+
+        kind "fused": values ``[v_text ; v_id]``, the joint output itself (no text attention needed;
+        the share comes free with a separate identity query); "identity": values ``[0 ; v_id]`` and
+        the share, to mix with a given text attention; "share": the share alone.
+        """
         k_id, v_id = self.source.kv(call)
         q_id = self.source.query(call)
         separate = q_id is not None
-        heads, text_tokens = call.heads, call.k.shape[1]
-        id_keys = self._block(call, f"k{int(separate)}", lambda: identity_key_block(k_id, heads, separate))
-        keys = torch.cat([text_key_block(call.k, heads, separate), id_keys], dim=1)
-        if share_only:
-            values = self._block(call, "share", lambda: joint_value_block(None, text_tokens, heads, call.dim_head, like=k_id))
+        heads, dim_head, text_tokens = call.heads, call.dim_head, call.k.shape[1]
+        value_dim = 0 if kind == "share" else dim_head
+        with_share = kind != "fused" or separate  # fused: only where the 2D-wide layout has a free channel
+        width = fused_width(dim_head, separate, value_dim, with_share)
+        id_keys = self._block(call, ("k", width, separate), lambda: identity_key_block(k_id, heads, width, separate))
+        keys = torch.cat([pad_heads(token_heads(call.k, heads), width), id_keys], dim=1)
+        id_values = lambda: identity_value_block(None if kind == "share" else v_id, heads, width, with_share, like=k_id)  # noqa: E731
+        if kind == "fused":
+            values = torch.cat([pad_heads(token_heads(call.v, heads), width), self._block(call, ("v", kind, width), id_values)], dim=1)
         else:
-            values = self._block(call, "v", lambda: joint_value_block(v_id, text_tokens, heads, call.dim_head, like=v_id))
-        bias = None
-        if self.mode == "joint":
-            bias = self._block(call, "bias", lambda: joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype))
-        q_joint = joint_query(call.q, q_id, heads)
+            values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1))
+        bias = joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype) if self.mode == "joint" else None
+        q_joint = joint_query(call.q, q_id, heads, width)
         if call.extra_options.get("attn_precision") == torch.float32 and q_joint.dtype != torch.float32:
             # the host upcasts this model's attention (SD2.x overflows in fp16): do the same
             q_joint, keys, values = q_joint.float(), keys.float(), values.float()
-        return q_joint, keys, values, bias
+        part, share = fused_joint_call(q_joint, keys, values, dim_head, value_dim, with_share, bias)
+        if share is not None:
+            call.scratch[(id(self), "share")] = share  # a mixture-of-attention router reads it, no second pass
+        return (part if value_dim else None), share
 
     # --- the stage ----------------------------------------------------------------------------
+    def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
+        """Joint mode as the first stage of a call: PVA's single call, no separate text attention."""
+        if self.mode != "joint" or self.source.token_count == 0 or self.schedule.mask is not None:
+            return None
+        part, _ = self._joint_call(call, "fused")
+        return part.to(call.q.dtype)
+
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         if self.source.token_count == 0:
             return out  # no identity tokens: exactly the input
@@ -227,16 +250,14 @@ class ParallelAttentionStage(AttentionStage):
             k_id, v_id = self.source.kv(call)
             q_id = self.source.query(call)
             query = call.q if q_id is None else q_id
-            id_out = decoupled_attention(query, k_id, v_id, call.heads, lambda q, k, v, heads: call.attention(q, k, v))
+            id_out = decoupled_attention(query, k_id, v_id, call.heads, lambda q, k, v, heads: call.branch_attention(q, k, v))
             if self.ortho != "none":
                 body = None if self.body is None else self._block(call, "body", lambda: self.body.to(call.q.device))
                 id_out = orthogonalize(id_out, call.text_attention(), self.ortho, q=query, k_id=k_id, heads=call.heads, body=body)
             if region is None:
                 return torch.add(out, id_out, alpha=self.schedule.weight)  # one fused launch
             return add_in_region(out, id_out * self.schedule.weight, region)
-        q_joint, keys, values, bias = self._joint_inputs(call, share_only=False)
-        id_part, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
-        call.scratch[(id(self), "share")] = share  # a mixture-of-attention router reads it, no second pass
+        id_part, share = self._joint_call(call, "identity")
         mixed = mix_with_text(out, id_part.to(out.dtype), share.to(out.dtype), call.heads)
         return blend_in_region(out, mixed, region)
 
@@ -253,8 +274,7 @@ class ParallelAttentionStage(AttentionStage):
             return None
         share = call.scratch.get((id(self), "share"))  # computed by forward on this very call
         if share is None:
-            q_joint, keys, values, bias = self._joint_inputs(call, share_only=True)
-            _, share = joint_identity_attention(q_joint, keys, values, call.heads, call.dim_head, bias)
+            _, share = self._joint_call(call, "share")
         share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:

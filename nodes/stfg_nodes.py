@@ -14,6 +14,9 @@ from .stage_inputs import CATEGORY, validate_mask
 from .stfg_attention_stage import STFGAttentionStage
 from .stfg_post_cfg import MODES, STFGGuidance, installed_guidance
 
+EXACT_EVERY_DEFAULT = 3
+"""Mode 'exact' takes the gradient on every 3rd step (fast between): about 2x a plain step instead of 4x."""
+
 
 def _is_flow_model(model) -> bool:
     import comfy.model_sampling
@@ -60,7 +63,7 @@ class ApplySTFG:
                     list(MODES),
                     {
                         "default": "fast",
-                        "tooltip": "'fast': the guidance with the model's own reaction left out, almost free. 'exact': the paper's gradient through the whole model: one more model pass plus a backward pass every step (several times slower, more memory); needs ComfyUI from June 2025 or newer.",
+                        "tooltip": "'fast': the guidance with the model's own reaction left out, almost free. 'exact': the paper's gradient through the whole model: one more model pass plus a backward pass on every 'exact_every'-th step (default every 3rd: about twice as slow; more memory); needs ComfyUI from June 2025 or newer.",
                     },
                 ),
                 "band": (
@@ -81,10 +84,22 @@ class ApplySTFG:
                     "FLOAT",
                     {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "When the guidance stops, as a fraction of sampling (1 = the last step)."},
                 ),
-            }
+            },
+            "optional": {
+                "exact_every": (
+                    "INT",
+                    {
+                        "default": EXACT_EVERY_DEFAULT,
+                        "min": 1,
+                        "max": 100,
+                        "tooltip": "Mode 'exact' only: take the gradient through the model on every Nth step and the fast update on the steps between. "
+                        "1 = every step, as in the paper (about 4x the time of a step); 3 = about 2x. Ignored in 'fast' mode.",
+                    },
+                ),
+            },
         }
 
-    def apply(self, model, original_latent, mask, strength, mode, band, start_percent, end_percent):
+    def apply(self, model, original_latent, mask, strength, mode, band, start_percent, end_percent, exact_every=None):
         node = self.DISPLAY_NAME
         if mode not in MODES:
             raise IdentityAttentionError(f"unknown mode {mode!r}", node=node, input_name="mode", fix="choose 'fast' or 'exact'")
@@ -117,11 +132,14 @@ class ApplySTFG:
             weight=1.0,
             sigma_start=percent_to_sigma(model, start_percent),
             sigma_end=percent_to_sigma(model, end_percent),
-            apply_to="cond",
+            apply_to="both",  # measures the cond rows; sees all, to share the text attention's call
         )
         stage = STFGAttentionStage(schedule)
         patched = apply_attention_stage(model, stage)
-        patched.set_model_sampler_post_cfg_function(STFGGuidance(stage, z0, edit_mask, strength, mode, band))
+        every = EXACT_EVERY_DEFAULT if exact_every is None else int(exact_every)
+        if every < 1:
+            raise IdentityAttentionError(f"exact_every must be at least 1, got {every}", node=node, input_name="exact_every", fix="set exact_every to 1 (every step) or more")
+        patched.set_model_sampler_post_cfg_function(STFGGuidance(stage, z0, edit_mask, strength, mode, band, exact_every=every))
         if mode == "exact":
             add_identity_weight_wrappers(patched)
         return (patched,)

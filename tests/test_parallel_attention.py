@@ -63,15 +63,39 @@ def id_kv64(inputs, tokens, to_k, to_v):
 
 @pytest.mark.parametrize("weight", [0.3, 1.0, 2.5])
 @pytest.mark.parametrize("visual_query", [False, True])
-def test_joint_formula_pva_sd2_shapes(weight, visual_query):
-    """PVA's own base: SD2 (heads 5 x 64), 77 text tokens, 10 identity tokens."""
+@pytest.mark.parametrize("single_call", [True, False])
+def test_joint_formula_pva_sd2_shapes(weight, visual_query, single_call):
+    """PVA's own base: SD2 (heads 5 x 64), 77 text tokens, 10 identity tokens.
+
+    single_call: one fused call over [text; identity] (PVA as the first stage); otherwise the
+    identity part and share mixed with a given text attention (PVA after other stages).
+    """
     gen = torch.Generator().manual_seed(1)
     B, N, M, T, H, D = 3, 12, 77, 10, 5, 64
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     q, q_id, k, v, ki, vi = r(B, N, H * D), r(B, N, H * D), r(B, M, H * D), r(B, M, H * D), r(B, T, H * D), r(B, T, H * D)
-    got = pa.joint_attention(q, k, v, ki, vi, H, weight=weight, q_id=q_id if visual_query else None, attention_fn=core.reference_attention)
+    text_out = None if single_call else attention64(q, k, v, H)
+    got = pa.joint_attention(q, k, v, ki, vi, H, weight=weight, q_id=q_id if visual_query else None, text_out=text_out)
     expected = joint64(q, q_id if visual_query else q, k, v, ki, vi, H, weight)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim_head,separate,value_dim,share,width", [
+    (64, False, 64, False, 64),   # PVA single call, layer's own query: q, k, v as they are
+    (64, True, 64, True, 128),    # separate query: 2D wide, the share channel is free
+    (64, False, 64, True, 72),    # identity part + share: one more channel, rounded up to 8
+    (40, False, 0, True, 40),     # share alone fits in the query width
+    (4, False, 4, True, 8),       # micro models: rounded up to 8 as well
+])
+def test_fused_width_gives_one_head_width(dim_head, separate, value_dim, share, width):
+    """SDPA's flash kernels need one head width for q, k and v: the fused joint call pads to it."""
+    assert pa.fused_width(dim_head, separate, value_dim, share) == width
+    x = torch.randn(2, 3, 5, dim_head)
+    padded = pa.pad_heads(x, width, offset=width - dim_head)
+    assert padded.shape == (2, 3, 5, width)
+    assert torch.equal(padded[..., width - dim_head :], x)
+    assert not padded[..., : width - dim_head].any()
+    assert pa.pad_heads(x, dim_head) is x
 
 
 @pytest.mark.parametrize("ortho", ["none", "ortho", "ortho_v2"])

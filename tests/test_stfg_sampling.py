@@ -236,3 +236,33 @@ def test_exact_step_equals_autograd_through_the_real_unet():
     expected = seen["before"] - step * m * grad
     assert float((seen["after"] - seen["before"]).abs().max()) > 1e-3 * float(seen["before"].abs().max())
     torch.testing.assert_close(seen["after"], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_exact_every_k_takes_the_gradient_on_every_kth_guided_call(tiny, monkeypatch):
+    """exact_every = 2 over 4 steps: exact on calls 1 and 3, the closed form on 2 and 4; a new run restarts the count."""
+    model = tiny.unet("sd15")
+    z0, mask = original_latent(), edit_mask()
+    stage = attention_stage.STFGAttentionStage(dispatcher.StageSchedule())
+    hooked = dispatcher.apply_attention_stage(model, stage)
+    guidance = post_cfg.STFGGuidance(stage, model.model.process_latent_in(z0), mask, 5.0, mode="exact", exact_every=2)
+    calls = []
+    monkeypatch.setattr(guidance, "_exact", lambda args, denoised, *rest: (calls.append("exact"), denoised)[1])
+    fast = post_cfg.fast_update
+    monkeypatch.setattr(post_cfg, "fast_update", lambda *a, **k: (calls.append("fast"), fast(*a, **k))[1])
+    hooked.set_model_sampler_post_cfg_function(guidance)
+    inpaint(hooked, "sd15", z0, mask, steps=4)
+    assert calls == ["exact", "fast", "exact", "fast"]
+    calls.clear()
+    inpaint(hooked, "sd15", z0, mask, steps=3)  # sigma goes back up: a new run
+    assert calls == ["exact", "fast", "exact"]
+
+
+def test_exact_every_schedule_and_input_check(tiny):
+    stage = attention_stage.STFGAttentionStage(dispatcher.StageSchedule())
+    guidance = post_cfg.STFGGuidance(stage, torch.zeros(1, 4, 8, 8), torch.ones(1, 8, 8), 5.0, mode="exact", exact_every=3)
+    assert [guidance.exact_now(s) for s in (14.0, 10.0, 10.0, 7.0, 5.0, 3.0, 1.0)] == [True, False, False, True, False, False, True]
+    assert [guidance.exact_now(s) for s in (14.0, 9.0)] == [True, False]  # a higher sigma: a new sampling run
+    with pytest.raises(ValueError, match="exact_every"):
+        post_cfg.STFGGuidance(stage, torch.zeros(1, 4, 8, 8), torch.ones(1, 8, 8), 5.0, exact_every=0)
+    with pytest.raises(errors.IdentityAttentionError, match="'exact_every'.*Fix:"):
+        stfg_nodes.ApplySTFG().apply(tiny.unet("sd15"), {"samples": original_latent()}, edit_mask(), 5.0, "fast", 0.5, 0.0, 1.0, exact_every=0)

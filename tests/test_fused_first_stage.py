@@ -1,0 +1,173 @@
+"""The first stage of a call may fold the text attention into its own call (``forward_first``).
+
+The dispatcher offers it only where nothing else could have produced the text attention (no
+other stage before, no foreign patch in the slot, every row, a decided window); each mechanism
+that takes it (PVA joint, CA² training-free, STFG's map) must give what its ``forward`` gives
+after the text attention, checked here against float64 formulas and against the other path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import pack
+from layer_harness import (
+    SD15_KEY,
+    adapter_for,
+    assert_same_sampling,
+    attention64,
+    close,
+    heads_of,
+    layer_inputs,
+    logits64,
+    merge,
+    rows_of,
+    run_layer,
+    tokens_mask,
+    unpatched,
+)
+from testkit import ForeignReplace
+from testkit.synthetic import synthetic_identity
+
+dispatcher = pack("nodes.dispatcher")
+mass_mod = pack("adapters.text_attention_mass")
+pva_nodes = pack("nodes.parallel_attention_nodes")
+stfg_stage = pack("nodes.stfg_attention_stage")
+
+
+class PassThrough(dispatcher.AttentionStage):
+    """A stage before the one under test: the text attention is then computed first."""
+
+    label = "pass-through (test)"
+
+    def forward(self, call, out, region):
+        return out
+
+
+class Recording(dispatcher.AttentionStage):
+    """Says which path the dispatcher took: forward_first returns 2·text, forward out + 1."""
+
+    label = "recording (test)"
+
+    def __init__(self, schedule, log):
+        super().__init__(schedule)
+        self.log = log
+
+    def forward_first(self, call):
+        self.log.append("first")
+        return 2.0 * call.attention(call.q, call.k, call.v)
+
+    def forward(self, call, out, region):
+        self.log.append("forward")
+        return out + 1.0
+
+
+def pva(model, adapter, identity, weight=0.7, mask=None):
+    node = pva_nodes.ApplyParallelAttention()
+    return node.apply(model, adapter, identity, weight, 0.0, 1.0, "both", "joint", "adapter", "fused", mask=mask)[0]
+
+
+def test_dispatcher_offers_forward_first_only_to_the_first_stage_with_nothing_underneath(tiny):
+    model = tiny.unet("sd15")
+    inputs = layer_inputs(model, SD15_KEY)
+    text = unpatched(inputs)
+
+    def run(m):
+        log = []
+        patched = dispatcher.apply_attention_stage(m, Recording(dispatcher.StageSchedule(), log))
+        return run_layer(patched, inputs), log
+
+    out, log = run(model)
+    assert log == ["first"] and torch.equal(out, 2.0 * text)
+    # another stage acted first: the text attention exists, forward builds on it
+    out, log = run(dispatcher.apply_attention_stage(model, PassThrough(dispatcher.StageSchedule())))
+    assert log == ["forward"] and torch.equal(out, text + 1.0)
+    # a foreign patch computes the text attention: forward on its result
+    out, log = run(ForeignReplace().apply(model, 0.5, False)[0])
+    assert log == ["forward"]
+    close(out, 0.5 * attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads) + 1.0)
+    # only some rows (cond): forward on those rows, the others keep the text attention
+    log = []
+    patched = dispatcher.apply_attention_stage(model, Recording(dispatcher.StageSchedule(apply_to="cond"), log))
+    out = run_layer(patched, inputs)
+    assert log == ["forward"]
+    cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(out.shape[0])])
+    assert torch.equal(out[cond], text[cond] + 1.0) and torch.equal(out[~cond], text[~cond])
+
+
+def joint64(inputs, adapter, identity, weight):
+    """PVA's single softmax over [s q k_text ; s q_id k_id + log w], values [v_text ; v_id] (float64)."""
+    w = adapter.layers[inputs.info.key]
+    tokens = adapter.identity_tokens(identity)
+    t = rows_of(inputs, {0: tokens.cond, 1: tokens.uncond})
+    k_id, v_id = t @ w["to_k"].double().T, t @ w["to_v"].double().T
+    q_id = inputs.hidden.double() @ w["to_q"].double().T
+    heads = inputs.info.heads
+    logits = torch.cat([logits64(inputs.q, inputs.k, heads), logits64(q_id, k_id, heads) + math.log(weight)], dim=-1)
+    values = torch.cat([heads_of(inputs.v, heads), heads_of(v_id, heads)], dim=2)
+    return merge(logits.softmax(-1) @ values)
+
+
+def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny):
+    model = tiny.unet("sd15")
+    adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=3, clip=False)
+    inputs = layer_inputs(model, SD15_KEY)
+    expected = joint64(inputs, adapter, identity, 0.7)
+    first = run_layer(pva(model, adapter, identity), inputs)
+    after = run_layer(pva(dispatcher.apply_attention_stage(model, PassThrough(dispatcher.StageSchedule())), adapter, identity), inputs)
+    close(first, expected)
+    close(after, expected)
+    # with a mask the stage keeps the text attention outside it (no single call there)
+    mask = torch.zeros(1, 4, 4)
+    mask[:, :2] = 1.0
+    masked = run_layer(pva(model, adapter, identity, mask=mask), inputs)
+    region = tokens_mask(mask[0], 4)
+    close(masked, region * expected + (1 - region) * attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads))
+
+
+@pytest.mark.parametrize("tokens,dim_head", [(77, 8), (154, 40), (77, 4)])
+def test_text_attention_with_mass_equals_float64(tokens, dim_head):
+    gen = torch.Generator().manual_seed(11)
+    b, n, heads = 2, 20, 3
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(b, n, heads * dim_head), r(b, tokens, heads * dim_head), r(b, tokens, heads * dim_head)
+    k[:, 0] += 2.0
+    probs = logits64(q, k, heads).softmax(-1)  # [B, H, N, M]
+    content = torch.ones(tokens, dtype=torch.float64)
+    content[list(range(0, tokens, 77))] = 0
+    text, mass = mass_mod.text_attention_with_mass(q, k, v, heads)
+    torch.testing.assert_close(text, merge(probs @ heads_of(v, heads)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mass, (probs * content).sum(-1).mean(1).float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mass, mass_mod.content_attention_mass(q, k, heads), rtol=1e-6, atol=1e-7)
+    # the host's fp32 rule for fp16/bf16 models: computed in float32, returned in the input dtype
+    half, half_mass = mass_mod.text_attention_with_mass(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads, upcast=True)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), text, rtol=0.05, atol=0.05)
+
+
+def test_stfg_map_is_the_same_whether_it_shares_the_text_call_or_observes(tiny):
+    """apply_to both (single fused call as first stage) records the cond rows' map the observer records."""
+    from test_stfg_sampling import edit_mask, inpaint, original_latent
+
+    model = tiny.unet("sd15")
+    z0, mask = original_latent(), edit_mask()
+    plain = inpaint(model, "sd15", z0, mask, steps=2)
+    maps = {}
+    for apply_to in ("both", "cond"):
+        stage = stfg_stage.STFGAttentionStage(dispatcher.StageSchedule(apply_to=apply_to))
+        hooked = dispatcher.apply_attention_stage(model, stage)
+        taken = []
+        hooked.set_model_sampler_post_cfg_function(lambda args, stage=stage, taken=taken: (taken.append(stage.take()), args["denoised"])[1])
+        result = inpaint(hooked, "sd15", z0, mask, steps=2)
+        assert len(taken) == 2 and all(t is not None for t in taken)
+        maps[apply_to] = taken
+        if apply_to == "cond":
+            assert torch.equal(result, plain)  # the observer changes nothing
+        else:
+            assert_same_sampling(result, plain)  # the fused call's text attention: the same up to rounding
+    for (sigma_a, a), (sigma_b, b) in zip(maps["both"], maps["cond"]):
+        assert sigma_a == sigma_b
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ Projections are computed once per layer / batch chunk / device / dtype and cache
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -57,6 +58,7 @@ class NestedAttentionStage(AttentionStage):
             layers = frozenset(self.modules) if projection == "layer" else frozenset(adapter.layers) if adapter else frozenset()
         self.layers = frozenset(layers)  # where the stage acts
         self._cache = DeviceCache()
+        self._layer_kv: Dict[tuple, tuple] = {}
         self._positions: Dict[int, Tuple[int, ...]] = {}
 
     def is_active(self, call: AttentionCall) -> bool:
@@ -88,7 +90,19 @@ class NestedAttentionStage(AttentionStage):
 
     def _nested_kv(self, layer: LayerKey, code: int, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokens.cond if code == 0 else self.tokens.uncond
-        return self._cache.get((layer, code), q.device, q.dtype, lambda: self._project(layer, tokens))
+        if self.projection != "layer":
+            return self._cache.get((layer, code), q.device, q.dtype, lambda: self._project(layer, tokens))
+        # the layer's own weights: made again when a weight tensor is replaced (a LoRA applied
+        # after this node, or removed); weakrefs, so an old weight is never kept alive
+        module = self.modules[layer]
+        wk, wv = module.to_k.weight, module.to_v.weight
+        key = (layer, code, str(q.device), q.dtype)
+        hit = self._layer_kv.get(key)
+        if hit is None or hit[0]() is not wk or hit[1]() is not wv:
+            k, v = self._project(layer, tokens)
+            hit = (weakref.ref(wk), weakref.ref(wv), (k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)))
+            self._layer_kv[key] = hit
+        return hit[2]
 
     def _project(self, layer: LayerKey, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

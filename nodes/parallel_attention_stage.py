@@ -137,23 +137,25 @@ class IdentitySource:
     def has_query(self) -> bool:
         return self.query_weights is not None
 
-    def _layer_kv(self, layer: LayerKey, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        k = self.key_proj[layer].project(self._cache, (layer, "k"), self._key_tokens, device, dtype)
-        v = self.value_proj[layer].project(self._cache, (layer, "v"), self._value_tokens, device, dtype)
-        return append_zero_tokens(k, self.zero_tokens), append_zero_tokens(v, self.zero_tokens)
-
     def kv(self, call: AttentionCall) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Identity keys and values for ``call``'s rows: ``[b, T, C]`` each (cond/uncond per row)."""
-        q = call.q
-        key = (call.layer, str(q.device), q.dtype, tuple(call.chunks), call.rows_per_chunk)
+        """Identity keys and values for ``call``'s rows: ``[b, T, C]`` each (cond/uncond per row).
+
+        The projections return the same tensor objects while their weights are unchanged; rows
+        made from other tensors (a layer's weight was replaced, e.g. by a LoRA applied after this
+        node, or restored) are made again.
+        """
+        q, layer = call.q, call.layer
+        k = self.key_proj[layer].project(self._cache, (layer, "k"), self._key_tokens, q.device, q.dtype)
+        v = self.value_proj[layer].project(self._cache, (layer, "v"), self._value_tokens, q.device, q.dtype)
+        key = (layer, str(q.device), q.dtype, tuple(call.chunks), call.rows_per_chunk)
         hit = self._rows.get(key)
-        if hit is None:
-            k, v = self._layer_kv(call.layer, q.device, q.dtype)
-            hit = (call.per_row({0: k[0:1], 1: k[1:2]}).contiguous(), call.per_row({0: v[0:1], 1: v[1:2]}).contiguous())
+        if hit is None or hit[0] is not k or hit[1] is not v:
+            kz, vz = append_zero_tokens(k, self.zero_tokens), append_zero_tokens(v, self.zero_tokens)
+            hit = (k, v, call.per_row({0: kz[0:1], 1: kz[1:2]}).contiguous(), call.per_row({0: vz[0:1], 1: vz[1:2]}).contiguous())
             if len(self._rows) > _CACHE_LIMIT:
                 self._rows.clear()
             self._rows[key] = hit
-        return hit
+        return hit[2], hit[3]
 
     def query(self, call: AttentionCall) -> Optional[torch.Tensor]:
         """PVA's identity query ``to_visual_q(x)`` ``[b, N, C]``, or None (use the layer's ``q``)."""
@@ -194,15 +196,16 @@ class ParallelAttentionStage(AttentionStage):
         self._blocks: Dict[tuple, torch.Tensor] = {}
 
     # --- cached per-layout blocks --------------------------------------------------------------
-    def _block(self, call: AttentionCall, name: str, make) -> torch.Tensor:
+    def _block(self, call: AttentionCall, name, make, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``make()`` cached per layer and batch layout (and, given ``source``, while it is that tensor)."""
         key = (name, call.layer, str(call.q.device), call.q.dtype, tuple(call.chunks), call.rows_per_chunk, call.k.shape[1])
         hit = self._blocks.get(key)
-        if hit is None:
-            hit = make()
+        if hit is None or hit[0] is not source:
+            hit = (source, make())
             if len(self._blocks) > _CACHE_LIMIT:
                 self._blocks.clear()
             self._blocks[key] = hit
-        return hit
+        return hit[1]
 
     def _joint_call(self, call: AttentionCall, kind: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One fused SDPA call over ``[text ; identity]`` keys: ``(values [b, N, H*D] or None, share [b, N, H, 1] or None)``.
@@ -218,13 +221,13 @@ class ParallelAttentionStage(AttentionStage):
         value_dim = 0 if kind == "share" else dim_head
         with_share = kind != "fused" or separate  # fused: only where the 2D-wide layout has a free channel
         width = fused_width(dim_head, separate, value_dim, with_share)
-        id_keys = self._block(call, ("k", width, separate), lambda: identity_key_block(k_id, heads, width, separate))
+        id_keys = self._block(call, ("k", width, separate), lambda: identity_key_block(k_id, heads, width, separate), source=k_id)
         keys = torch.cat([pad_heads(token_heads(call.k, heads), width), id_keys], dim=1)
         id_values = lambda: identity_value_block(None if kind == "share" else v_id, heads, width, with_share, like=k_id)  # noqa: E731
         if kind == "fused":
-            values = torch.cat([pad_heads(token_heads(call.v, heads), width), self._block(call, ("v", kind, width), id_values)], dim=1)
+            values = torch.cat([pad_heads(token_heads(call.v, heads), width), self._block(call, ("v", kind, width), id_values, source=v_id)], dim=1)
         else:
-            values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1))
+            values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1), source=v_id)
         bias = joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype) if self.mode == "joint" else None
         q_joint = joint_query(call.q, q_id, heads, width)
         if call.extra_options.get("attn_precision") == torch.float32 and q_joint.dtype != torch.float32:

@@ -213,3 +213,17 @@ def bench_run_report():
     from benchmarks import report
 
     return report
+
+
+def test_layer_costs_captures_every_attn2_call_and_compares_with_the_host(tiny):
+    """benchmarks/layer_costs.py: one call per attn2 layer, the scenario's replace and the host's attention both timed."""
+    from benchmarks import layer_costs
+
+    model = tiny.unet("sd15")
+    step, costs = layer_costs.measure(model, Config("sd15", (8, 8)), ["dispatcher_overhead", "pva_joint"], repeats=2, log=lambda msg: None)
+    assert step > 0
+    assert [c.scenario for c in costs] == ["dispatcher_overhead", "pva_joint"]
+    for cost in costs:
+        assert cost.status == "ok" and cost.calls == 16 and cost.patched_ms > 0 and cost.host_ms > 0
+    text = layer_costs.table("sd15 test", step, costs)
+    assert "| `pva_joint` | 16 |" in text

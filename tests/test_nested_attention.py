@@ -212,3 +212,26 @@ def test_find_subject_token(tmp_path):
         find(clip, "a photo", "cat")
     index, length = nodes_mod.ApplyNestedAttention._subject("last prompt token", 0, clip, "a photo of a man", "n")
     assert (index, length) == (5, 77)
+
+
+def test_layer_projection_follows_a_replaced_layer_weight(tiny):
+    """A LoRA applied after the node (or removed) swaps the layers' weight tensors: the nested K/V follow."""
+    model = tiny.unet("sd15")
+    layers = host.cross_attention_layers(model)
+    adapter = synthetic_adapter(layers, "sd15", 768, num_tokens=4, seed=5)
+    identity = synthetic_identity(1, seed=7, clip=False)
+    tokens = adapter.identity_tokens(identity)
+    diffusion_model = model.model.diffusion_model
+    modules = {info.key: diffusion_model.get_submodule(info.module_path).attn2 for info in layers}
+    own = lambda key: (modules[key].to_k.weight.detach(), modules[key].to_v.weight.detach())  # noqa: E731
+    nested = apply_node(model, adapter, identity, "model's own K/V (training-free)", 1.0, index=2)
+    assert_close_scaled(sample(nested, "sd15"), sample(hand_model(model, tokens, own, 2, 1.0), "sd15"))
+    originals = {key: m.to_k.weight for key, m in modules.items()}
+    try:  # what ComfyUI's weight patching does: a new Parameter object in each module
+        for key, m in modules.items():
+            m.to_k.weight = torch.nn.Parameter(originals[key].detach() * 1.5, requires_grad=False)
+        assert_close_scaled(sample(nested, "sd15"), sample(hand_model(model, tokens, own, 2, 1.0), "sd15"))
+    finally:
+        for key, m in modules.items():
+            m.to_k.weight = originals[key]
+    assert_close_scaled(sample(nested, "sd15"), sample(hand_model(model, tokens, own, 2, 1.0), "sd15"))

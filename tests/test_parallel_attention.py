@@ -165,6 +165,31 @@ def test_joint_layer_projections_is_context_append(tiny):
     close(got, expected)
 
 
+def test_layer_projections_follow_a_replaced_layer_weight(tiny):
+    """A LoRA applied after the node (or removed again) swaps the layer's weight tensors: the identity K/V follow."""
+    model = tiny.unet("sd15")
+    adapter = adapter_for(model, num_tokens=4)
+    identity = synthetic_identity(1, seed=4, clip=False)
+    patched = apply(model, adapter, identity, projections="layer")
+    inputs = layer_inputs(patched, SD15_KEY)
+    attn2 = model.model.diffusion_model.get_submodule(inputs.info.module_path).attn2
+    tokens = adapter.identity_tokens(identity)
+
+    def expected():
+        k_id, v_id = id_kv64(inputs, tokens, attn2.to_k.weight, attn2.to_v.weight)
+        return attention64(inputs.q, torch.cat([inputs.k.double(), k_id], 1), torch.cat([inputs.v.double(), v_id], 1), inputs.info.heads)
+
+    close(run_layer(patched, inputs), expected())
+    original_k, original_v = attn2.to_k.weight, attn2.to_v.weight
+    try:  # what ComfyUI's weight patching does: a new Parameter object in the module
+        attn2.to_k.weight = torch.nn.Parameter(original_k.detach() * 1.5, requires_grad=False)
+        attn2.to_v.weight = torch.nn.Parameter(original_v.detach() - 0.1, requires_grad=False)
+        close(run_layer(patched, inputs), expected())
+    finally:
+        attn2.to_k.weight, attn2.to_v.weight = original_k, original_v
+    close(run_layer(patched, inputs), expected())
+
+
 def test_decoupled_mask_and_cond_only(tiny):
     model = tiny.unet("sd15")
     adapter = adapter_for(model, num_tokens=4)

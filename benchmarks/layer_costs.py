@@ -33,7 +33,7 @@ import torch
 
 from .host_setup import REPO, describe, pack, prepare
 
-DEFAULT_SCENARIOS = "dispatcher_overhead,minimal_decoupled,pva_joint,pva_decoupled,kv_mixed,moa,ca2,stfg_fast,nested,stage_tokens"
+DEFAULT_SCENARIOS = "dispatcher_overhead,minimal_decoupled,pva_joint,pva_decoupled,kv_mixed,moa,ca2,stfg_fast,nested"
 
 
 @dataclass
@@ -65,7 +65,9 @@ def capture_calls(patched, inputs) -> list:
     """``(replace, q, k, v, extra_options)`` of every attn2 call of one CFG step (first call per layer)."""
     from .step_timer import run_round
 
-    replaces = patched.model.model_options["transformer_options"]["patches_replace"]["attn2"]
+    replaces = patched.model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+    if not replaces:
+        return []
     originals = dict(replaces)
     seen: Dict[tuple, tuple] = {}
     for key, fn in originals.items():
@@ -105,6 +107,9 @@ def measure(model, config, names: List[str], repeats: int, log=print) -> tuple:
             costs.append(LayerCost(name, f"not available: {exc}"))
             continue
         calls = capture_calls(patched, inputs)
+        if not calls:
+            costs.append(LayerCost(name, "not measured: it installs no attn2 replace"))
+            continue
         cost = LayerCost(name, "ok", calls=len(calls))
         with torch.inference_mode():
             for fn, q, k, v, eo in calls:

@@ -40,7 +40,8 @@ STFG_NOTE = (
     "being made are pulled toward the original's, so the edit blends in without a visible seam.\n"
     "- strength: how hard (0 = off exactly; 10 is the default: raise it if a seam stays visible).\n"
     "- mode: 'fast' skips the model's own reaction and costs almost nothing; 'exact' is the paper's gradient "
-    "through the UNet (several times slower, needs ComfyUI from June 2025 or newer, refused with a message on older).\n"
+    "through the UNet on every 'exact_every'-th step, fast between (every 3rd: about 2x slower; 1 = every step as in the "
+    "paper, about 4x; needs ComfyUI from June 2025 or newer, refused with a message on older).\n"
     "- band: how coarse 'coarse' is (0.5 = the paper; lower = only broad colour).\n"
     "- Inspect STFG boundary: the prompt's attention in grey, the guided ring in red, one frame per step."
 )

@@ -108,8 +108,7 @@ class CA2GateStage(AttentionStage):
         mass come from one fused call instead of two."""
         if self.score_source != "text_attention" or self.schedule.mask is not None:
             return None
-        upcast = call.extra_options.get("attn_precision") == torch.float32
-        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=upcast)
+        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=call.upcast)
         return self._gated(call, text, mass)
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:

@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..adapters.attention_core import fused_attention
 from ..adapters.spatial import mask_to_tokens, token_grid
 from .errors import IdentityAttentionError
 from .host import (
@@ -52,7 +53,6 @@ from .host import (
     LayerKey,
     SigmaReader,
     activations_hw,
-    branch_attention_fn,
     cross_attention_layers,
     host_attention,
     latent_hw,
@@ -153,7 +153,6 @@ class AttentionCall:
         self.heads = int(extra_options["n_heads"])
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
         self._sigma_reader = sigma_reader
-        self._branch = branch_attention_fn(extra_options)
         # per-call results one stage computes and a later one reuses (e.g. PVA's identity share for MoA)
         self.scratch: Dict[object, torch.Tensor] = {}
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
@@ -195,9 +194,20 @@ class AttentionCall:
         """The host's optimized attention with this layer's heads and precision."""
         return host_attention(q, k, v, self.heads, self.extra_options)
 
+    @property
+    def upcast(self) -> bool:
+        """Whether the host computes this model's attention in float32 (``attn_precision``; SD2.x overflows in fp16)."""
+        return self.extra_options.get("attn_precision") == torch.float32
+
     def branch_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """A mechanism's own attention branch (identity / visual tokens): fused SDPA, the host's precision."""
-        return self._branch(q, k, v, self.heads)
+        """A mechanism's own attention branch (identity / visual tokens): fused SDPA, the host's precision.
+
+        The layer's *text* attention always goes through the host (:meth:`attention`), so a
+        weight-0 node still gives the unpatched model bit for bit; an added branch has no
+        unpatched value to match, and SDPA is the host's own kernel on GPUs and twice as fast
+        as its CPU fallback (sub-quadratic attention).
+        """
+        return fused_attention(q, k, v, self.heads, upcast=self.upcast)
 
     def text_attention(self) -> torch.Tensor:
         """The layer's own text cross-attention output (what an unpatched model computes).

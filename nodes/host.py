@@ -22,7 +22,6 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 
-from ..adapters.attention_core import fused_attention
 
 LayerKey = Tuple[str, int, int]
 """A cross-attention layer: ``(block name, block id, depth index)``, e.g. ``("input", 1, 0)``."""
@@ -71,22 +70,6 @@ def attention_fn_for(extra_options: Optional[dict]):
 
     def fn(q, k, v, heads):
         return host_attention(q, k, v, heads, extra_options)
-
-    return fn
-
-
-def branch_attention_fn(extra_options: Optional[dict]):
-    """The ``AttentionFn`` of a mechanism's own attention branch (identity, visual condition).
-
-    torch's fused SDPA with the host's precision rule (float32 where ``attn_precision`` asks for
-    it). The layer's *text* attention always goes through :func:`host_attention`, so a weight-0
-    node still gives the unpatched model bit for bit; an added branch has no unpatched value to
-    match, and SDPA is the host's own kernel on GPUs and twice as fast as its CPU fallback.
-    """
-    upcast = (extra_options or {}).get("attn_precision") == torch.float32
-
-    def fn(q, k, v, heads):
-        return fused_attention(q, k, v, heads, upcast=upcast)
 
     return fn
 

@@ -230,7 +230,7 @@ class ParallelAttentionStage(AttentionStage):
             values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1), source=v_id)
         bias = joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype) if self.mode == "joint" else None
         q_joint = joint_query(call.q, q_id, heads, width)
-        if call.extra_options.get("attn_precision") == torch.float32 and q_joint.dtype != torch.float32:
+        if call.upcast and q_joint.dtype != torch.float32:
             # the host upcasts this model's attention (SD2.x overflows in fp16): do the same
             q_joint, keys, values = q_joint.float(), keys.float(), values.float()
         part, share = fused_joint_call(q_joint, keys, values, dim_head, value_dim, with_share, bias)

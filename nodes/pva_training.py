@@ -57,7 +57,7 @@ class TrainablePVAStage(AttentionStage):
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         w_q, w_k, w_v = self.projections.weights(call.layer)
         q, k_text, v_text, text_out = call.q, call.k, call.v, out
-        if call.extra_options.get("attn_precision") == torch.float32 and q.dtype != torch.float32:
+        if call.upcast and q.dtype != torch.float32:
             q, k_text, v_text, text_out = q.float(), k_text.float(), v_text.float(), out.float()
         dt = q.dtype
         tokens = self.feed.tokens_for(call.batch).to(device=q.device, dtype=dt)

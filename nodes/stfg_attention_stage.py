@@ -75,8 +75,7 @@ class STFGAttentionStage(AttentionStage):
     def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
         if _COND not in call.chunks:
             return None
-        upcast = call.extra_options.get("attn_precision") == torch.float32
-        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=upcast)
+        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=call.upcast)
         keep = [code == _COND for code in call.chunks]
         self._add(call, mass if all(keep) else call.take_chunks(mass, keep))
         return text

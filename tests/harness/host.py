@@ -212,6 +212,8 @@ def server_command(instance: Instance, port: int, extra_args: Optional[list] = N
     ]
     if _supports_flag("--user-directory"):  # newer hosts keep settings and a database there
         cmd += ["--user-directory", str(instance.root / "user")]
+    if _supports_flag("--database-url"):  # one database file per server (the default path is in the host tree)
+        cmd += ["--database-url", f"sqlite:///{(instance.root / 'user' / f'comfyui-{port}.db').as_posix()}"]
     return cmd + list(extra_args or [])
 
 

@@ -10,6 +10,7 @@ from ..adapters.identity import Identity
 from .errors import IdentityAttentionError
 from .host import base_model_of
 from .input_checks import check_tokens_finite
+from .recognizer_check import check_recognizer
 
 REFERENCE_CHOICES = ("per_reference", "fused")
 
@@ -60,6 +61,7 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name="identity",
             fix="connect a CLIP vision model to the identity encoder node",
         )
+    check_recognizer(adapter, identity, node, "adapter", "identity")
     try:
         tokens = adapter.identity_tokens(identity, per_reference=per_reference)
     except (RuntimeError, ValueError, AttributeError, TypeError) as err:

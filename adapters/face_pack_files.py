@@ -67,9 +67,9 @@ def parses_as_onnx(path: Path) -> Optional[str]:
 def damaged_file_problem(path: Path, pack: str, load_error: str = "", manifest=None) -> Optional[str]:
     """Why ``path`` (a pack file that failed to load) looks incomplete or corrupt, or None if it does not.
 
-    Evidence, in order: a size different from the manifest's published size; a size that
-    matches but does not parse (or fails to load) and a sha256 that differs; a file that
-    does not parse as ONNX at all. ``load_error`` is onnxruntime's message, if any.
+    Only a file that does not parse as ONNX (or that onnxruntime failed to parse, per
+    ``load_error``, its message) counts. Then, in order: its size against the manifest's
+    published size; at the published size, its sha256; else "does not parse".
     """
     path = Path(path)
     entry = pack_file_entry(pack, path.name, manifest)
@@ -78,12 +78,12 @@ def damaged_file_problem(path: Path, pack: str, load_error: str = "", manifest=N
     except OSError:
         return None
     parse_error = parses_as_onnx(path)
+    if parse_error is None and "protobuf" not in load_error.lower():
+        return None  # a whole ONNX file: whatever failed, it was not the download
     published = entry.get("bytes") if entry else None
     if published and size != published:
         what = "incomplete" if size < published else "not the published file"
         return f"{path.name} is {what}: {size:,} bytes, the published file ({entry['id']}) has {published:,}"
-    if parse_error is None and "protobuf" not in load_error.lower():
-        return None
     detail = parse_error or load_error
     if entry is not None and entry.get("sha256"):
         from .file_hash import sha256_file

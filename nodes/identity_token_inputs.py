@@ -46,6 +46,7 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name="adapter",
             fix="load the complete adapter file (with its image/face projection weights)",
         )
+    check_recognizer(adapter, identity, node, "adapter", "identity")
     kind = str(getattr(adapter.projector, "input_kind", ""))
     if "face_tokens" in kind and identity.face_tokens is None:
         raise IdentityAttentionError(
@@ -61,7 +62,6 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name="identity",
             fix="connect a CLIP vision model to the identity encoder node",
         )
-    check_recognizer(adapter, identity, node, "adapter", "identity")
     try:
         tokens = adapter.identity_tokens(identity, per_reference=per_reference)
     except (RuntimeError, ValueError, AttributeError, TypeError) as err:

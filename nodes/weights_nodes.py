@@ -44,6 +44,7 @@ DOWNLOAD_HINT = "python -m comfyui-identity-attention.weights"
 
 _ADAPTERS: "OrderedDict[tuple, IdAdapter]" = OrderedDict()
 _VERIFIED: dict = {}
+_WITH_POLICY: "OrderedDict[tuple, tuple]" = OrderedDict()  # (id(loaded), policy, face pack) -> (loaded, copy with them)
 _KEEP = 2
 
 INPUT_KIND_WORDS = {
@@ -165,11 +166,20 @@ def load_adapter_file(path: str, roots, entry: Optional[dict], manifest) -> IdAd
 def with_recognizer_policy(adapter: IdAdapter, entry: Optional[dict], policy: str) -> IdAdapter:
     """A shallow copy of the (cached, shared) adapter carrying the face pack it needs and the recognizer_check policy."""
     need = expected_space(adapter.format, adapter.metadata.get("source_format"), (entry or {}).get("requires", ()))
+    key = (id(adapter), policy, need)
+    found = _WITH_POLICY.get(key)
+    if found is not None and found[0] is adapter:
+        _WITH_POLICY.move_to_end(key)
+        return found[1]  # the same ID_ADAPTER object for the same file and settings (ComfyUI's caching stays warm)
     extras = dict(adapter.extras)
     extras["recognizer_check"] = policy
     if need:
         extras["face_pack"] = need
-    return dataclasses.replace(adapter, extras=extras)
+    derived = dataclasses.replace(adapter, extras=extras)
+    _WITH_POLICY[key] = (adapter, derived)
+    while len(_WITH_POLICY) > 3 * _KEEP:
+        _WITH_POLICY.popitem(last=False)
+    return derived
 
 
 def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:

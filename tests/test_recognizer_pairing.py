@@ -297,7 +297,7 @@ def test_truncated_recognizer_is_named_with_the_download_command(tmp_path):
     with pytest.raises(fa.FaceAnalysisError) as err:
         fa.load_face_analysis(folder, "CPU", 640, name="buffalo_l")
     text, fix = str(err.value), err.value.fix
-    assert "Protobuf" not in text.split("(so it has")[0] or "incomplete" in text
+    assert "Protobuf" not in text  # onnxruntime's words are replaced by what happened
     assert f"w600k_r50.onnx is incomplete: {len(data) // 2:,} bytes, the published file (buffalo_l-w600k_r50) has 174,383,860" in text
     assert "so it has no face recognizer" in text
     assert "python -m comfyui-identity-attention.weights download buffalo_l-w600k_r50 --force" in fix

@@ -16,8 +16,8 @@ and nothing here uses them.
    the opposite (a larger det_size, or a crop), which the error message says.
 2. choose one face per photo: ``largest`` (box area), ``most central`` (box centre
    nearest the photo centre) or ``index`` (faces numbered 0, 1, ... from left to right).
-3. align it with insightface's ``norm_crop`` (similarity transform of the 5 landmarks
-   onto the ArcFace template) at the recognizer's input size, and embed it.
+3. align it like insightface's ``norm_crop`` (similarity transform of the 5 landmarks
+   onto the ArcFace template, :mod:`.face_alignment`) at the recognizer's input size, and embed it.
 4. with ``flip``, also embed the mirrored crop (a second :class:`FaceRecord` with
    ``flipped=True``, its box and landmarks mirrored into the flipped photo's pixels,
    left/right landmarks swapped so index 0 stays the subject's right eye).
@@ -43,6 +43,7 @@ Benchmarks call :func:`load_face_analysis` once and :func:`encode_identity` (or
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -53,7 +54,10 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .face_alignment import align_face
+from .face_pack_files import damaged_file_problem, pack_file_entry, redownload_command
 from .identity import FaceRecord, Identity
+from .recognizer_identity import RecognizerId, identify_recognizer
 
 # ---------------------------------------------------------------------------------------------
 # errors (the nodes turn them into IdentityAttentionError / MissingDependencyError)
@@ -290,8 +294,11 @@ class FaceAnalysisModel:
     """The FACE_ANALYSIS socket value: a detector and a recognizer of one pack, ready to run."""
 
     def __init__(self, name: str, pack_dir: Path, detector, recognizer, detector_file: str, recognizer_file: str,
-                 provider: str, det_size: int, det_thresh: float = 0.5):
+                 provider: str, det_size: int, det_thresh: float = 0.5, provider_reason: str = "",
+                 recognizer_id: Optional[RecognizerId] = None):
         self.name, self.pack_dir = name, Path(pack_dir)
+        self.provider_reason = provider_reason or provider
+        self.recognizer_id = recognizer_id  # which embedding space (buffalo_l / antelopev2 / unknown), see recognizer_identity
         self.detector, self.recognizer = detector, recognizer
         self.detector_file, self.recognizer_file = detector_file, recognizer_file
         self.provider, self.det_size, self.det_thresh = provider, int(det_size), float(det_thresh)
@@ -302,6 +309,20 @@ class FaceAnalysisModel:
 
     def __repr__(self):
         return f"FaceAnalysisModel({self.name!r}, detector={self.detector_file}, recognizer={self.recognizer_file}, {self.provider}, det_size={self.det_size})"
+
+    def report(self) -> str:
+        """The node's info text: files, where they run (and why), which recognizer this is."""
+        lines = [f"pack: {self.name} ({self.pack_dir})", f"detector: {self.detector_file}; recognizer: {self.recognizer_file}",
+                 f"provider: {self.provider_reason}"]
+        rid = self.recognizer_id
+        if rid is None or rid.space is None:
+            lines.append(f"WARNING: {rid.describe() if rid else 'recognizer not identified'}. IP-Adapter-FaceID / FaceID-Plus "
+                         "need buffalo_l's w600k_r50.onnx, InstantID and PuLID antelopev2's glintr100.onnx; with this one "
+                         "the adapters cannot check they get the embedding they were trained on.")
+        else:
+            users = "IP-Adapter-FaceID, FaceID-Plus, FaceID-PlusV2" if rid.space == "buffalo_l" else "InstantID, PuLID"
+            lines.append(f"{rid.describe()}: the embedding {users} were trained on")
+        return "\n".join(lines)
 
     @property
     def recognizer_label(self) -> str:
@@ -347,10 +368,9 @@ class FaceAnalysisModel:
 
     # --- alignment and embedding -------------------------------------------------------------
     def align(self, image_bgr: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:
-        """insightface's ``norm_crop``: the face warped onto the ArcFace template, ``[size, size, 3]`` BGR uint8."""
-        from insightface.utils import face_align
-
-        return face_align.norm_crop(image_bgr, landmark=np.asarray(kps, np.float32), image_size=size)
+        """The face warped onto the ArcFace template, ``[size, size, 3]`` BGR uint8 (insightface's ``norm_crop``,
+        computed by :mod:`.face_alignment` without scikit-image's deprecated estimator)."""
+        return align_face(image_bgr, np.asarray(kps, np.float32), size)
 
     def embed(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
         """Recognizer outputs ``[N, E]`` float32 for aligned BGR crops at the recognizer's input size."""
@@ -366,26 +386,75 @@ class FaceAnalysisModel:
 # loading
 
 
-def resolve_providers(provider: str, device_id: int = 0) -> Tuple[List[str], Optional[List[dict]], int, str]:
-    """``(providers, provider_options, ctx_id, label)`` for 'auto' / 'CUDA' / 'CPU'."""
-    available = available_providers()
+@dataclass(frozen=True)
+class ProviderChoice:
+    """Where the face models run: onnxruntime ``providers`` (+ ``options``), insightface's ``ctx_id``, and why."""
+
+    providers: List[str]
+    options: Optional[List[dict]]
+    ctx_id: int
+    label: str  # "CPU" or "CUDA"
+    reason: str  # one line for the node's report, e.g. "auto -> CPU: ComfyUI runs with --cpu"
+
+
+def torch_cuda_usable() -> bool:
+    """True when torch sees a CUDA device (False on CPU builds and on CUDA builds without a GPU)."""
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken CUDA install counts as none
+        return False
+
+
+def choose_provider(provider: str, device_id: int = 0, cpu_only: bool = False) -> ProviderChoice:
+    """The provider for 'auto' / 'CUDA' / 'CPU'.
+
+    ``cpu_only``: the host runs on the CPU (ComfyUI's ``--cpu``). 'auto' takes CUDA only when
+    onnxruntime has the CUDA provider, the host is not CPU-only and torch sees a CUDA device;
+    otherwise the CPU provider alone, so onnxruntime never tries to load its CUDA libraries
+    (which logs library-load errors on machines without a GPU before falling back).
+    'CUDA' chosen by hand is honoured when onnxruntime and torch can give it, else an error.
+    """
     want = provider.strip().lower()
     if want not in ("auto", "cuda", "cpu"):
         raise FaceAnalysisError(f"unknown provider '{provider}'", fix="choose auto, CUDA or CPU", input_name="provider")
+    cpu = ProviderChoice(["CPUExecutionProvider"], None, -1, "CPU", "")
+    if want == "cpu":
+        return dataclasses.replace(cpu, reason="CPU (chosen)")
+    available = available_providers()
     has_cuda = "CUDAExecutionProvider" in available
-    if want == "cuda" and not has_cuda:
-        import onnxruntime as ort
+    gpu = torch_cuda_usable()
+    if want == "cuda":
+        if not has_cuda:
+            import onnxruntime as ort
 
-        raise FaceAnalysisError(
-            f"onnxruntime {getattr(ort, '__version__', '?')} in this Python has no CUDA provider (it offers: {', '.join(available)})",
-            fix="choose provider auto or CPU, or replace the CPU build with the CUDA one: "
-            "`python -m pip uninstall -y onnxruntime onnxruntime-gpu` then `python -m pip install onnxruntime-gpu` "
-            "(its CUDA/cuDNN major version must match your driver's; see the pack's README)",
-            input_name="provider",
-        )
-    if want == "cpu" or (want == "auto" and not has_cuda):
-        return ["CPUExecutionProvider"], None, -1, "CPU"
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": int(device_id)}, {}], int(device_id), "CUDA"
+            raise FaceAnalysisError(
+                f"onnxruntime {getattr(ort, '__version__', '?')} in this Python has no CUDA provider (it offers: {', '.join(available)})",
+                fix="choose provider auto or CPU, or replace the CPU build with the CUDA one: "
+                "`python -m pip uninstall -y onnxruntime onnxruntime-gpu` then `python -m pip install onnxruntime-gpu` "
+                "(its CUDA/cuDNN major version must match your driver's; see the pack's README)",
+                input_name="provider",
+            )
+        if not gpu:
+            raise FaceAnalysisError(
+                "provider CUDA was chosen but this machine has no usable CUDA device (torch.cuda.is_available() is False)",
+                fix="choose provider auto or CPU", input_name="provider")
+        reason = "CUDA (chosen" + ("; ComfyUI itself runs with --cpu)" if cpu_only else ")") + f", device {int(device_id)}"
+        return ProviderChoice(["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": int(device_id)}, {}],
+                              int(device_id), "CUDA", reason)
+    if cpu_only:
+        return dataclasses.replace(cpu, reason="auto -> CPU: ComfyUI runs on the CPU (--cpu)")
+    if not has_cuda:
+        return dataclasses.replace(cpu, reason="auto -> CPU: this onnxruntime has no CUDA provider")
+    if not gpu:
+        return dataclasses.replace(cpu, reason="auto -> CPU: no usable CUDA device (torch.cuda.is_available() is False)")
+    return ProviderChoice(["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": int(device_id)}, {}],
+                          int(device_id), "CUDA", f"auto -> CUDA, device {int(device_id)}")
+
+
+def resolve_providers(provider: str, device_id: int = 0, cpu_only: bool = False) -> Tuple[List[str], Optional[List[dict]], int, str]:
+    """``(providers, provider_options, ctx_id, label)``: :func:`choose_provider` as a tuple."""
+    c = choose_provider(provider, device_id, cpu_only)
+    return c.providers, c.options, c.ctx_id, c.label
 
 
 def _describe_onnx(path: Path) -> str:
@@ -497,9 +566,46 @@ def _manifest_models(pack_dir: Path, providers, provider_options):
     return found
 
 
+def damaged_pack_error(name: str, pack_dir: Path, damaged, missing, notes) -> FaceAnalysisError:
+    """The error for a pack whose detector or recognizer is a broken download: which file, and how to fetch it again."""
+    commands = []
+    for path, _ in damaged:
+        command = redownload_command(pack_file_entry(name, path.name), name)
+        if command and command not in commands:
+            commands.append(command)
+    whys = "; ".join(why for _, why in damaged)
+    others = [n for n in notes if not n.endswith("incomplete or corrupt (see above)")]
+    problem = (f"the face analysis pack '{name}' in {pack_dir} has a damaged file: {whys} "
+               f"(so it has no {' and no '.join(missing)})" + (f"; other files: {'; '.join(others)}" if others else ""))
+    if commands:
+        fix = ("download it again (in ComfyUI/custom_nodes): `" + "` and `".join(commands)
+               + f"`, or delete {', '.join(p.name for p, _ in damaged)} and save it again from its publisher")
+    else:
+        fix = f"delete {', '.join(p.name for p, _ in damaged)} and download the pack again from its publisher"
+    return FaceAnalysisError(problem, fix=fix, input_name="pack")
+
+
+def _identify(path: Path, pack: str) -> RecognizerId:
+    """The recognizer's identity; never fails the load (an unreadable file is simply not identified)."""
+    try:
+        return identify_recognizer(path, pack)
+    except Exception as err:  # noqa: BLE001 - identification is advisory
+        return RecognizerId(pack, path.name, None, "?", None, f"could not be read ({type(err).__name__})")
+
+
+def _session_provider(model) -> Optional[str]:
+    try:
+        return model.session.get_providers()[0]
+    except Exception:  # noqa: BLE001 - a session-less test double
+        return None
+
+
 def load_face_analysis(pack_dir: os.PathLike, provider: str = "auto", det_size: int = 640, device_id: int = 0,
-                       det_thresh: float = 0.5, name: Optional[str] = None) -> FaceAnalysisModel:
-    """Load the detector and recognizer of the pack in ``pack_dir`` (see :func:`find_face_pack`)."""
+                       det_thresh: float = 0.5, name: Optional[str] = None, cpu_only: bool = False) -> FaceAnalysisModel:
+    """Load the detector and recognizer of the pack in ``pack_dir`` (see :func:`find_face_pack`).
+
+    ``cpu_only``: the host runs on the CPU (ComfyUI's ``--cpu``): 'auto' then never tries CUDA.
+    """
     require_insightface()
     pack_dir = Path(pack_dir)
     name = name or pack_dir.name
@@ -507,11 +613,13 @@ def load_face_analysis(pack_dir: os.PathLike, provider: str = "auto", det_size: 
     if det_size < 128 or det_size % 32:
         raise FaceAnalysisError(f"det_size {det_size} is not a multiple of 32 of at least 128",
                                 fix="use 640 (the packs' default), or another multiple of 32", input_name="det_size")
-    providers, options, ctx_id, label = resolve_providers(provider, device_id)
+    choice = choose_provider(provider, device_id, cpu_only)
+    providers, options, ctx_id, label = choice.providers, choice.options, choice.ctx_id, choice.label
 
     detector = recognizer = None
     det_file = rec_file = ""
     notes = []
+    damaged = []  # (path, why) of files that look like broken downloads
     manifest = _manifest_models(pack_dir, providers, options)
     if manifest is not None:
         detector, recognizer = manifest.get("detection"), manifest.get("recognition")
@@ -530,6 +638,10 @@ def load_face_analysis(pack_dir: os.PathLike, provider: str = "auto", det_size: 
                 break
             model, what = _route(path, providers, options)
             if model is None:
+                damage = damaged_file_problem(path, name, what) if what.startswith("could not be loaded") else None
+                if damage:
+                    damaged.append((path, damage))
+                    what = "incomplete or corrupt (see above)"
                 notes.append(f"{path.name}: {what}")
             elif what == "detection" and detector is None:
                 if not getattr(model, "use_kps", False):
@@ -544,6 +656,8 @@ def load_face_analysis(pack_dir: os.PathLike, provider: str = "auto", det_size: 
             notes.append("no .onnx files")
 
     missing = [role for role, m in (("face detector", detector), ("face recognizer", recognizer)) if m is None]
+    if missing and damaged:
+        raise damaged_pack_error(name, pack_dir, damaged, missing, notes)
     if missing:
         raise FaceAnalysisError(
             f"the face analysis pack '{name}' in {pack_dir} has no {' and no '.join(missing)}; files: "
@@ -553,7 +667,12 @@ def load_face_analysis(pack_dir: os.PathLike, provider: str = "auto", det_size: 
         )
     detector.prepare(ctx_id, input_size=(det_size, det_size), det_thresh=det_thresh)
     recognizer.prepare(ctx_id)
-    return FaceAnalysisModel(name, pack_dir, detector, recognizer, det_file, rec_file, label, det_size, det_thresh)
+    reason = choice.reason
+    if label == "CUDA" and _session_provider(recognizer) not in (None, "CUDAExecutionProvider"):
+        label, reason = "CPU", reason + f"; onnxruntime could not start CUDA and runs on {_session_provider(recognizer)}"
+    rid = _identify(pack_dir / rec_file, name) if rec_file else None
+    return FaceAnalysisModel(name, pack_dir, detector, recognizer, det_file, rec_file, label, det_size, det_thresh,
+                             provider_reason=reason, recognizer_id=rid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +856,8 @@ def encode_identity(
                 big.append(np.ascontiguousarray(c224[:, ::-1]))
         if progress is not None:
             progress(1)
-    identity = Identity(faces=tuple(records), recognizer=model.recognizer_label, notes=tuple(notes))
+    identity = Identity(faces=tuple(records), recognizer=model.recognizer_label, notes=tuple(notes),
+                        recognizer_id=getattr(model, "recognizer_id", None))
     return EncodeResult(identity, reports, big if crops_224 else None, notes)
 
 

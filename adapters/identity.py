@@ -1,7 +1,9 @@
 """IDENTITY: what the encoder node extracts from reference photos.
 
 An :class:`Identity` holds one :class:`FaceRecord` per reference image (the
-face chosen in that image), the recognizer that made the embeddings, and,
+face chosen in that image), the recognizer that made the embeddings (its label, and
+``recognizer_id``: the pack, file and embedding space, which adapters check against the
+space they were trained on, see ``recognizer_identity.py``), and,
 optionally, CLIP-vision features of the aligned crops. Mechanisms never read
 it directly: an ID_ADAPTER's projector turns :meth:`Identity.features` into
 cross-attention tokens.
@@ -29,6 +31,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .recognizer_identity import RecognizerId
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Identity:
     eva_clip_embeds: Optional[torch.Tensor] = None  # [R, 768]
     eva_clip_hidden: Optional[torch.Tensor] = None  # [R, 5, 577, 1024]
     notes: Tuple[str, ...] = field(default_factory=tuple)
+    recognizer_id: Optional[RecognizerId] = None  # which recognizer (embedding space) made the embeddings; None: not recorded
 
     def __post_init__(self):
         if not self.faces:

@@ -16,6 +16,7 @@ from ..adapters.parallel_attention import ORTHO_MODES
 from .errors import IdentityAttentionError
 from .host import LayerInfo, base_model_of, cross_attention_layers
 from .input_checks import check_cross_attention_adapter
+from .recognizer_check import check_recognizer
 from .parallel_attention_stage import ModuleProjection, WeightProjection
 
 REFERENCE_CHOICES = ("fused", "per_reference")
@@ -73,6 +74,7 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name=adapter_input,
             fix="load the adapter file that includes its image projection model",
         )
+    check_recognizer(adapter, identity, node, adapter_input, identity_input)
     try:
         return adapter.identity_tokens(identity, per_reference=per_reference)
     except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as err:

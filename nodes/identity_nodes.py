@@ -47,6 +47,28 @@ def _progress(total: int):
     return bar.update
 
 
+def host_runs_on_cpu() -> bool:
+    """True when ComfyUI computes on the CPU: started with ``--cpu``, or its torch device is the CPU."""
+    try:
+        import comfy.model_management as mm
+    except Exception:  # noqa: BLE001 - no host: let the adapter look at torch itself
+        return False
+    try:
+        from comfy.cli_args import args
+
+        if getattr(args, "cpu", False):
+            return True
+    except Exception:  # noqa: BLE001
+        pass
+    state = getattr(mm, "cpu_state", None)
+    if state is not None and state == getattr(getattr(mm, "CPUState", None), "CPU", object()):
+        return True
+    try:
+        return getattr(mm.get_torch_device(), "type", "") == "cpu"
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _torch_device_index() -> int:
     try:
         import comfy.model_management as mm
@@ -110,11 +132,16 @@ class LoadFaceAnalysis:
     CATEGORY = ENCODE_CATEGORY
     DESCRIPTION = (
         "Loads an insightface model pack (face detector + face recognizer) from models/insightface/models/<pack>/, "
-        "the folder other face nodes use. antelopev2 and buffalo_l both work; only their detector and recognizer are loaded."
+        "the folder other face nodes use. Use buffalo_l for IP-Adapter-FaceID adapters and antelopev2 for InstantID and PuLID; "
+        "only the detector and recognizer are loaded."
     )
-    RETURN_TYPES = ("FACE_ANALYSIS",)
-    RETURN_NAMES = ("face_analysis",)
-    OUTPUT_TOOLTIPS = ("The face detector and recognizer, for Encode identity and Identity similarity.",)
+    RETURN_TYPES = ("FACE_ANALYSIS", "STRING")
+    RETURN_NAMES = ("face_analysis", "info")
+    OUTPUT_TOOLTIPS = (
+        "The face detector and recognizer, for Encode identity and Identity similarity.",
+        "What was loaded: the files, where they run (and, with provider auto, why), and which recognizer this is "
+        "(buffalo_l's for FaceID adapters, antelopev2's for InstantID / PuLID), with a warning when it cannot be identified.",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -122,10 +149,13 @@ class LoadFaceAnalysis:
         packs = fa.list_face_packs(folder_list("insightface")) or [NO_PACKS]
         return {
             "required": {
-                "pack": (packs, {"tooltip": "The insightface pack: a folder of .onnx files in models/insightface/models/ "
-                                            "(antelopev2 or buffalo_l). Refresh the page after adding one."}),
+                "pack": (packs, {"tooltip": "The insightface pack: a folder of .onnx files in models/insightface/models/. "
+                                            "buffalo_l for IP-Adapter-FaceID / FaceID-Plus(V2), antelopev2 for InstantID and "
+                                            "PuLID (each adapter was trained on its pack's embedding). Refresh the page after adding one."}),
                 "provider": (list(PROVIDERS), {"default": "auto", "tooltip": "Where the face models run. auto: the GPU when "
-                                               "onnxruntime-gpu with CUDA is installed, else the CPU. Face analysis is fast on the CPU too."}),
+                                               "onnxruntime-gpu with CUDA is installed and ComfyUI runs on a CUDA GPU, else the CPU "
+                                               "(with --cpu, CUDA is never tried). The info output says which was chosen. Face "
+                                               "analysis is fast on the CPU too."}),
                 "det_size": ("INT", {"default": 640, "min": 128, "max": 2048, "step": 32,
                                      "tooltip": "The size photos are scaled to for finding faces (640 is what the packs were trained "
                                                 "for). Lower it for close-ups and small photos, raise it for small faces in big photos."}),
@@ -142,10 +172,11 @@ class LoadFaceAnalysis:
                     + ("; ".join(str(d) for d in fa.pack_search_dirs(roots)) or "no insightface folder is registered") + ")",
                     fix=f"put a pack in {fa.EXPECTED_LAYOUT}, then refresh the page", input_name="pack")
             folder = fa.find_face_pack(pack, roots)
-            model = fa.load_face_analysis(folder, provider, det_size, device_id=_torch_device_index(), name=pack)
+            model = fa.load_face_analysis(folder, provider, det_size, device_id=_torch_device_index(), name=pack,
+                                          cpu_only=host_runs_on_cpu())
         except fa.FaceAnalysisError as err:
             raise _error(err, node) from None
-        return (model,)
+        return (model, model.report())
 
 
 class EncodeIdentity:

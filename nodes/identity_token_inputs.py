@@ -10,6 +10,7 @@ from ..adapters.identity import Identity
 from .errors import IdentityAttentionError
 from .host import base_model_of
 from .input_checks import check_tokens_finite
+from .recognizer_check import check_recognizer
 
 REFERENCE_CHOICES = ("per_reference", "fused")
 
@@ -45,6 +46,7 @@ def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool,
             input_name="adapter",
             fix="load the complete adapter file (with its image/face projection weights)",
         )
+    check_recognizer(adapter, identity, node, "adapter", "identity")
     kind = str(getattr(adapter.projector, "input_kind", ""))
     if "face_tokens" in kind and identity.face_tokens is None:
         raise IdentityAttentionError(

@@ -45,6 +45,7 @@ from ..adapters.training_masks import inpaint_mask, list_of_masks, mask_centre, 
 from ..adapters.training_schedule import PersonalizeRecipe, check_recipe, sigmas_for, step_generator, stratified_timesteps
 from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
 from .errors import IdentityAttentionError
+from .recognizer_check import check_recognizer
 from .host import base_model_of, model_sampling
 from .prompt_token import DEFAULT_TEMPLATE, PLACEHOLDER, encode_tokens, find_prompt_token, initial_vectors, token_clip, with_marker
 from .pva_training import PVATarget, stored_vectors
@@ -112,6 +113,7 @@ def encode_latents(vae, model, pixels: torch.Tensor, batch: int = 4) -> torch.Te
 
 
 def identity_tokens(adapter: IdAdapter, identity: Identity, per_reference: bool, node: str) -> torch.Tensor:
+    check_recognizer(adapter, identity, node, "id_adapter", "identity")
     try:
         return adapter.identity_tokens(identity, per_reference=per_reference).cond.detach().float().cpu()
     except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as err:

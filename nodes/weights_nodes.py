@@ -16,6 +16,7 @@ the MODEL does not read the file again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import OrderedDict
@@ -28,6 +29,7 @@ import folder_paths
 from ..adapters.file_hash import sha256_file
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.layer_tables import BASE_NAMES
+from ..adapters.recognizer_identity import RECOGNIZER_CHECKS, SPACES, expected_space
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.weight_errors import WeightError
 from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
@@ -42,6 +44,7 @@ DOWNLOAD_HINT = "python -m comfyui-identity-attention.weights"
 
 _ADAPTERS: "OrderedDict[tuple, IdAdapter]" = OrderedDict()
 _VERIFIED: dict = {}
+_WITH_POLICY: "OrderedDict[tuple, tuple]" = OrderedDict()  # (id(loaded), policy, face pack) -> (loaded, copy with them)
 _KEEP = 2
 
 INPUT_KIND_WORDS = {
@@ -160,6 +163,25 @@ def load_adapter_file(path: str, roots, entry: Optional[dict], manifest) -> IdAd
     return adapter
 
 
+def with_recognizer_policy(adapter: IdAdapter, entry: Optional[dict], policy: str) -> IdAdapter:
+    """A shallow copy of the (cached, shared) adapter carrying the face pack it needs and the recognizer_check policy."""
+    need = expected_space(adapter.format, adapter.metadata.get("source_format"), (entry or {}).get("requires", ()))
+    key = (id(adapter), policy, need)
+    found = _WITH_POLICY.get(key)
+    if found is not None and found[0] is adapter:
+        _WITH_POLICY.move_to_end(key)
+        return found[1]  # the same ID_ADAPTER object for the same file and settings (ComfyUI's caching stays warm)
+    extras = dict(adapter.extras)
+    extras["recognizer_check"] = policy
+    if need:
+        extras["face_pack"] = need
+    derived = dataclasses.replace(adapter, extras=extras)
+    _WITH_POLICY[key] = (adapter, derived)
+    while len(_WITH_POLICY) > 3 * _KEEP:
+        _WITH_POLICY.popitem(last=False)
+    return derived
+
+
 def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:
     lines = [f"file: {choice} ({adapter.metadata.get('file', '')})"]
     fmt = KNOWN_FORMATS.get(adapter.format, adapter.format)
@@ -172,6 +194,10 @@ def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:
         lines.append(f"identity tokens: {p.num_tokens} x {p.token_dim} from {INPUT_KIND_WORDS.get(p.input_kind, p.input_kind)} ({type(p).__name__})")
     else:
         lines.append("identity tokens: none (this file has no token projector)")
+    need = adapter.extras.get("face_pack")
+    if need:
+        lines.append(f"face pack: {need} (its {SPACES[need].file} embedding is what this adapter was trained on; "
+                     f"recognizer_check: {adapter.extras.get('recognizer_check', 'error')})")
     for key in ("identity_input", "faceid_plus_version", "pulid_version", "requires", "note"):
         if adapter.metadata.get(key):
             lines.append(f"{key.replace('_', ' ')}: {adapter.metadata[key]}")
@@ -209,10 +235,11 @@ class LoadIdentityAdapter:
             },
             "optional": {
                 "verify_sha256": ("BOOLEAN", {"default": False, "tooltip": "Compare the file with the published one (sha256) before loading. Slow for big files the first time; works for files listed in weights_manifest.json under their listed names."}),
+                "recognizer_check": (list(RECOGNIZER_CHECKS), {"default": "error", "tooltip": "FaceID adapters were trained on buffalo_l's face embedding, InstantID and PuLID on antelopev2's. error: an identity from the other face pack stops the run with the fix. warn: only log it. off: do not check (for people who know their recognizer gives the same embedding)."}),
             },
         }
 
-    def load(self, adapter, model, verify_sha256=False):
+    def load(self, adapter, model, verify_sha256=False, recognizer_check="error"):
         try:
             folder, name = _split(adapter)
             roots = folder_list(folder)
@@ -227,6 +254,10 @@ class LoadIdentityAdapter:
             check_against_model(result, cross_attention_layers(model))
         except WeightError as err:
             raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="model", fix=err.fix) from None
+        if recognizer_check not in RECOGNIZER_CHECKS:
+            raise IdentityAttentionError(f"unknown recognizer_check '{recognizer_check}'", node=self.DISPLAY_NAME,
+                                         input_name="recognizer_check", fix=f"choose one of {', '.join(RECOGNIZER_CHECKS)}")
+        result = with_recognizer_policy(result, entry, recognizer_check)
         return (result, describe(result, adapter, verified))
 
 

@@ -93,10 +93,13 @@ def _size(n) -> str:
 
 def weights_table(manifest: dict) -> str:
     rows = ["| Download id | What it is | Put it in | Base | Size | sha256 | License |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    face_packs = {e["group"] for e in manifest["entries"] if e.get("group") and e["folder"] == "insightface"}
     for e in manifest["entries"]:
         group = f" (group `{e['group']}`)" if e.get("group") else ""
+        packs = [r for r in e.get("requires", []) if r in face_packs]
+        needs = f" **Face pack: `{packs[0]}`** (encode the identity with it)." if packs else ""
         rows.append(
-            f"| `{e['id']}`{group} | {_cell(e['description'])} | `models/{e['folder']}/{e['file']}` | {e['base']} | {_size(e['bytes'])} "
+            f"| `{e['id']}`{group} | {_cell(e['description'])}{needs} | `models/{e['folder']}/{e['file']}` | {e['base']} | {_size(e['bytes'])} "
             f"| {'published' if e['sha256'] else 'none (`--allow-unverified`)'} | {_cell(e['license'])} |"
         )
     return "\n".join(rows)

@@ -99,10 +99,17 @@ MODEL_BLUE = "#88A"
 ADAPTER_BLUE = "#3f789e"
 
 
-def identity_from_photo(wb, photo="reference_face.png", clip_vision=True, vision_title="CLIP vision ViT-H (optional)"):
-    """Reference photo -> IDENTITY, with the three pictures Encode identity gives; returns refs."""
+def face_analysis(wb, pack: str):
+    """Load face analysis model for ``pack``: buffalo_l for FaceID adapters, antelopev2 for InstantID / PuLID (and scoring)."""
+    return wb.node("IdentityAttentionLoadFaceAnalysis", title=f"Face detector + recognizer ({pack})", pack=pack, provider="auto", det_size=640)
+
+
+def identity_from_photo(wb, photo="reference_face.png", clip_vision=True, vision_title="CLIP vision ViT-H (optional)", pack="antelopev2"):
+    """Reference photo -> IDENTITY, with the three pictures Encode identity gives; returns refs.
+
+    ``pack``: the face pack whose embedding the workflow's adapter was trained on (buffalo_l for FaceID)."""
     image = wb.node("LoadImage", title="Reference photo (one person)", image=photo)
-    faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
+    faces = face_analysis(wb, pack)
     links = {"face_analysis": faces[0], "images": image[0]}
     refs = {"image": image, "faces": faces}
     if clip_vision:
@@ -120,9 +127,10 @@ def identity_from_photo(wb, photo="reference_face.png", clip_vision=True, vision
 
 def encode_identity_and_check_similarity(wb) -> str:
     who = identity_from_photo(wb)
+    pack_info = wb.node("IdentityAttentionShowText", title="Face pack: files, provider, recognizer", text=who["faces"][1])
     gen = text_to_image(wb, SD15_CHECKPOINT, prompt="a portrait photo of a woman, studio light, 85mm", title="Sample (no identity yet)")
     score, shown = similarity_check(wb, gen["decode"][0], who["encode"][0], who["faces"][0])
-    wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")], IDENTITY_GREEN)
+    wb.group("1. Who: a reference photo becomes an identity", [who[k] for k in ("image", "faces", "vision", "encode", "crops", "found", "mask", "mask_preview")] + [pack_info], IDENTITY_GREEN)
     wb.group("2. Generate (identity attention nodes go between Load checkpoint and the sampler)", [gen[k] for k in ("ckpt", "pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.group("3. Check: score the result against the identity", [score, shown], CHECK_YELLOW)
     wb.note(download_note(["antelopev2", "clip-vit-h"], extra=(
@@ -133,7 +141,10 @@ def encode_identity_and_check_similarity(wb) -> str:
         "Several photos of the same person (a batch or an image list) give a steadier identity.\n\n"
         "Identity similarity compares the faces in generated images with the identity: 1 = the same embedding, "
         "unrelated people score near 0, images without a face score 0. Use it to compare settings and seeds.\n\n"
-        "No face found? Use a clearer frontal photo, or lower det_size for close-ups.",
+        "No face found? Use a clearer frontal photo, or lower det_size for close-ups.\n\n"
+        "Which face pack: IP-Adapter-FaceID / FaceID-Plus(V2) were trained on buffalo_l's face embedding, InstantID and PuLID "
+        "on antelopev2's; the face-pack text shows which recognizer was loaded (and where it runs), and the identity "
+        "attention nodes stop with the fix when an identity comes from the wrong pack.",
         title="How to read this workflow", near=who["encode"])
     return "Encode a person from a reference photo and score generated images against the identity."
 
@@ -163,7 +174,7 @@ def load_identity_adapter(wb) -> str:
 
 
 def identity_portrait_faceid_moa(wb) -> str:
-    who = identity_from_photo(wb, vision_title="CLIP vision ViT-H (FaceID-Plus reads it)")
+    who = identity_from_photo(wb, vision_title="CLIP vision ViT-H (FaceID-Plus reads it)", pack="buffalo_l")
     ckpt = wb.node("CheckpointLoaderSimple", title="Load checkpoint (SD1.5)", ckpt_name=SD15_CHECKPOINT)
     lora = wb.node("LoraLoaderModelOnly", title="FaceID-PlusV2 LoRA (comes with the adapter)", model=ckpt[0],
                    lora_name=manifest_file("ip-adapter-faceid-plusv2_sd15_lora"), strength_model=0.6)
@@ -184,7 +195,7 @@ def identity_portrait_faceid_moa(wb) -> str:
     wb.group("2. The model learns the identity: adapter + LoRA, parallel attention, MoA routing", [ckpt, lora, adapter, parallel, routed, report, shown], ADAPTER_BLUE)
     wb.group("3. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.group("4. Check: where the identity went, and how close it is", [maps, maps_preview, score, scored], CHECK_YELLOW)
-    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
+    wb.note(download_note(["buffalo_l", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
         "FaceID-PlusV2 reads the face embedding and CLIP ViT-H features of the aligned face, so Encode identity needs the "
         "CLIP vision model here. Its LoRA goes on the model before the identity attention (strength about 0.6-1.0).")),
         title="Download first")
@@ -210,7 +221,7 @@ def half_mask(wb, side: str, width: int, height: int):
 
 def two_people_with_masks(wb) -> str:
     width, height = 768, 512
-    faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
+    faces = face_analysis(wb, "buffalo_l")  # FaceID-PlusV2 was trained on buffalo_l's embedding
     vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (FaceID-Plus reads it)", clip_name=manifest_file("clip-vit-h"))
     people = {}
     for name, photo in (("A", "person_a.png"), ("B", "person_b.png")):
@@ -242,7 +253,7 @@ def two_people_with_masks(wb) -> str:
     wb.group("3. Model: one identity attention node per person, each with its mask", [ckpt, lora, adapter, first, second], ADAPTER_BLUE)
     wb.group("4. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.group("5. Check: each person's best-matching face", checks, CHECK_YELLOW)
-    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"]), title="Download first")
+    wb.note(download_note(["buffalo_l", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"]), title="Download first")
     wb.note(
         "Each identity attention node adds one person, only inside its mask (any size: it is resized to every layer; soft "
         "edges blend). Chain one node per person; the order does not matter for masks that do not overlap.\n\n"

@@ -14,6 +14,7 @@ from workflow_specs import (
     SD15_CHECKPOINT,
     SDXL_CHECKPOINT,
     download_note,
+    face_analysis,
     identity_from_photo,
     manifest_file,
     similarity_check,
@@ -25,7 +26,7 @@ from workflow_specs import (
 
 
 def kv_mixed_attention(wb) -> str:
-    faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
+    faces = face_analysis(wb, "buffalo_l")  # the key adapter (FaceID) was trained on buffalo_l's embedding
     vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (plus-face reads it)", clip_name=manifest_file("clip-vit-h"))
     who_photo = wb.node("LoadImage", title="Who: face photo (keys)", image="person_face.png")
     who = wb.node("IdentityAttentionEncodeIdentity", title="Encode who (face embedding)", face="largest", flip_augment=False,
@@ -55,8 +56,8 @@ def kv_mixed_attention(wb) -> str:
     wb.group("2. Model: keys from the face embedding, values from the appearance tokens", [ckpt, key_adapter, value_adapter, mixed, report, shown], ADAPTER_BLUE)
     wb.group("3. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
     wb.group("4. Check: how close to each photo", [who_score, who_shown, look_score, look_shown], CHECK_YELLOW)
-    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid_sd15", "ip-adapter-plus-face_sd15"], extra=(
-        "FaceID reads only the face embedding (no CLIP vision for the 'who' photo); plus-face reads CLIP ViT-H tokens of the "
+    wb.note(download_note(["buffalo_l", "clip-vit-h", "ip-adapter-faceid_sd15", "ip-adapter-plus-face_sd15"], extra=(
+        "FaceID reads only the face embedding of buffalo_l (the pack it was trained with) (no CLIP vision for the 'who' photo); plus-face reads CLIP ViT-H tokens of the "
         "aligned face, so Encode look needs the CLIP vision model. FaceID was trained with a LoRA "
         "(ip-adapter-faceid_sd15_lora): adding it (LoraLoaderModelOnly, strength 0.3-0.6) before this node strengthens the likeness.")),
         title="Download first")

@@ -18,6 +18,7 @@ from workflow_specs import (
     MODEL_BLUE,
     SD15_CHECKPOINT,
     download_note,
+    face_analysis,
     manifest_file,
     similarity_check,
 )
@@ -40,7 +41,7 @@ def reference_photos(wb, names=PHOTOS):
 
 def personalize_then_generate(wb) -> str:
     loaders, batchers, photos = reference_photos(wb)
-    faces = wb.node("IdentityAttentionLoadFaceAnalysis", title="Face detector + recognizer (antelopev2)", pack="antelopev2", provider="auto", det_size=640)
+    faces = face_analysis(wb, "buffalo_l")  # FaceID-PlusV2 was trained on buffalo_l's embedding
     vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (FaceID-Plus reads it)", clip_name=manifest_file("clip-vit-h"))
     encode = wb.node("IdentityAttentionEncodeIdentity", title="Encode identity (all photos)", face_analysis=faces[0], images=photos,
                      clip_vision=vision[0], face="largest", flip_augment=False)
@@ -82,7 +83,7 @@ def personalize_then_generate(wb) -> str:
     wb.group("3. Apply: the personalized adapter in joint parallel attention", [parallel, report, shown], ADAPTER_BLUE)
     wb.group("4. Generate: <new1> in the prompt is the person", [pos, neg, latent, sampler, decode, save], MODEL_BLUE)
     wb.group("5. Check: score the result against the identity", [score, scored], CHECK_YELLOW)
-    wb.note(download_note(["antelopev2", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
+    wb.note(download_note(["buffalo_l", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
         "PVA's own weights (for SD2 inpainting) are not in the list; this workflow starts from IP-Adapter FaceID-PlusV2 "
         "(SD1.5): its face projector turns the identity into tokens, its key/value projections are the starting point of "
         "the trained ones. Its LoRA goes on the model for training and generation alike.")), title="Download first")

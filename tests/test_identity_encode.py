@@ -278,10 +278,10 @@ def test_onnx_files_that_are_not_face_models(tmp_path, pack_dir):
     with pytest.raises(fa.FaceAnalysisError) as err:
         fa.load_face_analysis(only_junk, "CPU")
     text = str(err.value)
-    assert "has no face detector and no face recognizer" in text
+    assert "so it has no face detector and no face recognizer" in text
     assert "model.onnx: not a face model (input 1x10; 1 output(s) 1x10)" in text
-    assert "broken.onnx: could not be loaded" in text
-    assert "antelopev2 or buffalo_l" in text
+    assert "broken.onnx is incomplete or corrupt: it does not parse as an ONNX model" in text
+    assert "delete broken.onnx and download the pack again" in err.value.fix  # not a manifest file: no download id
 
     no_recognizer = tmp_path / "half"
     no_recognizer.mkdir()

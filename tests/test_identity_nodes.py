@@ -71,8 +71,9 @@ def test_node_definitions_have_tooltips_everywhere():
 def test_load_node_lists_packs_and_loads(folders):
     spec = nodes.LoadFaceAnalysis.INPUT_TYPES()["required"]
     assert spec["pack"][0] == ["toypack"] and spec["provider"][0] == ["auto", "CUDA", "CPU"]
-    (model,) = nodes.LoadFaceAnalysis().load("toypack", "CPU", 640)
+    model, info = nodes.LoadFaceAnalysis().load("toypack", "CPU", 640)
     assert isinstance(model, fa.FaceAnalysisModel) and model.name == "toypack"
+    assert "provider: CPU (chosen)" in info and "WARNING: recognizer toypack/w600k_r50.onnx: not identified" in info
 
 
 def test_load_node_without_packs_says_where_to_put_them(monkeypatch, tmp_path):

@@ -20,8 +20,9 @@ Shapes (R = number of references, E = recognizer width, 512 for ArcFace):
 - ``Identity.face_tokens``: ``[R, P, Df]`` patch tokens of a face encoder run on the crops
   (FACT's TransFace ViT: 144 x 512), filled by the node that runs that encoder.
 - ``Identity.eva_clip_embeds`` / ``eva_clip_hidden``: ``[R, 768]`` / ``[R, 5, 577, 1024]``
-  EVA02-CLIP-L-14-336 features of the crops, which PuLID's ID encoder reads (no ComfyUI node
-  computes them yet; the PuLID projector says so when they are missing).
+  EVA02-CLIP-L-14-336 features of PuLID's face-features images, which PuLID's ID encoder reads
+  (filled by the node 'Encode PuLID face features (EVA-CLIP)'; the PuLID projector says so when
+  they are missing).
 """
 
 from __future__ import annotations

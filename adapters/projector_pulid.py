@@ -9,9 +9,10 @@ Both read two things per face:
 - ``eva_hidden`` ``[N, 5, 577, 1024]``: five intermediate hidden-state maps of
   that EVA02-CLIP-L (class token + 24x24 patches).
 
-ComfyUI's CLIP_VISION loader does not run EVA02-CLIP, and this pack's Encode
-identity node does not compute these features. The projectors read them
-from the IDENTITY's features as ``eva_clip_embeds`` ``[N, 768]`` and
+ComfyUI's CLIP_VISION loader does not run EVA02-CLIP; the pack's node
+'Encode PuLID face features (EVA-CLIP)' computes these features
+(:mod:`.eva_clip_vision`, :mod:`.face_parsing`, :mod:`.pulid_face_image`) and
+stores them in the IDENTITY. The projectors read them from the IDENTITY's features as ``eva_clip_embeds`` ``[N, 768]`` and
 ``eva_clip_hidden`` ``[N, 5, 577, 1024]``; when they are missing they raise
 :class:`ProjectorInputError` saying so (they never substitute other
 features). The negative (uncond) input is zeros for both, as in PuLID's pipeline.
@@ -58,8 +59,8 @@ def eva_inputs(features: IdentityFeatures, dtype: torch.dtype, device) -> Tuple[
         raise ProjectorInputError(
             "PuLID's ID encoder needs EVA02-CLIP-L-14-336 features of the face (an image embedding and five hidden-layer "
             "maps); ComfyUI's CLIP_VISION models are different networks and this IDENTITY has no EVA02-CLIP features",
-            fix="use this PuLID file with an identity encoder that provides EVA02-CLIP features; IP-Adapter FaceID, "
-            "InstantID and the pack's native adapters work with the Encode identity node as it is",
+            fix="run the identity through 'Encode PuLID face features (EVA-CLIP)' (with 'Load EVA-CLIP (PuLID)' reading "
+            "EVA02_CLIP_L_336_psz14_s6B.pt from models/clip_vision) before this node",
         )
     id_cond = torch.cat([features.arcface.to(device, dtype), embeds.to(device, dtype)], dim=-1)
     return id_cond, hidden.to(device, dtype)
@@ -160,8 +161,8 @@ class PuLIDIDFormer(_PuLIDBase):
 
 def require_eva_note() -> str:
     return (
-        "PuLID needs EVA02-CLIP-L-14-336 face features (eva_clip_embeds, eva_clip_hidden) that the Encode identity "
-        "node does not compute yet; making identity tokens with this adapter raises an error until it does"
+        "PuLID needs EVA02-CLIP-L-14-336 face features (eva_clip_embeds, eva_clip_hidden): run the IDENTITY through "
+        "'Encode PuLID face features (EVA-CLIP)' (EVA02_CLIP_L_336_psz14_s6B.pt + facexlib's parsing_bisenet.pth)"
     )
 
 

@@ -11,7 +11,7 @@ format, its header), never from the file name:
 | faceid | ``image_proj.proj.{0,2}`` + ``norm``, input 512 | FaceIDProjection (arcface_normed) | same (+ LoRA, reported) |
 | faceid_plus | ``image_proj.perceiver_resampler.*`` | FaceIDPlusProjection | same (+ LoRA, reported) |
 | instantid | ``image_proj.latents``, ``proj_in`` input 512 | PerceiverResampler (arcface, raw) | same |
-| pulid | ``id_adapter.*`` + ``id_adapter_attn_layers.N.id_to_k/id_to_v`` | PuLIDIDEncoder / PuLIDIDFormer | id_to_k/id_to_v |
+| pulid | ``id_adapter.*`` + ``id_adapter_attn_layers.N.id_to_k/id_to_v`` (official), or ``image_proj.{body,mapping_0}.*`` + ``ip_adapter.N.to_k_ip/to_v_ip`` (PuLID_ComfyUI's ``ip-adapter_pulid_sdxl_fp16``) | PuLIDIDEncoder / PuLIDIDFormer | id_to_k/id_to_v or to_k_ip/to_v_ip |
 | fact | ``...attn2.processor.alpha_attn`` + ``local_fac_prj.*`` | PerceiverResampler (face_tokens) | the 17 FACT names below |
 | pva | ``...attn2.to_visual_q/k/v`` (+ ``transform_network.*``, ``modifier_vec``) | PVATransformNetwork (arcface) | to_q, to_k, to_v |
 | native | header ``format: identity_attention`` | from the header | any |
@@ -122,12 +122,22 @@ def _image_proj_kind(proj: Mapping[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
+def _pulid_in_ip_layout(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """PuLID_ComfyUI's layout: PuLID's ID encoder under ``image_proj.`` and IP-Adapter's layer names."""
+    has_encoder = ("image_proj.body.0.weight" in tensors and "image_proj.mapping_0.0.weight" in tensors) or (
+        "image_proj.id_embedding_mapping.0.weight" in tensors and "image_proj.latents" in tensors
+    )
+    return has_encoder and any(_IP_LAYER.match(k) and k.endswith(".to_k_ip.weight") for k in tensors)
+
+
 def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> str:
     """The format name (a key of :data:`KNOWN_FORMATS`), or :class:`WeightError` listing the known ones."""
     if is_native(metadata or {}):
         return "native"
     keys = list(tensors)
     if any(_PULID_LAYER.match(k) and k.endswith(".id_to_k.weight") for k in keys) and any(k.startswith("id_adapter.") for k in keys):
+        return "pulid"
+    if _pulid_in_ip_layout(tensors):
         return "pulid"
     if any(_IP_LAYER.match(k) and k.endswith(".to_k_ip.weight") for k in keys):
         kind = _image_proj_kind(_sub(tensors, "image_proj."))
@@ -243,16 +253,23 @@ def _convert_ip_family(fmt: str, tensors: Mapping[str, torch.Tensor], hints: Map
 
 
 def _convert_pulid(tensors: Mapping[str, torch.Tensor]) -> IdAdapter:
+    """Both PuLID layouts: official (``id_adapter.*``, ``id_adapter_attn_layers.N.id_to_k``) and
+    PuLID_ComfyUI's (``image_proj.*``, ``ip_adapter.N.to_k_ip``); the layer numbers N are the same
+    (the UNet's attention processors in diffusers order, cross-attention at the odd ones)."""
+    official = not _pulid_in_ip_layout(tensors)
+    pattern, k_name, v_name, prefix = (
+        (_PULID_LAYER, "id_to_k.weight", "id_to_v.weight", "id_adapter.") if official else (_IP_LAYER, "to_k_ip.weight", "to_v_ip.weight", "image_proj.")
+    )
     per_index: Dict[int, Dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
-        m = _PULID_LAYER.match(key)
+        m = pattern.match(key)
         if m:
             per_index[int(m.group(1))][m.group(2)] = value
-    first = next(entries["id_to_k.weight"] for _, entries in sorted(per_index.items()) if "id_to_k.weight" in entries)
+    first = next(entries[k_name] for _, entries in sorted(per_index.items()) if k_name in entries)
     context_dim = int(first.shape[1])
     base = _base_of_context(context_dim, "the PuLID layers")
-    layers = _indexed_layers(per_index, "id_to_k.weight", "id_to_v.weight", base, KNOWN_FORMATS["pulid"])
-    state = _sub(tensors, "id_adapter.")
+    layers = _indexed_layers(per_index, k_name, v_name, base, KNOWN_FORMATS["pulid"])
+    state = _sub(tensors, prefix)
     if "body.0.weight" in state:
         projector = build_projector("PuLIDIDEncoder", PuLIDIDEncoder.config_from_state(state), state)
         version = "v1 (IDEncoder)"
@@ -260,11 +277,14 @@ def _convert_pulid(tensors: Mapping[str, torch.Tensor]) -> IdAdapter:
         projector = build_projector("PuLIDIDFormer", PuLIDIDFormer.config_from_state(state), state)
         version = "v1.1 (IDFormer)"
     else:
-        raise WeightError("this PuLID file's ID encoder (id_adapter.*) is neither PuLID v1's IDEncoder nor v1.1's IDFormer", fix="download the file again")
+        raise WeightError(f"this PuLID file's ID encoder ({prefix}*) is neither PuLID v1's IDEncoder nor v1.1's IDFormer", fix="download the file again")
     _check_token_dim(projector, context_dim, "PuLID")
     return IdAdapter(
         format="pulid", base=base, context_dim=context_dim, projector=projector, layers=layers,
-        metadata={"pulid_version": version, "requires": require_eva_note(), "identity_input": "raw antelopev2 ArcFace embedding + EVA02-CLIP-L-14-336 features"},
+        metadata={
+            "pulid_version": version, "pulid_layout": "official (id_adapter.*)" if official else "PuLID_ComfyUI (image_proj.* + ip_adapter.*)",
+            "requires": require_eva_note(), "identity_input": "raw antelopev2 ArcFace embedding + EVA02-CLIP-L-14-336 features",
+        },
     )
 
 

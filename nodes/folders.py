@@ -2,10 +2,11 @@
 
 Artists keep weights where other packs put them: ``models/ipadapter/``,
 ``models/instantid/`` (ComfyUI_InstantID), ``models/pulid/`` (PuLID packs),
-``models/insightface/models/<pack>/``, ``models/clip_vision/``; the pack's own
+``models/insightface/models/<pack>/``, ``models/clip_vision/`` (also EVA-CLIP for
+PuLID), ``models/facexlib/`` (facexlib's face-parsing weights); the pack's own
 native weights go to ``models/identity_attention/``. Paths users add through
 ``extra_model_paths.yaml`` (keys ``ipadapter``, ``instantid``, ``pulid``,
-``identity_attention``, ``insightface``) are kept: registration only appends
+``identity_attention``, ``insightface``, ``facexlib``) are kept: registration only appends
 the default folder and sets the file extensions.
 """
 
@@ -23,6 +24,7 @@ FOLDERS = {
     "pulid": WEIGHT_EXTENSIONS,
     "identity_attention": WEIGHT_EXTENSIONS,
     "insightface": {".onnx"},
+    "facexlib": WEIGHT_EXTENSIONS,
 }
 
 

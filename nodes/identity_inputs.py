@@ -157,11 +157,28 @@ PULID_DEFAULT_ZERO_TOKENS = 8
 PULID_DEFAULT_ORTHO = "ortho_v2"
 """PuLID's default "fidelity" mode (``app.py``: mode value 'fidelity' -> NUM_ZERO 8, ORTHO_v2)."""
 
+PULID_METHODS = {
+    "fidelity": (8, "ortho_v2"),  # official app.py 'fidelity' (the default)
+    "style": (16, "ortho"),  # official app.py 'extremely style'
+    "neutral": (0, "none"),  # the official processor's module defaults (NUM_ZERO 0, no projection); PuLID_ComfyUI's 'neutral'
+}
+"""PuLID's methods: ``(zero tokens appended to the identity tokens, projection of the identity attention)``."""
 
-def pulid_settings(adapter: IdAdapter, node: str, input_name: str = "id_adapter"):
-    """``(zero_tokens, ortho)`` for PuLID weights (the loader's extras, else PuLID's fidelity mode); ``(0, "none")`` otherwise."""
+
+def pulid_settings(adapter: IdAdapter, node: str, input_name: str = "id_adapter", method=None):
+    """``(zero_tokens, ortho)`` for PuLID weights; ``(0, "none")`` for other adapters.
+
+    ``method`` (a key of :data:`PULID_METHODS`) decides; without one, the loader's extras
+    (``num_zero_tokens``, ``ortho``) or else PuLID's fidelity mode.
+    """
     if adapter.format != "pulid":
         return 0, "none"
+    if method is not None:
+        if method not in PULID_METHODS:
+            raise IdentityAttentionError(
+                f"unknown PuLID method {method!r}", node=node, input_name="pulid_method", fix=f"choose one of {', '.join(PULID_METHODS)}",
+            )
+        return PULID_METHODS[method]
     zero = adapter.extras.get("num_zero_tokens")
     zero = PULID_DEFAULT_ZERO_TOKENS if zero is None else int(zero)
     ortho = str(adapter.extras.get("ortho") or PULID_DEFAULT_ORTHO)

@@ -7,6 +7,7 @@ from .dispatcher import apply_attention_stage
 from .errors import IdentityAttentionError
 from .identity_inputs import (
     PROJECTION_CHOICES,
+    PULID_METHODS,
     REFERENCE_CHOICES,
     adapter_projection,
     as_float_tokens,
@@ -86,9 +87,21 @@ class ApplyParallelAttention:
                 ),
             }
         )
-        return {"required": required, "optional": mask_input()}
+        optional = mask_input()
+        optional["pulid_method"] = (
+            list(PULID_METHODS),
+            {
+                "default": "fidelity",
+                "tooltip": "Only for PuLID adapters (ignored by others). fidelity (PuLID's default): 8 empty tokens soak up the identity "
+                "attention where it is not needed, and the part of the identity along the prompt's own attention output is kept only in "
+                "proportion to the attention the identity gets (ORTHO_v2); "
+                "style (PuLID's 'extremely style'): 16 empty tokens and only the part of the identity orthogonal to the prompt is added, "
+                "so the prompt's style wins; neutral: plain identity attention, no empty tokens, no projection.",
+            },
+        )
+        return {"required": required, "optional": optional}
 
-    def apply(self, model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask=None):
+    def apply(self, model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask=None, pulid_method="fidelity"):
         node = self.DISPLAY_NAME
         check_types(node, id_adapter, identity)
         layers = model_layers(model, node)
@@ -103,7 +116,7 @@ class ApplyParallelAttention:
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)
         tokens = as_float_tokens(identity_tokens(id_adapter, identity, references == "per_reference", node))
         check_finite(tokens, node, "identity")
-        zero_tokens, ortho = pulid_settings(id_adapter, node)
+        zero_tokens, ortho = pulid_settings(id_adapter, node, method=pulid_method)
         if projections == "adapter":
             check_base(model, layers, id_adapter, node)
             keys = adapter_projection(layers, id_adapter, "to_k", tokens.dim, node, "id_adapter")

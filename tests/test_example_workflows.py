@@ -23,6 +23,8 @@ WEIGHT_WIDGETS = {
     "LoraLoaderModelOnly": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
     "LoraLoader": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
     "IdentityAttentionLoadFaceEncoder": ("encoder_name", lambda e, v: e["folder"] == "identity_attention" and e["file"] == v),
+    "IdentityAttentionLoadEvaClip": ("eva_clip_name", lambda e, v: f"{e['folder']}/{e['file']}" == v),
+    "IdentityAttentionLoadFaceParsing": ("parsing_name", lambda e, v: f"{e['folder']}/{e['file']}" == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

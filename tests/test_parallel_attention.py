@@ -39,8 +39,8 @@ id_adapter_mod = pack("adapters.id_adapter")
 NODE = pva_nodes.ApplyParallelAttention()
 
 
-def apply(model, adapter, identity, weight=1.0, mode="joint", projections="adapter", references="fused", apply_to="both", mask=None, start=0.0, end=1.0):
-    return NODE.apply(model, adapter, identity, weight, start, end, apply_to, mode, projections, references, mask=mask)[0]
+def apply(model, adapter, identity, weight=1.0, mode="joint", projections="adapter", references="fused", apply_to="both", mask=None, start=0.0, end=1.0, **options):
+    return NODE.apply(model, adapter, identity, weight, start, end, apply_to, mode, projections, references, mask=mask, **options)[0]
 
 
 def joint64(q, q_id, k_text, v_text, k_id, v_id, heads, weight):
@@ -213,17 +213,17 @@ def test_decoupled_mask_and_cond_only(tiny):
     assert torch.equal(got[:2], unpatched(inputs)[:2])
 
 
-@pytest.mark.parametrize("ortho,references", [("ortho", 1), ("ortho_v2", 2), (None, 1)])
-def test_pulid_stage(tiny, ortho, references):
-    """PuLID weights: zero tokens + ORTHO / ORTHO_v2 from the adapter's extras (None: PuLID's default, fidelity)."""
+@pytest.mark.parametrize("method,references", [("style", 1), ("fidelity", 2), (None, 1), ("neutral", 1)])
+def test_pulid_stage(tiny, method, references):
+    """PuLID's methods as the official code defines them (app.py modes; attention_processor.py NUM_ZERO / ORTHO / ORTHO_v2):
+    fidelity = 8 zero tokens + ORTHO_v2, style ('extremely style') = 16 + ORTHO, neutral = 0 + none; None: the node's default."""
     model = tiny.unet("sdxl")
     adapter = adapter_for(model, num_tokens=10, fmt="pulid")
-    if ortho is not None:
-        adapter.extras.update({"num_zero_tokens": 16 if ortho == "ortho" else 8, "ortho": ortho})
-    zero = 16 if ortho == "ortho" else 8
+    zero, ortho = {"style": (16, "ortho"), "fidelity": (8, "ortho_v2"), None: (8, "ortho_v2"), "neutral": (0, "none")}[method]
     identity = synthetic_identity(references, seed=6, clip=False)
     per_reference = "per_reference" if references > 1 else "fused"
-    patched = apply(model, adapter, identity, weight=0.8, mode="decoupled", references=per_reference)
+    options = {} if method is None else {"pulid_method": method}
+    patched = apply(model, adapter, identity, weight=0.8, mode="decoupled", references=per_reference, **options)
     inputs = layer_inputs(patched, SDXL_KEY, grid=(8, 8), rows=1)
     got = run_layer(patched, inputs)
 
@@ -238,10 +238,35 @@ def test_pulid_stage(tiny, ortho, references):
     proj = (text * ident).sum(1, keepdim=True) / (text * text).sum(1, keepdim=True) * text
     if ortho == "ortho":
         contribution = ident - proj
-    else:  # PuLID: attn_mean[:, :, :5], the first 5 tokens of the whole sequence
+    elif ortho == "ortho_v2":  # PuLID: attn_mean[:, :, :5], the first 5 tokens of the whole sequence
         a = (heads_of(inputs.q, H) @ heads_of(K, H).transpose(-1, -2)).softmax(-1).mean(1)[:, :, :5].sum(-1, keepdim=True)
         contribution = ident + (a - 1) * proj
+    else:
+        contribution = ident
     close(got, text + 0.8 * contribution, tol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fidelity", "style", "neutral"])
+def test_pulid_weight_zero_is_unpatched(tiny, method):
+    """weight 0 with any PuLID method: the layer's output is the unpatched one, bit for bit."""
+    model = tiny.unet("sdxl")
+    adapter = adapter_for(model, num_tokens=10, fmt="pulid")
+    identity = synthetic_identity(1, seed=6, clip=False)
+    patched = apply(model, adapter, identity, weight=0.0, mode="decoupled", pulid_method=method)
+    inputs = layer_inputs(patched, SDXL_KEY, grid=(8, 8), rows=1)
+    assert torch.equal(run_layer(patched, inputs), unpatched(inputs))
+
+
+def test_pulid_method_ignored_by_other_adapters(tiny):
+    """pulid_method changes nothing for a non-PuLID adapter (no zero tokens, no projection)."""
+    model = tiny.unet("sdxl")
+    adapter = adapter_for(model, num_tokens=4, fmt="instantid")
+    identity = synthetic_identity(1, seed=6, clip=False)
+    outs = []
+    for method in ("fidelity", "style", "neutral"):
+        patched = apply(model, adapter, identity, weight=0.8, mode="decoupled", pulid_method=method)
+        outs.append(run_layer(patched, layer_inputs(patched, SDXL_KEY, grid=(8, 8), rows=1)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_pva_on_sd2_layer_shapes():

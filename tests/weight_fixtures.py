@@ -331,3 +331,121 @@ def nested_ip(state):
         group, _, rest = k.partition(".")
         out[group][rest] = v
     return out
+
+
+# --- PuLID's image-side models: EVA02-CLIP-L-14-336 and facexlib's BiSeNet --------------------------
+
+
+def eva_clip_layout(width=1024, depth=24, patch=14, image_size=336, mlp_hidden=2730, embed_dim=768, prefix="visual.", text=True, rope=True) -> Layout:
+    """``EVA02_CLIP_L_336_psz14_s6B.pt`` (BAAI EVA-CLIP, ``eva_vit_model.py`` with subln + naiveswiglu + rope, qkv_bias):
+    ``visual.*`` vision tower (the defaults are the release's sizes), a few ``text.*`` stand-ins and ``logit_scale``.
+    ``rope``: the RoPE tables the model registers as buffers (``visual.rope.freqs_*`` and each block's
+    ``attn.rope.freqs_*``, the same module)."""
+    grid = image_size // patch
+    head_dim = 64 if width >= 64 else width
+    p = prefix
+    layout = {
+        p + "cls_token": (1, 1, width), p + "pos_embed": (1, grid * grid + 1, width),
+        p + "patch_embed.proj.weight": (width, 3, patch, patch), p + "patch_embed.proj.bias": (width,),
+        p + "norm.weight": (width,), p + "norm.bias": (width,), p + "head.weight": (embed_dim, width), p + "head.bias": (embed_dim,),
+    }
+    if rope:
+        layout.update({p + "rope.freqs_cos": (grid * grid, head_dim), p + "rope.freqs_sin": (grid * grid, head_dim)})
+    for i in range(depth):
+        b = f"{p}blocks.{i}."
+        layout.update({
+            b + "norm1.weight": (width,), b + "norm1.bias": (width,), b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+            b + "attn.q_bias": (width,), b + "attn.v_bias": (width,),
+            b + "attn.q_proj.weight": (width, width), b + "attn.k_proj.weight": (width, width), b + "attn.v_proj.weight": (width, width),
+            b + "attn.inner_attn_ln.weight": (width,), b + "attn.inner_attn_ln.bias": (width,),
+            b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+            b + "mlp.w1.weight": (mlp_hidden, width), b + "mlp.w1.bias": (mlp_hidden,), b + "mlp.w2.weight": (mlp_hidden, width), b + "mlp.w2.bias": (mlp_hidden,),
+            b + "mlp.ffn_ln.weight": (mlp_hidden,), b + "mlp.ffn_ln.bias": (mlp_hidden,), b + "mlp.w3.weight": (width, mlp_hidden), b + "mlp.w3.bias": (width,),
+        })
+        if rope:
+            layout.update({b + "attn.rope.freqs_cos": (grid * grid, head_dim), b + "attn.rope.freqs_sin": (grid * grid, head_dim)})
+    if text:
+        layout.update({"text.positional_embedding": (77, 8), "text.token_embedding.weight": (16, 8), "text.ln_final.weight": (8,), "text.text_projection": (8, embed_dim), "logit_scale": ()})
+    return layout
+
+
+def tiny_eva_state(seed=0, width=128, depth=6, patch=14, image_size=42, mlp_hidden=96, embed_dim=48, prefix="visual.", text=True, dtype=torch.float32):
+    """A tiny EVA02-CLIP (2 heads of 64, 3x3 patches, 6 blocks: PuLID's five taps at blocks 1..5) under the release's names."""
+    return random_state(eva_clip_layout(width, depth, patch, image_size, mlp_hidden, embed_dim, prefix, text), seed=seed, dtype=dtype)
+
+
+def _conv_bn(prefix: str, cin: int, cout: int, k: int) -> Layout:
+    return {
+        prefix + "conv.weight": (cout, cin, k, k), prefix + "bn.weight": (cout,), prefix + "bn.bias": (cout,),
+        prefix + "bn.running_mean": (cout,), prefix + "bn.running_var": (cout,), prefix + "bn.num_batches_tracked": (),
+    }
+
+
+def _bn(prefix: str, c: int) -> Layout:
+    return {prefix + "weight": (c,), prefix + "bias": (c,), prefix + "running_mean": (c,), prefix + "running_var": (c,), prefix + "num_batches_tracked": ()}
+
+
+def bisenet_layout(classes=19) -> Layout:
+    """facexlib ``parsing_bisenet.pth`` (``facexlib/parsing/bisenet.py`` + ``resnet.py``: BiSeNet(num_class=19))."""
+    layout: Layout = {"cp.resnet.conv1.weight": (64, 3, 7, 7)}
+    layout.update(_bn("cp.resnet.bn1.", 64))
+    cin = 64
+    for n, cout in enumerate((64, 128, 256, 512), start=1):
+        for j in range(2):
+            b = f"cp.resnet.layer{n}.{j}."
+            first_in = cin if j == 0 else cout
+            layout[b + "conv1.weight"] = (cout, first_in, 3, 3)
+            layout.update(_bn(b + "bn1.", cout))
+            layout[b + "conv2.weight"] = (cout, cout, 3, 3)
+            layout.update(_bn(b + "bn2.", cout))
+            if j == 0 and (first_in != cout or n > 1):
+                layout[b + "downsample.0.weight"] = (cout, first_in, 1, 1)
+                layout.update(_bn(b + "downsample.1.", cout))
+        cin = cout
+    for name, c_in in (("arm16", 256), ("arm32", 512)):
+        layout.update(_conv_bn(f"cp.{name}.conv.", c_in, 128, 3))
+        layout[f"cp.{name}.conv_atten.weight"] = (128, 128, 1, 1)
+        layout.update(_bn(f"cp.{name}.bn_atten.", 128))
+    layout.update(_conv_bn("cp.conv_head32.", 128, 128, 3))
+    layout.update(_conv_bn("cp.conv_head16.", 128, 128, 3))
+    layout.update(_conv_bn("cp.conv_avg.", 512, 128, 1))
+    layout.update(_conv_bn("ffm.convblk.", 256, 256, 1))
+    layout.update({"ffm.conv1.weight": (64, 256, 1, 1), "ffm.conv2.weight": (256, 64, 1, 1)})
+    for name, cin_, mid in (("conv_out", 256, 256), ("conv_out16", 128, 64), ("conv_out32", 128, 64)):
+        layout.update(_conv_bn(f"{name}.conv.", cin_, mid, 3))
+        layout[f"{name}.conv_out.weight"] = (classes, mid, 1, 1)
+    return layout
+
+
+def bisenet_state(seed=0, with_counters=True, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Random BiSeNet weights: convs N(0, 2/fan_in) (He, so activations stay O(1)), BN scale ~1, running_var > 0."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(bisenet_layout().items()):
+        if name.endswith("num_batches_tracked"):
+            if with_counters:
+                out[name] = torch.tensor(1000, dtype=torch.int64)
+            continue
+        if len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            value = torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
+        elif name.endswith("running_var"):
+            value = 0.5 + torch.rand(shape, generator=gen)
+        elif name.endswith("weight"):
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            value = 0.1 * torch.randn(shape, generator=gen)
+        out[name] = value.to(dtype)
+    return out
+
+
+def pulid_comfyui_state(official: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The same PuLID weights in PuLID_ComfyUI's ``ip-adapter_pulid_sdxl_fp16.safetensors`` names:
+    ``id_adapter.X`` -> ``image_proj.X``, ``id_adapter_attn_layers.N.id_to_k.weight`` -> ``ip_adapter.N.to_k_ip.weight``."""
+    out = {}
+    for key, value in official.items():
+        if key.startswith("id_adapter."):
+            out["image_proj." + key[len("id_adapter."):]] = value
+        elif key.startswith("id_adapter_attn_layers."):
+            out[key.replace("id_adapter_attn_layers.", "ip_adapter.").replace(".id_to_k.", ".to_k_ip.").replace(".id_to_v.", ".to_v_ip.")] = value
+    return out

@@ -49,6 +49,7 @@ MODEL_FOLDERS = (
     "ipadapter",
     "instantid",
     "pulid",
+    "facexlib",
     "identity_attention",
     "insightface",
     "insightface/models",

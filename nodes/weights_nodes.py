@@ -28,6 +28,7 @@ import folder_paths
 from ..adapters.file_hash import sha256_file
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.layer_tables import BASE_NAMES
+from ..adapters.projector_mlp import has_face_structure, with_face_structure
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.weight_errors import WeightError
 from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
@@ -38,6 +39,11 @@ from .host import cross_attention_layers
 from .stage_inputs import CATEGORY
 
 ADAPTER_FOLDERS = ("ipadapter", "instantid", "pulid", "identity_attention")
+FACE_STRUCTURE_TOOLTIP = (
+    "FaceID-PlusV2 only: how much of the face structure read by CLIP vision is added to the face-ID tokens (s_scale in "
+    "IP-Adapter's code; 1.0 as published). Higher = closer face shape, less freedom. ComfyUI_IPAdapter_plus's generic "
+    "IPAdapter node uses 2 x its weight here (its FaceID node has weight_faceidv2). Other adapters ignore it."
+)
 DOWNLOAD_HINT = "python -m comfyui-identity-attention.weights"
 
 _ADAPTERS: "OrderedDict[tuple, IdAdapter]" = OrderedDict()
@@ -172,7 +178,7 @@ def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:
         lines.append(f"identity tokens: {p.num_tokens} x {p.token_dim} from {INPUT_KIND_WORDS.get(p.input_kind, p.input_kind)} ({type(p).__name__})")
     else:
         lines.append("identity tokens: none (this file has no token projector)")
-    for key in ("identity_input", "faceid_plus_version", "pulid_version", "requires", "note"):
+    for key in ("identity_input", "faceid_plus_version", "face_structure", "pulid_version", "requires", "note"):
         if adapter.metadata.get(key):
             lines.append(f"{key.replace('_', ' ')}: {adapter.metadata[key]}")
     lora = adapter.extras.get("lora")
@@ -209,10 +215,11 @@ class LoadIdentityAdapter:
             },
             "optional": {
                 "verify_sha256": ("BOOLEAN", {"default": False, "tooltip": "Compare the file with the published one (sha256) before loading. Slow for big files the first time; works for files listed in weights_manifest.json under their listed names."}),
+                "faceid_v2_structure": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": FACE_STRUCTURE_TOOLTIP}),
             },
         }
 
-    def load(self, adapter, model, verify_sha256=False):
+    def load(self, adapter, model, verify_sha256=False, faceid_v2_structure=1.0):
         try:
             folder, name = _split(adapter)
             roots = folder_list(folder)
@@ -227,7 +234,11 @@ class LoadIdentityAdapter:
             check_against_model(result, cross_attention_layers(model))
         except WeightError as err:
             raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="model", fix=err.fix) from None
-        return (result, describe(result, adapter, verified))
+        result = with_face_structure(result, faceid_v2_structure)  # a new ID_ADAPTER: the cached one keeps the published 1.0
+        info = describe(result, adapter, verified)
+        if faceid_v2_structure != 1.0 and not has_face_structure(result):
+            info += "\nfaceid_v2_structure: ignored (only FaceID-PlusV2 files have a face-structure weight)"
+        return (result, info)
 
 
 NODES = [LoadIdentityAdapter]

@@ -23,6 +23,7 @@ WEIGHT_WIDGETS = {
     "LoraLoaderModelOnly": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
     "LoraLoader": ("lora_name", lambda e, v: e["folder"] == "loras" and e["file"] == v),
     "IdentityAttentionLoadFaceEncoder": ("encoder_name", lambda e, v: e["folder"] == "identity_attention" and e["file"] == v),
+    "ControlNetLoader": ("control_net_name", lambda e, v: e["folder"] == "controlnet" and e["file"] == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

@@ -145,7 +145,7 @@ class ApplyInstantIDIdentityNet:
             raise IdentityAttentionError(f"expected an ID_ADAPTER, got {type(id_adapter).__name__}", node=node, input_name="id_adapter",
                                          fix="connect Load identity adapter with InstantID's ip-adapter.bin")
         _identity(identity, node)
-        hint = check_image(image, node, "image")[..., :3]
+        hint = check_image(image, node, "image", channels=(3, 4))[..., :3]
         if start_percent > end_percent:
             raise IdentityAttentionError(f"start_percent ({start_percent}) is after end_percent ({end_percent})", node=node,
                                          input_name="start_percent", fix="make start_percent smaller than end_percent")

@@ -24,12 +24,13 @@ states (the IDENTITY's ``clip_hidden_uncond``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from .id_adapter import TokenProjector
+from .id_adapter import IdAdapter, TokenProjector
 from .identity import IdentityFeatures
 from .projector_perceiver import FacePerceiverResampler, layer_shapes, read_input
 
@@ -115,7 +116,8 @@ class FaceIDPlusProjection(TokenProjector):
     Inputs ``[N, 512]`` and ``[N, 257, Dh]``; output ``[N, T, C]``.
     The two versions have identical parameters: which one a file is cannot be
     read from it (the loader decides from the released file sizes, see
-    ``weight_formats``); ``s_scale`` is PlusV2's "face structure" weight (1.0 in the official examples).
+    ``weight_formats``); ``s_scale`` is PlusV2's "face structure" weight (1.0 in the official examples):
+    the weight of the CLIP-derived resampler output next to the ArcFace queries.
     """
 
     input_kind = "arcface_normed+clip_hidden"
@@ -154,9 +156,36 @@ class FaceIDPlusProjection(TokenProjector):
             num_tokens=state["proj.2.weight"].shape[0] // token_dim, token_dim=token_dim, shortcut=shortcut, **shapes,
         )
 
+    def with_s_scale(self, s_scale: float) -> "FaceIDPlusProjection":
+        """The same projector (its tensors shared, not copied) with another face-structure weight."""
+        with torch.device("meta"):
+            other = type(self)(**dict(self.config, s_scale=float(s_scale)))
+        other.load_state_dict(self.state_dict(), strict=True, assign=True)
+        other.eval()
+        other.requires_grad_(False)
+        return other
+
     def project(self, features: IdentityFeatures) -> torch.Tensor:
         clip = read_input(features, "clip_hidden", "FaceID-Plus")
         x = self.proj(features.arcface_normed)
         queries = self.norm(x.reshape(x.shape[0], self.num_tokens, self.token_dim))
         out = self.perceiver_resampler(queries, clip.expand(queries.shape[0], -1, -1) if clip.shape[0] == 1 else clip)
         return queries + self.s_scale * out if self.shortcut else out
+
+
+def with_face_structure(adapter: IdAdapter, s_scale: float) -> IdAdapter:
+    """``adapter`` with FaceID-PlusV2's ``s_scale`` set (a new IdAdapter; the given one, often cached, is not changed).
+
+    Adapters other than PlusV2 (no shortcut) have no such weight and come back as they are.
+    """
+    projector = adapter.projector
+    if not (isinstance(projector, FaceIDPlusProjection) and projector.shortcut) or projector.s_scale == float(s_scale):
+        return adapter
+    metadata = dict(adapter.metadata, face_structure=f"{float(s_scale):g} (PlusV2 s_scale; 1 as published)")
+    return dataclasses.replace(adapter, projector=projector.with_s_scale(s_scale), metadata=metadata)
+
+
+def has_face_structure(adapter: IdAdapter) -> bool:
+    """Whether the adapter has PlusV2's face-structure weight (a FaceID-Plus projector with the shortcut)."""
+    projector = adapter.projector
+    return isinstance(projector, FaceIDPlusProjection) and projector.shortcut

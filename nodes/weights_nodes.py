@@ -30,6 +30,7 @@ from ..adapters.file_hash import sha256_file
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.layer_tables import BASE_NAMES
 from ..adapters.recognizer_identity import RECOGNIZER_CHECKS, SPACES, expected_space
+from ..adapters.projector_mlp import has_face_structure, with_face_structure
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.weight_errors import WeightError
 from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
@@ -40,6 +41,11 @@ from .host import cross_attention_layers
 from .stage_inputs import CATEGORY
 
 ADAPTER_FOLDERS = ("ipadapter", "instantid", "pulid", "identity_attention")
+FACE_STRUCTURE_TOOLTIP = (
+    "FaceID-PlusV2 only: how much of the face structure read by CLIP vision is added to the face-ID tokens (s_scale in "
+    "IP-Adapter's code; 1.0 as published). Higher = closer face shape, less freedom. ComfyUI_IPAdapter_plus's generic "
+    "IPAdapter node uses 2 x its weight here (its FaceID node has weight_faceidv2). Other adapters ignore it."
+)
 DOWNLOAD_HINT = "python -m comfyui-identity-attention.weights"
 
 _ADAPTERS: "OrderedDict[tuple, IdAdapter]" = OrderedDict()
@@ -198,7 +204,7 @@ def describe(adapter: IdAdapter, choice: str, verified: Optional[str]) -> str:
     if need:
         lines.append(f"face pack: {need} (its {SPACES[need].file} embedding is what this adapter was trained on; "
                      f"recognizer_check: {adapter.extras.get('recognizer_check', 'error')})")
-    for key in ("identity_input", "faceid_plus_version", "pulid_version", "requires", "note"):
+    for key in ("identity_input", "faceid_plus_version", "face_structure", "pulid_version", "requires", "note"):
         if adapter.metadata.get(key):
             lines.append(f"{key.replace('_', ' ')}: {adapter.metadata[key]}")
     lora = adapter.extras.get("lora")
@@ -236,10 +242,11 @@ class LoadIdentityAdapter:
             "optional": {
                 "verify_sha256": ("BOOLEAN", {"default": False, "tooltip": "Compare the file with the published one (sha256) before loading. Slow for big files the first time; works for files listed in weights_manifest.json under their listed names."}),
                 "recognizer_check": (list(RECOGNIZER_CHECKS), {"default": "error", "tooltip": "FaceID adapters were trained on buffalo_l's face embedding, InstantID and PuLID on antelopev2's. error: an identity from the other face pack stops the run with the fix. warn: only log it. off: do not check (for people who know their recognizer gives the same embedding)."}),
+                "faceid_v2_structure": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": FACE_STRUCTURE_TOOLTIP}),
             },
         }
 
-    def load(self, adapter, model, verify_sha256=False, recognizer_check="error"):
+    def load(self, adapter, model, verify_sha256=False, recognizer_check="error", faceid_v2_structure=1.0):
         try:
             folder, name = _split(adapter)
             roots = folder_list(folder)
@@ -257,8 +264,12 @@ class LoadIdentityAdapter:
         if recognizer_check not in RECOGNIZER_CHECKS:
             raise IdentityAttentionError(f"unknown recognizer_check '{recognizer_check}'", node=self.DISPLAY_NAME,
                                          input_name="recognizer_check", fix=f"choose one of {', '.join(RECOGNIZER_CHECKS)}")
+        result = with_face_structure(result, faceid_v2_structure)  # a new ID_ADAPTER: the cached one keeps the published 1.0
         result = with_recognizer_policy(result, entry, recognizer_check)
-        return (result, describe(result, adapter, verified))
+        info = describe(result, adapter, verified)
+        if faceid_v2_structure != 1.0 and not has_face_structure(result):
+            info += "\nfaceid_v2_structure: ignored (only FaceID-PlusV2 files have a face-structure weight)"
+        return (result, info)
 
 
 NODES = [LoadIdentityAdapter]

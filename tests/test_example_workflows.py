@@ -25,6 +25,7 @@ WEIGHT_WIDGETS = {
     "IdentityAttentionLoadFaceEncoder": ("encoder_name", lambda e, v: e["folder"] == "identity_attention" and e["file"] == v),
     "IdentityAttentionLoadEvaClip": ("eva_clip_name", lambda e, v: f"{e['folder']}/{e['file']}" == v),
     "IdentityAttentionLoadFaceParsing": ("parsing_name", lambda e, v: f"{e['folder']}/{e['file']}" == v),
+    "ControlNetLoader": ("control_net_name", lambda e, v: e["folder"] == "controlnet" and e["file"] == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

@@ -155,7 +155,7 @@ def test_node_in_a_real_comfyui(server, instance):
     info = server.object_info()["IdentityAttentionLoadIdentityAdapter"]
     assert info["category"] == "identity_attention/weights" and info["display_name"] == "Load identity adapter"
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
-    assert set(inputs) == {"adapter", "model", "verify_sha256", "recognizer_check"}
+    assert set(inputs) == {"adapter", "model", "verify_sha256", "recognizer_check", "faceid_v2_structure"}
     assert all(spec[1].get("tooltip") for spec in inputs.values())
     assert f"ipadapter/{name}" in inputs["adapter"][0] and f"ipadapter/{sdxl_name}" in inputs["adapter"][0]
     assert info["output"] == ["ID_ADAPTER", "STRING"] and info["output_name"] == ["id_adapter", "info"]

@@ -46,6 +46,7 @@ MODEL_FOLDERS = (
     "vae_approx",
     "loras",
     "clip_vision",
+    "controlnet",
     "ipadapter",
     "instantid",
     "pulid",

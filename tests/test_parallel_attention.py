@@ -325,6 +325,11 @@ def test_errors_name_node_input_and_fix(tiny):
     narrow = adapter_for(sd15, token_dim=512)
     assert "512 channels" in _error(lambda: apply(sd15, narrow, identity, projections="layer"))
     assert "'weight'" in _error(lambda: apply(sd15, adapter_for(sd15), identity, weight=-0.5, mode="joint"))
+    text = _error(lambda: apply(sd15, adapter_for(sd15), identity, mode="joint", apply_to="uncond"))
+    assert "'apply_to'" in text and "zero identity" in text
+    apply(sd15, adapter_for(sd15), identity, mode="joint", apply_to="uncond", negative=ZERO_ID)  # the old behaviour: allowed
+    apply(sd15, adapter_for(sd15), identity, mode="decoupled", apply_to="uncond")  # decoupled: the option does not apply
+    assert "'negative_identity'" in _error(lambda: apply(sd15, adapter_for(sd15), identity, negative="text"))
 
     patched = apply(sd15, adapter_for(sd15), identity, mask=torch.ones(3, 4, 4))
     inputs = layer_inputs(patched, SD15_KEY, rows=2)

@@ -16,17 +16,30 @@ plain multi-head self-attention (to_q/to_k/to_v without bias, to_out with
 bias, heads = the block's heads, scale = (C/heads)^-1/2); only its first N
 outputs (the latent tokens) are kept.
 
-Where FACT's ``norm2`` went (checked against the official code): FACT moves the
-block's own ``norm2`` LayerNorm into the processor (``ln``) and replaces it by
-the identity, so its processor receives the raw residual ``x``, runs the
-adapter, then the text cross-attention on ``ln(x2)`` and returns
-``x2 + CA(ln(x2)) - x`` for the block to add back to ``x``. The block output is
-therefore ``x2 + CA(norm2(x2))``. ComfyUI's ``middle_patch`` runs on the raw
-residual after attn1 and *before* the block's ``norm2``, which then feeds the
-text cross-attention with ``norm2(x2)``: the same dataflow, with the block's
-original norm2 weights, and no need to move any module
-(``tests/test_face_adapter.py::test_block_dataflow_matches_fact`` checks it on
-a real ComfyUI block).
+Where FACT's ``norm2`` went (checked against the official code, ``face_adapter_v1.py``
+``FaceAdapter_v1.set_adapter`` / ``load_adapter``): FACT moves each adapted block's own
+``norm2`` (the LayerNorm before the text cross-attention, attn2) into the processor as ``ln``
+and puts an identity in its place, so the processor receives the raw residual ``x``, runs the
+adapter, then the text cross-attention on ``ln(x2)`` and returns ``x2 + CA(ln(x2)) - x`` for
+the block to add back. Loading the checkpoint (``unet.load_state_dict`` of every key holding
+``processor``) then overwrites ``ln`` with the file's ``...attn2.processor.ln.weight/bias``
+when the file has them. The official block is therefore::
+
+    x  = x + attn1(norm1(x))
+    x2 = GSA(x)                       # the two gated steps above
+    x  = x2 + attn2(ln(x2), text)     # ln = the FILE's LayerNorm, not the base model's norm2
+    x  = x + ff(norm3(x))
+
+ComfyUI's ``middle_patch`` runs on the raw residual after attn1 and *before* the block's
+``norm2``, which then feeds the text cross-attention: the same dataflow. The file's ``ln``
+(:func:`block_norm`) is put into the block's ``norm2`` by the face-adapter node as a weight
+patch of the patched MODEL clone (``nodes/face_adapter_nodes.py``), never into the upstream
+model. Choice: ``ln`` belongs to *loading* the adapter, as in the official inference, so it
+replaces ``norm2`` in every step and for cond and uncond rows whenever the node's weight is not
+0 (start/end, apply_to and mask schedule only the gated increment; FACT's own
+``delayed_face_condition`` likewise zeroes only the gate); with weight 0 the node patches
+nothing, so the model is the unpatched one bit for bit (the official code would still swap
+``norm2``). Files without ``ln`` keep the base model's ``norm2``.
 
 Choices the paper/code leave open, made here:
 
@@ -48,7 +61,8 @@ Weight names (per layer, as the FACT checkpoint's processor keys after the
 ``[C, C]``, ``attn.to_out.0.bias`` ``[C]``, ``ff.net.0.proj.weight`` ``[8C, C]``,
 ``ff.net.0.proj.bias`` ``[8C]``, ``ff.net.2.weight`` ``[C, 4C]``,
 ``ff.net.2.bias`` ``[C]``, ``norm1.weight/bias``, ``norm2.weight/bias`` ``[C]``,
-``alpha_attn``, ``alpha_dense`` (scalars).
+``alpha_attn``, ``alpha_dense`` (scalars); optionally ``ln.weight`` / ``ln.bias`` ``[C]``
+(:data:`BLOCK_NORM_KEYS`, the block's moved ``norm2``).
 """
 
 from __future__ import annotations
@@ -80,6 +94,9 @@ FACT_LAYER_KEYS = (
     "alpha_attn",
     "alpha_dense",
 )
+
+BLOCK_NORM_KEYS = ("ln.weight", "ln.bias")
+"""The block's ``norm2`` as FACT's processor carries it (``ln``); optional in a layer."""
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which FACT's norm1/norm2 use
 
@@ -118,7 +135,20 @@ def check_layer(weights: Mapping[str, torch.Tensor], channels: int, token_dim: i
         got = tuple(weights[name].shape)
         if got != shape and not (shape == () and got in ((1,),)):
             return f"{name} has shape {list(got)}, expected {list(shape)}"
+    present = [name for name in BLOCK_NORM_KEYS if name in weights]
+    if present and len(present) != len(BLOCK_NORM_KEYS):
+        return f"has {present[0]} without {[n for n in BLOCK_NORM_KEYS if n not in weights][0]}"
+    for name in present:
+        if tuple(weights[name].shape) != (channels,):
+            return f"{name} has shape {list(weights[name].shape)}, expected {[channels]}"
     return None
+
+
+def block_norm(weights: Mapping[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The file's ``ln`` (weight, bias), ``[C]`` each, that replaces the block's ``norm2``; None without one."""
+    if not all(name in weights for name in BLOCK_NORM_KEYS):
+        return None
+    return weights[BLOCK_NORM_KEYS[0]], weights[BLOCK_NORM_KEYS[1]]
 
 
 def gates(weights: Mapping[str, torch.Tensor], weight: float) -> Tuple[float, float]:

@@ -41,7 +41,13 @@ Joint (PVA, ``AtlantixJJ/PVA-CelebAHQ-IDI`` ``lib/pva.py`` pva_forward; one soft
 ``q_id`` is PVA's separate visual query ``to_visual_q(x)`` (``x`` the layer's input to
 ``to_q``); without one the layer's own ``q`` is used. PVA itself has no weight (w = 1): here
 ``weight`` is a log-prior on the identity columns, i.e. every identity key's unnormalised
-attention mass is multiplied by ``w`` (w = 0 removes them; w = 1 is PVA exactly). With the
+attention mass is multiplied by ``w`` (w = 0 removes them; w = 1 is PVA exactly). So ``w``
+multiplies the identity's odds: with ``E_t``, ``E_i`` the text and identity sums of ``exp(S)`` at
+w = 1 and ``s = E_i / (E_t + E_i)`` the identity's share, the share at ``w`` is
+``w E_i / (E_t + w E_i) = w s / (w s + 1 - s)`` (per query and head); w = 2 turns 0.5 into 2/3,
+not 1. PVA's sampling gives the negative prompt no identity tokens (text only); the node's
+``negative_identity`` input chooses that (default) or the empty face's / the person's tokens
+(``nodes/parallel_attention_nodes.py``). With the
 layer's own ``to_k`` / ``to_v`` projecting the identity tokens this is PVA at initialisation
 (PVA initialises ``to_visual_*`` as copies of ``to_q / to_k / to_v``): identity tokens appended
 to the text context.

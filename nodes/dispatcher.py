@@ -30,7 +30,11 @@ The first active stage may skip the text attention altogether
 call over ``[text; identity]`` keys, so computing the text attention first and
 then the identity part would cost two. Later stages that need the plain text
 attention (a router's prior, PuLID's projection) still get it from
-``call.text_attention()``, computed on first use.
+``call.text_attention()``, computed on first use. A stage that sets
+``forward_first_on_chunks`` (PVA joint) gets that single call also when it applies
+to some chunks only (e.g. the positive prompt's); the other rows keep the host's
+text attention of the whole batch, so they are the unpatched rows bit for bit (a
+kernel need not give a row the same bits in a smaller batch).
 
 A patch another pack installed in a slot before ours (3-tuple key, or the
 2-tuple block-wide key) is kept as that slot's *fallback*: it computes the
@@ -321,6 +325,9 @@ class AttentionStage:
 
     label = "stage"
     needs_hidden_states = False
+    forward_first_on_chunks = False
+    """Offer :meth:`forward_first` a sub-call of the chunks the stage applies to (the other rows
+    keep the whole batch's text attention), not only calls where it applies to every row."""
 
     def __init__(self, schedule: StageSchedule):
         self.schedule = schedule
@@ -346,7 +353,8 @@ class AttentionStage:
 
         Called instead of ``forward(call, call.text_attention(), None)`` where that text
         attention has not been computed yet, the slot holds no other pack's patch, the stage
-        applies to every row and the step's window is decided: a stage that can fold the
+        applies to every row (or, with ``forward_first_on_chunks``, ``call`` holds just the
+        rows it applies to) and the step's window is decided: a stage that can fold the
         text attention into its own computation (one attention call instead of two) returns
         ``[B, N, H*D]`` equal to ``forward``'s result up to rounding; the default, None, has
         the dispatcher compute the text attention and call ``forward``. A stage with a region
@@ -472,6 +480,13 @@ class AttentionDispatcher:
                 if every_row and window is True and fallback is None:
                     out = stage.forward_first(call)  # e.g. PVA: one call over [text; identity]
                     if out is not None:
+                        continue
+                elif stage.forward_first_on_chunks and window is True and fallback is None:
+                    first = stage.forward_first(call.select_chunks(keep))
+                    if first is not None:
+                        # the other rows: the whole batch's text attention, as unpatched (a host kernel
+                        # need not give a row the same bits in a smaller batch)
+                        out = call.scatter_chunks(call.text_attention(), first, keep)
                         continue
                 out = call.text_attention()
             if every_row:

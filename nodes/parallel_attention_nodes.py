@@ -1,7 +1,19 @@
-"""Node: Apply parallel visual attention (PVA joint attention, or IP-Adapter-style decoupled attention)."""
+"""Node: Apply parallel visual attention (PVA joint attention, or IP-Adapter-style decoupled attention).
+
+Joint mode's negative pass: PVA's sampling gives the unconditional (negative) prompt no identity
+tokens: its context is the text alone (``AtlantixJJ/PVA-CelebAHQ-IDI`` ``lib/pva.py``: with only
+the 77 text tokens the visual part is empty; ``extra_feat_neg`` is off by default). That is the
+default here (``negative_identity`` "none (PVA)"): the stage applies to the positive rows only and
+the negative rows are the unpatched model's, bit for bit. "zero identity" keeps the negative
+attending to the tokens of an empty face (the projector's negative inputs, IP-Adapter's
+convention), which this node did before. "identity (PVA extra_feat_neg)" gives the negative the
+person's own tokens, PVA's ``extra_feat_neg=True`` (its "control" prompts: CFG then amplifies the
+text only). Decoupled mode always uses the empty face's tokens on the negative.
+"""
 
 from __future__ import annotations
 
+from ..adapters.id_adapter import IdentityTokens
 from ..adapters.parallel_attention import body_token_mask
 from .dispatcher import apply_attention_stage
 from .errors import IdentityAttentionError
@@ -25,10 +37,21 @@ from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
 
 MODE_CHOICES = ("auto", "joint", "decoupled")
 
+NEGATIVE_IDENTITY_CHOICES = ("none (PVA)", "zero identity", "identity (PVA extra_feat_neg)")
+
 WEIGHT_TOOLTIP = (
     "How strongly the identity is applied; 0 turns this node off (the image is exactly as without it). "
     "Decoupled: the strength of the identity attention added to the prompt's (IP-Adapter's default 1.0; InstantID and PuLID suggest 0.8). "
-    "Joint: how much attention the identity gets next to the prompt words (1 = as PVA was trained; 2 = twice as much). Joint needs 0 or more."
+    "Joint: multiplies the identity's odds against the prompt words in each pixel's attention (1 = as PVA was trained): "
+    "if the identity gets a share s of the attention at 1, weight w gives w*s / (w*s + 1 - s). So 2 nearly doubles a small share, "
+    "but a 50% share becomes 67%, not 100%. Joint needs 0 or more."
+)
+
+NEGATIVE_IDENTITY_TOOLTIP = (
+    "Joint mode only: what the negative prompt's pass attends to. none (PVA): the negative prompt's words alone, as PVA samples, "
+    "so that pass is exactly the model without this node. zero identity: the negative also attends to the tokens of an empty face "
+    "(as this node did before). identity: the negative attends to the person's tokens too, PVA's extra_feat_neg, so guidance "
+    "strengthens the prompt rather than the identity. Decoupled mode always gives the negative the empty face's tokens (IP-Adapter's convention)."
 )
 
 
@@ -37,6 +60,20 @@ def resolve_mode(mode: str, adapter) -> str:
     if mode != "auto":
         return mode
     return "joint" if getattr(adapter, "mechanism", "decoupled") == "joint" else "decoupled"
+
+
+def joint_rows(mode: str, apply_to: str, negative_identity: str, node: str) -> str:
+    """The rows the stage patches: joint mode with "none (PVA)" leaves the negative rows to the text alone."""
+    if mode != "joint" or negative_identity != NEGATIVE_IDENTITY_CHOICES[0]:
+        return apply_to
+    if apply_to == "uncond":
+        raise IdentityAttentionError(
+            "apply_to 'uncond' puts the identity on the negative prompt only, but negative_identity 'none (PVA)' gives the negative no identity tokens, so the node would do nothing",
+            node=node,
+            input_name="apply_to",
+            fix="use apply_to 'both' or 'cond', or set negative_identity to 'zero identity'",
+        )
+    return "cond"
 
 
 class ApplyParallelAttention:
@@ -99,9 +136,13 @@ class ApplyParallelAttention:
                 "so the prompt's style wins; neutral: plain identity attention, no empty tokens, no projection.",
             },
         )
+        optional["negative_identity"] = (list(NEGATIVE_IDENTITY_CHOICES), {"default": NEGATIVE_IDENTITY_CHOICES[0], "tooltip": NEGATIVE_IDENTITY_TOOLTIP})
         return {"required": required, "optional": optional}
 
-    def apply(self, model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask=None, pulid_method="fidelity"):
+    def apply(
+        self, model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask=None,
+        pulid_method="fidelity", negative_identity=NEGATIVE_IDENTITY_CHOICES[0],
+    ):
         node = self.DISPLAY_NAME
         check_types(node, id_adapter, identity)
         layers = model_layers(model, node)
@@ -113,6 +154,14 @@ class ApplyParallelAttention:
                 input_name="weight",
                 fix="use a weight of 0 or more, or switch mode to decoupled",
             )
+        if negative_identity not in NEGATIVE_IDENTITY_CHOICES:
+            raise IdentityAttentionError(
+                f"unknown negative_identity {negative_identity!r}",
+                node=node,
+                input_name="negative_identity",
+                fix=f"choose one of: {', '.join(NEGATIVE_IDENTITY_CHOICES)}",
+            )
+        apply_to = joint_rows(mode, apply_to, negative_identity, node)
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)
         tokens = as_float_tokens(identity_tokens(id_adapter, identity, references == "per_reference", node))
         check_finite(tokens, node, "identity")
@@ -125,6 +174,8 @@ class ApplyParallelAttention:
         else:
             keys, values = layer_projections(model, layers, tokens.dim, node, "id_adapter")
             queries = None
+        if mode == "joint" and negative_identity == NEGATIVE_IDENTITY_CHOICES[2]:
+            tokens = IdentityTokens(cond=tokens.cond, uncond=tokens.cond)
         source = IdentitySource(tokens, tokens, keys, values, queries, zero_tokens if tokens.count else 0)
         ortho = ortho if mode == "decoupled" else "none"
         body = body_token_mask(tokens.count, source.zero_tokens) if ortho == "ortho_v2" else None

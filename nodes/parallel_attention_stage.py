@@ -14,7 +14,9 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
 - decoupled: one fused SDPA call for the identity branch (+ PuLID's projection when asked);
 - joint, as the first stage of the call (no foreign patch, no mask): PVA's single fused SDPA
   call over ``[text ; identity]`` keys and values, *instead of* the layer's text attention (+ one
-  ``to_q`` matmul with a separate identity query);
+  ``to_q`` matmul with a separate identity query); on the positive rows only when the negative
+  gets no identity (the node's default): the negative rows then keep the host's text attention
+  of the whole batch (computed for every row, so they are the unpatched rows bit for bit);
 - joint after other stages: one fused SDPA call for the identity part and share, then an
   elementwise mix with what those stages produced;
 - no host sync, no Python loop over batch items.
@@ -193,6 +195,7 @@ class ParallelAttentionStage(AttentionStage):
         self.ortho = ortho
         self.body = body
         self.needs_hidden_states = source.has_query
+        self.forward_first_on_chunks = mode == "joint"  # the single call also for the positive rows alone
         self._blocks: Dict[tuple, torch.Tensor] = {}
 
     # --- cached per-layout blocks --------------------------------------------------------------

@@ -65,9 +65,15 @@ class Recording(dispatcher.AttentionStage):
         return out + 1.0
 
 
-def pva(model, adapter, identity, weight=0.7, mask=None):
+class RecordingOnChunks(Recording):
+    """Recording, offered forward_first on the chunks it applies to (as PVA joint is)."""
+
+    forward_first_on_chunks = True
+
+
+def pva(model, adapter, identity, weight=0.7, mask=None, negative="zero identity"):
     node = pva_nodes.ApplyParallelAttention()
-    return node.apply(model, adapter, identity, weight, 0.0, 1.0, "both", "joint", "adapter", "fused", mask=mask)[0]
+    return node.apply(model, adapter, identity, weight, 0.0, 1.0, "both", "joint", "adapter", "fused", mask=mask, negative_identity=negative)[0]
 
 
 def test_dispatcher_offers_forward_first_only_to_the_first_stage_with_nothing_underneath(tiny):
@@ -96,6 +102,21 @@ def test_dispatcher_offers_forward_first_only_to_the_first_stage_with_nothing_un
     assert log == ["forward"]
     cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(out.shape[0])])
     assert torch.equal(out[cond], text[cond] + 1.0) and torch.equal(out[~cond], text[~cond])
+    # a stage that opts in gets the single call on its rows; the others keep the batch's text attention
+    log = []
+    patched = dispatcher.apply_attention_stage(model, RecordingOnChunks(dispatcher.StageSchedule(apply_to="cond"), log))
+    out = run_layer(patched, inputs)
+    assert log == ["first"]
+    close(out[cond], 2.0 * attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads)[cond])
+    assert torch.equal(out[~cond], text[~cond])
+    # ... but not where another stage acted first or a foreign patch holds the slot
+    log = []
+    stacked = dispatcher.apply_attention_stage(dispatcher.apply_attention_stage(model, PassThrough(dispatcher.StageSchedule())), RecordingOnChunks(dispatcher.StageSchedule(apply_to="cond"), log))
+    run_layer(stacked, inputs)
+    assert log == ["forward"]
+    log = []
+    run_layer(dispatcher.apply_attention_stage(ForeignReplace().apply(model, 0.5, False)[0], RecordingOnChunks(dispatcher.StageSchedule(apply_to="cond"), log)), inputs)
+    assert log == ["forward"]
 
 
 def joint64(inputs, adapter, identity, weight):
@@ -120,6 +141,20 @@ def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny):
     after = run_layer(pva(dispatcher.apply_attention_stage(model, PassThrough(dispatcher.StageSchedule())), adapter, identity), inputs)
     close(first, expected)
     close(after, expected)
+    # PVA's sampling (the node's default): the single call on the positive rows, the negative rows unpatched
+    calls = []
+    default = pva(model, adapter, identity, negative="none (PVA)")
+    stage = default.model_options["transformer_options"][dispatcher.PACK_KEY].stages[-1]
+    original = stage.forward_first
+    stage.forward_first = lambda call: calls.append(list(call.chunks)) or original(call)
+    try:
+        got = run_layer(default, inputs)
+    finally:
+        del stage.forward_first
+    assert calls == [[0]]  # one single call, on the cond chunk alone
+    cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(got.shape[0])])
+    close(got[cond], expected[cond])
+    assert torch.equal(got[~cond], unpatched(inputs)[~cond])
     # with a mask the stage keeps the text attention outside it (no single call there)
     mask = torch.zeros(1, 4, 4)
     mask[:, :2] = 1.0

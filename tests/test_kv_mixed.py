@@ -36,7 +36,9 @@ NODE = kv_nodes.ApplyKVMixedAttention()
 
 
 def apply_pva(model, adapter, identity, weight=1.0, mode="decoupled", references="fused"):
-    return pva_nodes.ApplyParallelAttention().apply(model, adapter, identity, weight, 0.0, 1.0, "both", mode, "adapter", references)[0]
+    # KV-mixed joint gives the negative the empty face's tokens: PVA's node does that with "zero identity"
+    node = pva_nodes.ApplyParallelAttention()
+    return node.apply(model, adapter, identity, weight, 0.0, 1.0, "both", mode, "adapter", references, negative_identity="zero identity")[0]
 
 
 def apply(model, key_adapter, key_identity, value_adapter, value_identity, weight=1.0, mode="decoupled", rule="resample_values", projections="adapter", references="fused", apply_to="both", mask=None):

@@ -43,8 +43,9 @@ def moa(model, router="mask", weight=1.0, temperature=1.0, mask=None, router_wei
     return MOA.apply(model, router, weight, 0.0, 1.0, apply_to, temperature, record, mask=mask, router_weights=router_weights)[0]
 
 
-def pva(model, adapter, identity, weight=1.0, mode="decoupled"):
-    return pva_nodes.ApplyParallelAttention().apply(model, adapter, identity, weight, 0.0, 1.0, "both", mode, "adapter", "fused")[0]
+def pva(model, adapter, identity, weight=1.0, mode="decoupled", negative="none (PVA)"):
+    node = pva_nodes.ApplyParallelAttention()
+    return node.apply(model, adapter, identity, weight, 0.0, 1.0, "both", mode, "adapter", "fused", negative_identity=negative)[0]
 
 
 def decoupled64(inputs, adapter, identity, weight, text=None):
@@ -169,7 +170,7 @@ def test_identity_attention_router_formula(tiny):
     adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=5, clip=False)
     mask = torch.ones(1, 4, 4)
     mask[:, 0, :] = 0.0
-    routed = moa(pva(model, adapter, identity, weight=1.5, mode="joint"), router="identity_attention", temperature=0.8, mask=mask)
+    routed = moa(pva(model, adapter, identity, weight=1.5, mode="joint", negative="zero identity"), router="identity_attention", temperature=0.8, mask=mask)
     inputs = layer_inputs(routed, SD15_KEY)
     H = inputs.info.heads
     tokens = adapter.identity_tokens(identity)
@@ -184,6 +185,12 @@ def test_identity_attention_router_formula(tiny):
     r1 = torch.sigmoid(10 * (m - 0.5) / 0.8).unsqueeze(-1) * tokens_mask(mask[0], 4)
     text = attention64(inputs.q, inputs.k, inputs.v, H)
     close(run_layer(routed, inputs), (1 - r1) * text + r1 * joint)
+    # PVA's default (no identity on the negative): the negative rows route nothing, they stay the text attention
+    routed = moa(pva(model, adapter, identity, weight=1.5, mode="joint"), router="identity_attention", temperature=0.8, mask=mask)
+    got = run_layer(routed, inputs)
+    cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(got.shape[0])])
+    close(got[cond], ((1 - r1) * text + r1 * joint)[cond])
+    close(got[~cond], text[~cond])
 
 
 # --- stacking with another pack's patch, in either order ------------------------------------------------

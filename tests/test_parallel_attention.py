@@ -39,8 +39,12 @@ id_adapter_mod = pack("adapters.id_adapter")
 NODE = pva_nodes.ApplyParallelAttention()
 
 
-def apply(model, adapter, identity, weight=1.0, mode="joint", projections="adapter", references="fused", apply_to="both", mask=None, start=0.0, end=1.0, **options):
-    return NODE.apply(model, adapter, identity, weight, start, end, apply_to, mode, projections, references, mask=mask, **options)[0]
+ZERO_ID, SAME_ID = "zero identity", "identity (PVA extra_feat_neg)"
+
+
+def apply(model, adapter, identity, weight=1.0, mode="joint", projections="adapter", references="fused", apply_to="both", mask=None, start=0.0, end=1.0, negative=None, **options):
+    extra = dict(options) if negative is None else {"negative_identity": negative, **options}
+    return NODE.apply(model, adapter, identity, weight, start, end, apply_to, mode, projections, references, mask=mask, **extra)[0]
 
 
 def joint64(q, q_id, k_text, v_text, k_id, v_id, heads, weight):
@@ -129,24 +133,37 @@ def test_pulid_decoupled_formula(ortho):
 # --- the stage through the real dispatcher, one layer ------------------------------------------------
 
 
+@pytest.mark.parametrize("negative", [None, ZERO_ID, SAME_ID])
 @pytest.mark.parametrize("arch,key", [("sd15", SD15_KEY), ("sdxl", SDXL_KEY)])
-def test_joint_adapter_projections_visual_query(tiny, arch, key):
+def test_joint_adapter_projections_visual_query(tiny, arch, key, negative):
+    """Positive rows: PVA's joint softmax. Negative rows: by default (PVA's sampling) the text alone,
+    bit for bit the unpatched layer; with the option, the empty face's tokens (this node's old
+    behaviour) or the person's own tokens (PVA's extra_feat_neg)."""
     model = tiny.unet(arch)
     adapter = adapter_for(model, num_tokens=4, visual_q=True)
     identity = synthetic_identity(2, seed=3, clip=False)
-    patched = apply(model, adapter, identity, weight=0.7, references="per_reference")
+    patched = apply(model, adapter, identity, weight=0.7, references="per_reference", negative=negative)
     grid = (4, 4) if arch == "sd15" else (8, 8)
     inputs = layer_inputs(patched, key, grid=grid)
     got = run_layer(patched, inputs)
 
     tokens = adapter.identity_tokens(identity, per_reference=True)
     assert tokens.count == 8
+    if negative == SAME_ID:
+        tokens = id_adapter_mod.IdentityTokens(cond=tokens.cond, uncond=tokens.cond)
     w = adapter.layers[key]
     k_id, v_id = id_kv64(inputs, tokens, w["to_k"], w["to_v"])
     q_id = inputs.hidden.double() @ w["to_q"].double().T
     expected = joint64(inputs.q, q_id, inputs.k, inputs.v, k_id, v_id, inputs.info.heads, 0.7)
-    close(got, expected)
-    assert not torch.allclose(got, unpatched(inputs), atol=1e-3)
+    cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(got.shape[0])])
+    plain = unpatched(inputs)
+    close(got[cond], expected[cond])
+    assert not torch.allclose(got[cond], plain[cond], atol=1e-3)
+    if negative is None:
+        assert torch.equal(got[~cond], plain[~cond])
+    else:
+        close(got[~cond], expected[~cond])
+        assert not torch.allclose(got[~cond], plain[~cond], atol=1e-3)
 
 
 def test_joint_layer_projections_is_context_append(tiny):
@@ -154,7 +171,7 @@ def test_joint_layer_projections_is_context_append(tiny):
     model = tiny.unet("sd15")
     adapter = adapter_for(model, num_tokens=4)
     identity = synthetic_identity(1, seed=4, clip=False)
-    patched = apply(model, adapter, identity, projections="layer")
+    patched = apply(model, adapter, identity, projections="layer", negative=ZERO_ID)
     inputs = layer_inputs(patched, SD15_KEY)
     got = run_layer(patched, inputs)
 
@@ -170,7 +187,7 @@ def test_layer_projections_follow_a_replaced_layer_weight(tiny):
     model = tiny.unet("sd15")
     adapter = adapter_for(model, num_tokens=4)
     identity = synthetic_identity(1, seed=4, clip=False)
-    patched = apply(model, adapter, identity, projections="layer")
+    patched = apply(model, adapter, identity, projections="layer", negative=ZERO_ID)
     inputs = layer_inputs(patched, SD15_KEY)
     attn2 = model.model.diffusion_model.get_submodule(inputs.info.module_path).attn2
     tokens = adapter.identity_tokens(identity)
@@ -333,6 +350,11 @@ def test_errors_name_node_input_and_fix(tiny):
     narrow = adapter_for(sd15, token_dim=512)
     assert "512 channels" in _error(lambda: apply(sd15, narrow, identity, projections="layer"))
     assert "'weight'" in _error(lambda: apply(sd15, adapter_for(sd15), identity, weight=-0.5, mode="joint"))
+    text = _error(lambda: apply(sd15, adapter_for(sd15), identity, mode="joint", apply_to="uncond"))
+    assert "'apply_to'" in text and "zero identity" in text
+    apply(sd15, adapter_for(sd15), identity, mode="joint", apply_to="uncond", negative=ZERO_ID)  # the old behaviour: allowed
+    apply(sd15, adapter_for(sd15), identity, mode="decoupled", apply_to="uncond")  # decoupled: the option does not apply
+    assert "'negative_identity'" in _error(lambda: apply(sd15, adapter_for(sd15), identity, negative="text"))
 
     patched = apply(sd15, adapter_for(sd15), identity, mask=torch.ones(3, 4, 4))
     inputs = layer_inputs(patched, SD15_KEY, rows=2)
@@ -369,10 +391,89 @@ def test_sampling_joint_layer_equals_appending_tokens(tiny, arch):
     model = tiny.unet(arch)
     adapter = adapter_for(model, num_tokens=4)
     identity = synthetic_identity(1, seed=8, clip=False)
-    ours = sample(apply(model, adapter, identity, projections="layer"), arch)
+    ours = sample(apply(model, adapter, identity, projections="layer", negative=ZERO_ID), arch)
     by_hand = sample(context_append_patch(model, adapter.identity_tokens(identity)), arch)
     assert torch.isfinite(ours).all()
     assert_same_sampling(ours, by_hand)
+
+
+def text_only_negative_by_hand(model, tokens):
+    """PVA's sampling by hand: positive rows attend to [text ; identity] with the layer's own K/V, negative rows to the text."""
+    m = model.clone()
+    for info in host.cross_attention_layers(m):
+        attn2 = m.model.diffusion_model.get_submodule(info.module_path).attn2
+
+        def replace(q, k, v, eo, attn2=attn2):
+            rows = q.shape[0] // len(eo["cond_or_uncond"])
+            t = tokens.cond.to(q)
+            ki, vi = attn2.to_k(t).expand(rows, -1, -1), attn2.to_v(t).expand(rows, -1, -1)
+            parts = []
+            for i, code in enumerate(eo["cond_or_uncond"]):
+                r = slice(i * rows, (i + 1) * rows)
+                if code == 0:
+                    parts.append(host.host_attention(q[r], torch.cat([k[r], ki], 1), torch.cat([v[r], vi], 1), eo["n_heads"], eo))
+                else:
+                    parts.append(host.host_attention(q[r], k[r], v[r], eo["n_heads"], eo))
+            return torch.cat(parts)
+
+        m.set_model_attn2_replace(replace, *info.key)
+    return m
+
+
+def follow_the_negative(model):
+    """A clone whose CFG step returns the negative prediction: the whole trajectory is the negative pass's."""
+    m = model.clone()
+    m.set_model_sampler_cfg_function(lambda args: args["uncond"])
+    return m
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_sampling_joint_negative_is_text_only_by_default(tiny, arch):
+    """Default joint mode = PVA's sampling: the negative pass is the unpatched model's, bit for bit, every step."""
+    model = tiny.unet(arch)
+    adapter = adapter_for(model, num_tokens=4)
+    identity = synthetic_identity(1, seed=8, clip=False)
+    ours = apply(model, adapter, identity, projections="layer")
+    assert torch.equal(sample(follow_the_negative(ours), arch), sample(follow_the_negative(model), arch))
+    old = apply(model, adapter, identity, projections="layer", negative=ZERO_ID)
+    assert not torch.equal(sample(follow_the_negative(old), arch), sample(follow_the_negative(model), arch))
+    got = sample(ours, arch)
+    assert_same_sampling(got, sample(text_only_negative_by_hand(model, adapter.identity_tokens(identity)), arch))
+    assert not torch.allclose(got, sample(model, arch), atol=1e-4)
+
+
+def test_joint_weight_multiplies_the_identity_odds(tiny):
+    """weight w in joint mode: identity share s (at w = 1) becomes w s / (w s + 1 - s), i.e. odds x w.
+
+    From the joint softmax: with E_t, E_i the text and identity sums of exp(logits), the identity
+    column bias log w gives share w E_i / (E_t + w E_i); dividing by E_t + E_i gives the form above.
+    Checked on the joint output: out = (1 - a) text_attention + a id_attention (float64 reference).
+    """
+    model = tiny.unet("sd15")
+    adapter = adapter_for(model, num_tokens=4, visual_q=True)
+    identity = synthetic_identity(1, seed=3, clip=False)
+    inputs = layer_inputs(model, SD15_KEY)
+    H = inputs.info.heads
+    w = adapter.layers[SD15_KEY]
+    tokens = adapter.identity_tokens(identity)
+    k_id, v_id = id_kv64(inputs, tokens, w["to_k"], w["to_v"])
+    q_id = inputs.hidden.double() @ w["to_q"].double().T
+    text_logits, id_logits = logits64(inputs.q, inputs.k, H), logits64(q_id, k_id, H)
+    e_text, e_id = text_logits.exp().sum(-1, keepdim=True), id_logits.exp().sum(-1, keepdim=True)
+    s = e_id / (e_text + e_id)  # [B, H, N, 1]: the identity's share at weight 1
+    text_part = text_logits.softmax(-1) @ heads_of(inputs.v, H)
+    id_part = id_logits.softmax(-1) @ heads_of(v_id, H)
+    cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(inputs.q.shape[0])])
+    for weight in (0.5, 2.0, 4.0):
+        a = weight * s / (weight * s + 1 - s)
+        expected = merge((1 - a) * text_part + a * id_part)
+        got = run_layer(apply(model, adapter, identity, weight=weight), inputs)
+        close(got[cond], expected[cond])
+        odds = (a / (1 - a)) / (s / (1 - s))
+        torch.testing.assert_close(odds, torch.full_like(odds, weight), rtol=1e-9, atol=0)
+    # where the share is already large, w = 2 does not double it
+    a2 = 2 * s / (2 * s + 1 - s)
+    assert s.max() > 0.3 and bool(((a2 / s)[s > 0.3] < 1.75).all())
 
 
 def test_sampling_decoupled_equals_hand_written_ip_adapter(tiny):

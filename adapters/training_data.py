@@ -143,9 +143,9 @@ def load_mask(path: str, resolution: int) -> Optional[torch.Tensor]:
 def load_features(path: str) -> Optional[Dict[str, torch.Tensor]]:
     if not os.path.isfile(path):
         return None
-    from safetensors.torch import load_file
+    from .safe_load import read_weight_file  # content-sniffed, size-checked, bounded
 
-    return {k: v.float() for k, v in load_file(path).items()}
+    return {k: v.float() for k, v in read_weight_file(path).tensors.items()}
 
 
 class StreamingImages(torch.utils.data.IterableDataset):

@@ -511,8 +511,10 @@ class Trainer:
     def resume(self, path: str) -> None:
         """Continue from a checkpoint (a file, or a run folder / its checkpoints folder: the latest)."""
         path = latest_checkpoint(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        from ..adapters.safe_load import load_pytorch_object
+
+        state = load_pytorch_object(path)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a trainer checkpoint")
         for t in self.targets:
             if t.name not in state["targets"]:

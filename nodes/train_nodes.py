@@ -90,6 +90,7 @@ class PersonalizeIdentity:
         "The training loss per step (thin: raw, thick: smoothed). It should trend down; a flat or rising curve means the learning rate is off.",
     )
     FUNCTION = "personalize"
+    MATCHING_BATCHES = {"masks": "images"}  # one mask for all photos or one per photo (input_guard checks it)
     OUTPUT_NODE = True  # runs (and saves) even when nothing downstream uses the adapter yet; shows the loss curve on the node
 
     @classmethod

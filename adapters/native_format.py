@@ -39,6 +39,7 @@ import torch
 
 from .id_adapter import BASES, IdAdapter
 from .projectors import build_projector, projector_name
+from .weight_dtypes import usable_weights
 from .weight_errors import WeightError
 
 MARKER = "identity_attention"
@@ -205,4 +206,4 @@ def read_native(path: str) -> IdAdapter:
     from .safe_load import read_weight_file
 
     loaded = read_weight_file(path)
-    return from_tensors(loaded.tensors, loaded.metadata, source=os.path.basename(path))
+    return from_tensors(usable_weights(loaded.tensors, what=f"'{os.path.basename(path)}'"), loaded.metadata, source=os.path.basename(path))

@@ -144,8 +144,9 @@ def load_features(path: str) -> Optional[Dict[str, torch.Tensor]]:
     if not os.path.isfile(path):
         return None
     from .safe_load import read_weight_file  # content-sniffed, size-checked, bounded
+    from .weight_dtypes import usable_weights
 
-    return {k: v.float() for k, v in read_weight_file(path).tensors.items()}
+    return {k: v.float() for k, v in usable_weights(read_weight_file(path).tensors, what=os.path.basename(path)).items()}
 
 
 class StreamingImages(torch.utils.data.IterableDataset):

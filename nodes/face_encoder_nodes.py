@@ -30,6 +30,7 @@ import folder_paths
 from ..adapters.face_crop_mask import warp_to_crop
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
+from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -53,7 +54,7 @@ def read_state_dict(path: str, node: str) -> dict:
     """A weight file as a dict of tensors, through :func:`..adapters.safe_load.read_weight_file`: the
     content (not the name) decides the format, with its size, inflation and nesting limits."""
     try:
-        return read_weight_file(path).tensors
+        return usable_weights(read_weight_file(path).tensors, what=os.path.basename(path))
     except WeightError as err:
         raise IdentityAttentionError(f"could not read {os.path.basename(path)}: {err.problem}", node=node, input_name="encoder_name", fix=err.fix) from err
 

@@ -16,7 +16,7 @@ import torch
 import comfy.utils
 import folder_paths
 
-from ..adapters.safe_load import resolve_in_folders
+from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.stage_tokens import (
     DEFAULT_STAGES,
     ENCODER_WIDTHS,
@@ -27,6 +27,7 @@ from ..adapters.stage_tokens import (
     make_tokens,
     parse_boundaries,
 )
+from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
 from . import prompt_encoding
 from .errors import IdentityAttentionError
@@ -161,18 +162,14 @@ class LoadIdentityTokens:
         return {"required": {"tokens_name": (files, {"tooltip": "A .safetensors identity-token file in models/identity_attention/."})}}
 
     def load(self, tokens_name):
-        from safetensors import safe_open
-
         node = self.DISPLAY_NAME
         try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
             path = resolve_in_folders(tokens_name, folder_list(FOLDER))
         except WeightError as err:
             raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            tokens = StageTokens.from_file_dict(tensors, metadata)
+            loaded = read_weight_file(path)  # content-sniffed, size-checked; dtypes by adapters/weight_dtypes.py
+            tokens = StageTokens.from_file_dict(usable_weights(loaded.tensors, what=tokens_name), loaded.metadata)
         except (ValueError, OSError, RuntimeError, KeyError) as err:
             raise IdentityAttentionError(
                 f"{tokens_name} is not a usable identity-token file ({err})",

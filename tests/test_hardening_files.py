@@ -223,3 +223,102 @@ def test_onnx_size_limit_and_real_models(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     assert safe_load.onnx_file_problem(str(path)) is None
     assert "over the" in safe_load.onnx_file_problem(str(path), max_bytes=8)
+
+
+# --- every dtype (class 3) -----------------------------------------------------------------------------
+
+formats = pack("adapters.weight_formats")
+dtypes = pack("adapters.weight_dtypes")
+
+FLOAT8_NAMES = [n for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n)]
+KEPT = ["float16", "bfloat16", "float32", "float64"]
+REFUSED_DTYPES = {
+    "complex64": "complex numbers", "complex128": "complex numbers", "complex32": "complex numbers",
+    "bool": "true/false values",
+    "int8": "integers", "int16": "integers", "int32": "integers", "int64": "integers", "uint8": "integers",
+    **{n: "integers" for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)},
+}
+
+
+def _cast(state, dtype):
+    return {k: (v.to(dtype) if dtype != torch.bool else v > 0) for k, v in state.items()}
+
+
+def _write(tmp_path, tensors, fmt):
+    path = tmp_path / ("adapter.safetensors" if fmt == "safetensors" else "adapter.bin")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    return path
+
+
+def _adapter_state():
+    return wf.ip_family_state("ip_adapter", "sd15", scale=16, seed=1)[0]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch"])
+@pytest.mark.parametrize("name", FLOAT8_NAMES + KEPT)
+def test_float_dtypes_load_exactly(tmp_path, name, fmt):
+    dtype = getattr(torch, name)
+    state = _cast(_adapter_state(), dtype)
+    path = _write(tmp_path, state, fmt)
+    adapter = formats.convert(safe_load.read_weight_file(str(path)).tensors)
+    for entries in adapter.layers.values():
+        for t in entries.values():
+            assert t.dtype == (torch.float32 if name.startswith("float8") else dtype)
+    _, where = wf.ip_family_state("ip_adapter", "sd15", scale=16, seed=1)
+    for file_key, layer_key in list(where.items())[:3]:
+        got, stored = adapter.layers[layer_key]["to_k"], state[file_key]
+        if name.startswith("float8"):  # float8 -> float32 is exact: converting back gives the stored bits
+            got, stored = got.to(dtype).view(torch.uint8), stored.view(torch.uint8)
+        assert torch.equal(got, stored)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch"])
+@pytest.mark.parametrize("name", sorted(REFUSED_DTYPES))
+def test_other_dtypes_are_refused_by_name(tmp_path, name, fmt):
+    dtype = getattr(torch, name)
+    state = _adapter_state()
+    victim = sorted(state)[3]
+    state[victim] = _cast({victim: state[victim] * 10}, dtype)[victim]
+    try:
+        path = _write(tmp_path, state, fmt)
+    except (TypeError, ValueError, RuntimeError, KeyError):
+        pytest.skip(f"{fmt} cannot store {name}")
+    try:
+        tensors = safe_load.read_weight_file(str(path)).tensors
+    except WeightError as err:  # the reader itself may refuse an exotic dtype: then by a clear WeightError
+        assert "damaged" in str(err) or name in str(err)
+        return
+    with pytest.raises(WeightError) as info:
+        formats.convert(tensors)
+    text = str(info.value)
+    assert name in text and REFUSED_DTYPES[name] in text and victim in text, text
+    assert "integers" not in text or REFUSED_DTYPES[name] == "integers"
+
+
+@pytest.mark.parametrize("name", FLOAT8_NAMES + sorted(REFUSED_DTYPES))
+def test_face_encoder_and_identity_tokens_apply_the_same_rule(tmp_path, name):
+    encoder_nodes = pack("nodes.face_encoder_nodes")
+    errors = pack("nodes.errors")
+    dtype = getattr(torch, name)
+    sd = wf.transface_state_dict(depth=1, heads=False)
+    sd = {k: (v.to(dtype) if dtype != torch.bool else v > 0) for k, v in sd.items()}
+    path = tmp_path / "encoder.pt"
+    try:
+        torch.save(sd, path)
+    except (TypeError, RuntimeError):
+        pytest.skip(f"torch.save cannot store {name}")
+    if name.startswith("float8"):
+        assert encoder_nodes.load_face_encoder(str(path)).model.depth == 1
+    else:
+        with pytest.raises(errors.IdentityAttentionError, match=name):
+            encoder_nodes.load_face_encoder(str(path))
+
+
+def test_integer_index_buffers_are_kept():
+    out = dtypes.usable_weights({"vision.position_ids": torch.arange(4), "w": torch.ones(2, dtype=torch.float8_e4m3fn)})
+    assert out["vision.position_ids"].dtype == torch.int64 and out["w"].dtype == torch.float32

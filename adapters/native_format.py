@@ -107,13 +107,11 @@ def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def write_native(adapter: IdAdapter, path: str) -> None:
-    """Save ``adapter`` to ``path`` (written to ``path + ".part"``, then renamed)."""
-    from safetensors.torch import save_file
+    """Save ``adapter`` to ``path`` (a fresh temporary file in its folder, then renamed: :func:`.write_paths.write_atomically`)."""
+    from .write_paths import write_safetensors
 
     tensors, header = to_tensors(adapter)
-    part = path + ".part"
-    save_file(_unshared(tensors), part, metadata=header)
-    os.replace(part, path)
+    write_safetensors(path, _unshared(tensors), metadata=header)
 
 
 def is_native(metadata: Mapping[str, str]) -> bool:

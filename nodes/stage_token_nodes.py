@@ -29,6 +29,7 @@ from ..adapters.stage_tokens import (
 )
 from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
+from ..adapters.write_paths import name_parts, resolve_write_path, write_safetensors
 from . import prompt_encoding
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -128,20 +129,20 @@ class SaveIdentityTokens:
         }
 
     def save(self, tokens, filename_prefix):
-        from safetensors.torch import save_file
-
         node = self.DISPLAY_NAME
-        prefix = filename_prefix.strip().replace("\\", "/")
-        if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
-            raise IdentityAttentionError(f"'{filename_prefix}' is not a usable file name", node=node, input_name="filename_prefix", fix="use a name like identity_tokens/anna")
         root = folder_list(FOLDER)[0] if folder_list(FOLDER) else os.path.join(folder_paths.models_dir, FOLDER)
-        folder, stem = os.path.split(os.path.join(root, prefix))
+        try:  # the whole name against the real folder: links, drives, devices, lengths (adapters/write_paths.py)
+            name_parts(filename_prefix)  # the prefix itself: not empty, no '..', devices, drives
+            probe = resolve_write_path(root, filename_prefix.strip() + "_00000.safetensors")
+        except WeightError as err:
+            raise IdentityAttentionError(f"not a usable file name: {err.problem}", node=node, input_name="filename_prefix", fix=err.fix) from None
+        folder, stem = os.path.split(probe[: -len("_00000.safetensors")])
         os.makedirs(folder, exist_ok=True)
         pattern = re.compile(re.escape(stem) + r"_(\d{5})\.safetensors$")
         taken = [int(m.group(1)) for m in (pattern.match(f) for f in os.listdir(folder)) if m]
-        path = os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors")
+        path = resolve_write_path(root, os.path.relpath(os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors"), root))
         tensors, metadata = tokens.to_file_dict()
-        save_file(tensors, path, metadata=metadata)
+        write_safetensors(path, tensors, metadata=metadata)
         name = os.path.relpath(path, root).replace(os.sep, "/")
         return {"ui": {"text": [name]}, "result": (name,)}
 

@@ -193,3 +193,17 @@ def check_matching_batches(mask, image, node: str, mask_name: str, image_name: s
             f"{masks} masks for {image.shape[0]} images in '{image_name}'", node=node, input_name=mask_name,
             fix=f"connect one mask for all images, or exactly one per image (in the same order)",
         )
+
+
+def check_range(value, node: str, input_name: str, low=None, high=None) -> None:
+    """A FLOAT / INT inside its declared ``min`` / ``max`` (ComfyUI skips this for linked values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or value is None:
+            return
+        raise IdentityAttentionError(f"expected a number, got {type(value).__name__}", node=node, input_name=input_name, fix="connect a number or type one")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise IdentityAttentionError(
+            f"the value {value:g} is outside this input's range {low:g} to {high:g}" if low is not None and high is not None
+            else f"the value {value:g} is outside this input's range", node=node, input_name=input_name,
+            fix="use a value inside the range (a value from a math or primitive node skips ComfyUI's own range check)",
+        )

@@ -6,6 +6,10 @@ is checked by its declared socket type (read from the class's ``INPUT_TYPES``):
 
 - ``FLOAT``: finite. ComfyUI's range check (``val < min or val > max``) lets NaN through,
   and a NaN weight or learning rate would otherwise give an all-NaN picture with no error.
+- ``FLOAT`` and ``INT``: inside the declared ``min`` / ``max``. ComfyUI checks ranges only for
+  values typed into a widget; a value arriving through a link (a math or primitive node)
+  skips them, and a weight of 1e30 overflows to inf inside attention, a resolution of 10^6
+  takes the machine's memory.
 - ``IMAGE``: ``[B, H, W, C]`` with at least one image of at least :data:`MIN_IMAGE_SIDE`
   pixels a side, finite (:func:`.input_checks.check_image_batch`).
 - ``MASK``: ``[H, W]`` or ``[B, H, W]``, not empty, finite.
@@ -27,56 +31,51 @@ import inspect
 import threading
 from typing import Dict, Tuple
 
-from .input_checks import check_float_input, check_identity_finite, check_image_batch, check_latent_batch, check_mask_batch, check_matching_batches
+from .input_checks import check_float_input, check_identity_finite, check_range, check_image_batch, check_latent_batch, check_mask_batch, check_matching_batches
 
 GUARDED = "_identity_attention_guarded"
 _TYPES_LOCK = threading.Lock()
 
 
-def declared_types(cls) -> Dict[str, str]:
-    """``{input name: socket type}`` of a node class (required and optional; list/combo inputs are "COMBO").
-
-    Cached on the class: socket types of a node do not change while ComfyUI runs
-    (only the choices of a combo do, which are not checked here).
-    """
-    cached = cls.__dict__.get("_identity_attention_types")
+def _spec(cls) -> Dict[str, Tuple[str, dict]]:
+    """``{input name: (socket type, options)}`` of a node class, cached on the class (socket types and
+    ranges do not change while ComfyUI runs; only the choices of a combo do, which are not checked here)."""
+    cached = cls.__dict__.get("_identity_attention_spec")
     if cached is not None:
         return cached
-    types: Dict[str, str] = {}
+    out: Dict[str, Tuple[str, dict]] = {}
     spec = cls.INPUT_TYPES()
     for section in ("required", "optional"):
         for name, entry in (spec.get(section) or {}).items():
             kind = entry[0] if isinstance(entry, (tuple, list)) and entry else entry
-            types[name] = kind if isinstance(kind, str) else "COMBO"
+            options = entry[1] if isinstance(entry, (tuple, list)) and len(entry) > 1 and isinstance(entry[1], dict) else {}
+            out[name] = (kind if isinstance(kind, str) else "COMBO", options)
     with _TYPES_LOCK:
-        setattr(cls, "_identity_attention_types", types)
-    return types
+        setattr(cls, "_identity_attention_spec", out)
+    return out
 
 
-def _float_options(cls, name: str) -> Tuple:
-    spec = cls.INPUT_TYPES()
-    for section in ("required", "optional"):
-        entry = (spec.get(section) or {}).get(name)
-        if entry is not None:
-            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            return options.get("min"), options.get("max")
-    return None, None
+def declared_types(cls) -> Dict[str, str]:
+    """``{input name: socket type}`` of a node class (required and optional; list/combo inputs are "COMBO")."""
+    return {name: kind for name, (kind, _) in _spec(cls).items()}
 
 
 def check_inputs(cls, inputs: dict) -> None:
     """Run the checks of the module docstring on ``inputs`` (keyword arguments of the node's FUNCTION)."""
     node = getattr(cls, "DISPLAY_NAME", cls.__name__)
-    types = declared_types(cls)
+    spec = _spec(cls)
     for name, value in inputs.items():
-        kind = types.get(name)
+        kind, options = spec.get(name, (None, {}))
         if value is None or kind is None:
             continue
         values = value if getattr(cls, "INPUT_IS_LIST", False) and isinstance(value, list) else [value]
         for v in values:
             if kind == "FLOAT":
                 if not _is_finite_number(v):
-                    low, high = _float_options(cls, name)
-                    check_float_input(v, node, name, low, high)
+                    check_float_input(v, node, name, options.get("min"), options.get("max"))
+                check_range(v, node, name, options.get("min"), options.get("max"))
+            elif kind == "INT":
+                check_range(v, node, name, options.get("min"), options.get("max"))
             elif kind == "IMAGE":
                 check_image_batch(v, node, name)
             elif kind == "MASK":

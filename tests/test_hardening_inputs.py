@@ -68,12 +68,35 @@ def test_non_finite_float_inputs_are_refused_at_the_start(node_id, name, value):
         assert "NaN" in str(err)
 
 
+def _options(node_id, name):
+    return guard._spec(CLASSES[node_id])[name][1]
+
+
 @pytest.mark.parametrize("node_id,name", FLOAT_INPUTS[::3], ids=[f"{n}.{i}" for n, i in FLOAT_INPUTS[::3]])
-def test_finite_floats_pass_the_guard(node_id, name):
+def test_finite_floats_in_range_pass_the_guard(node_id, name):
+    o = _options(node_id, name)
     with pytest.raises(TypeError):  # reached the node's own code: the other inputs are missing
-        call(node_id, **{name: 0.5})
-    with pytest.raises(TypeError):
-        call(node_id, **{name: 1})  # an int where a FLOAT is declared (JSON "1")
+        call(node_id, **{name: (o["min"] + o["max"]) / 2})
+    if float(o["min"]).is_integer():
+        with pytest.raises(TypeError):
+            call(node_id, **{name: int(o["min"])})  # an int where a FLOAT is declared (JSON "1")
+
+
+INT_INPUTS = [(n, i) for n, i in inputs_of("INT") if "max" in _options(n, i)]
+
+
+@pytest.mark.parametrize("value", ["1e30", "-1e30", "max*10", "just over"])
+@pytest.mark.parametrize("node_id,name", FLOAT_INPUTS + INT_INPUTS, ids=[f"{n}.{i}" for n, i in FLOAT_INPUTS + INT_INPUTS])
+def test_absurd_linked_numbers_are_refused(node_id, name, value):
+    """ComfyUI checks min/max only for typed values; a linked 1e30 weight would overflow inside attention."""
+    o = _options(node_id, name)
+    low, high = o.get("min"), o.get("max")
+    if low is None or high is None:
+        pytest.skip("no declared range")
+    number = {"1e30": 1e30, "-1e30": -1e30, "max*10": high * 10 + 1, "just over": high + (1 if isinstance(high, int) else abs(high) * 1e-6 + 1e-9)}[value]
+    if guard._spec(CLASSES[node_id])[name][0] == "INT":
+        number = int(number)
+    expect_error(node_id, name, number, "outside this input's range")
 
 
 def _images():

@@ -42,6 +42,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 from .adapters.file_hash import sha256_file  # noqa: E402
 from .adapters.weight_errors import WeightError  # noqa: E402
 from .adapters.weights_manifest import DEFAULT_PATH, load_manifest  # noqa: E402
+from .adapters.write_paths import resolve_write_path  # noqa: E402
 
 PACK_ROOT = os.path.dirname(os.path.abspath(__file__))  # abspath, not realpath: a linked pack still finds ComfyUI
 
@@ -117,8 +118,10 @@ def _needs(manifest, entries) -> List[str]:
     return missing
 
 
-def cmd_download(manifest, models_dir: str, names: List[str], force: bool, allow_unverified: bool, out) -> int:
-    from .adapters.weights_download import download  # the only import of networking code
+def cmd_download(manifest, models_dir: str, names: List[str], force: bool, allow_unverified: bool, out, deadline_s: Optional[float] = None) -> int:
+    from .adapters.weights_download import DEADLINE_S, download  # the only import of networking code
+
+    deadline_s = DEADLINE_S if deadline_s is None else deadline_s
 
     try:
         entries = manifest.expand(names)
@@ -142,7 +145,8 @@ def cmd_download(manifest, models_dir: str, names: List[str], force: bool, allow
         out.write(f"{e['id']}: {e['url']} -> {dest}\n")
         progress = _Progress(e["id"])
         try:
-            got = download(e["url"], dest, e["sha256"], e["bytes"], progress=progress)
+            resolve_write_path(models_dir, f"{e['folder']}/{e['file']}")  # no linked sub-folder out of the models folder, no link as the file
+            got = download(e["url"], dest, e["sha256"], e["bytes"], progress=progress, redirect_hosts=e.get("redirect_hosts", ()), deadline_s=deadline_s)
         except WeightError as err:
             progress.end()
             out.write(f"{e['id']}: {err}\n")
@@ -192,11 +196,24 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     d.add_argument("ids", nargs="+")
     d.add_argument("--force", action="store_true", help="replace a present file that differs from the published one")
     d.add_argument("--allow-unverified", action="store_true", help="also download files whose sha256 is not published")
+    d.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="give up a file after this long, keeping the partial file for the next run (default: 6 hours)")
     v = sub.add_parser("verify", help="check present files against their published sha256")
     v.add_argument("ids", nargs="*")
     args = parser.parse_args(argv)
+    try:
+        return _run(args, out)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; a download in progress kept its .part
+        out.write("\ninterrupted; run the same command again to resume\n")
+        return 130
 
-    manifest = load_manifest(args.manifest)
+
+def _run(args, out) -> int:
+    try:
+        manifest = load_manifest(args.manifest)
+    except (OSError, ValueError) as err:  # one line, not a traceback
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        out.write(f"cannot use the manifest {args.manifest}: {text[:300]}\n")
+        return 2
     models_dir = args.models_dir or default_models_dir()
     if args.command == "list":
         return cmd_list(manifest, models_dir, out)
@@ -204,7 +221,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         out.write("cannot find ComfyUI's models folder: run this from ComfyUI/custom_nodes/<pack>/ or pass --models-dir PATH\n")
         return 2
     if args.command == "download":
-        return cmd_download(manifest, models_dir, args.ids, args.force, args.allow_unverified, out)
+        return cmd_download(manifest, models_dir, args.ids, args.force, args.allow_unverified, out, args.deadline)
     return cmd_verify(manifest, models_dir, args.ids, out)
 
 

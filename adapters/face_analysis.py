@@ -58,6 +58,7 @@ from .face_alignment import align_face
 from .face_pack_files import damaged_file_problem, pack_file_entry, redownload_command
 from .identity import FaceRecord, Identity
 from .recognizer_identity import RecognizerId, identify_recognizer
+from .safe_load import onnx_file_problem
 
 # ---------------------------------------------------------------------------------------------
 # errors (the nodes turn them into IdentityAttentionError / MissingDependencyError)
@@ -521,6 +522,9 @@ def _route(path: Path, providers, provider_options):
     """insightface's shape-based routing of one file: ``(model or None, reason)``."""
     from insightface.model_zoo import model_zoo
 
+    unreadable = onnx_file_problem(str(path))  # size and content limits (safe_load), before onnx parses it
+    if unreadable:
+        return None, f"could not be loaded ({unreadable})"
     problem = external_data_problem(path)
     if problem:
         raise FaceAnalysisError(

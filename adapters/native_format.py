@@ -39,6 +39,7 @@ import torch
 
 from .id_adapter import BASES, IdAdapter
 from .projectors import build_projector, projector_name
+from .weight_dtypes import usable_weights
 from .weight_errors import WeightError
 
 MARKER = "identity_attention"
@@ -106,13 +107,11 @@ def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def write_native(adapter: IdAdapter, path: str) -> None:
-    """Save ``adapter`` to ``path`` (written to ``path + ".part"``, then renamed)."""
-    from safetensors.torch import save_file
+    """Save ``adapter`` to ``path`` (a fresh temporary file in its folder, then renamed: :func:`.write_paths.write_atomically`)."""
+    from .write_paths import write_safetensors
 
     tensors, header = to_tensors(adapter)
-    part = path + ".part"
-    save_file(_unshared(tensors), part, metadata=header)
-    os.replace(part, path)
+    write_safetensors(path, _unshared(tensors), metadata=header)
 
 
 def is_native(metadata: Mapping[str, str]) -> bool:
@@ -205,4 +204,4 @@ def read_native(path: str) -> IdAdapter:
     from .safe_load import read_weight_file
 
     loaded = read_weight_file(path)
-    return from_tensors(loaded.tensors, loaded.metadata, source=os.path.basename(path))
+    return from_tensors(usable_weights(loaded.tensors, what=f"'{os.path.basename(path)}'"), loaded.metadata, source=os.path.basename(path))

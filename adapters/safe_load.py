@@ -99,22 +99,78 @@ def check_size(path: str, expected_bytes: Optional[int] = None, max_bytes: int =
     return size
 
 
-MAX_NESTING = 16  # released checkpoints nest dicts 1-3 deep
+MAX_NESTING = 16  # released checkpoints nest dicts 1-3 deep (a trainer checkpoint with optimizer state: 5)
+MAX_ENTRIES = 1_000_000  # SDXL's whole UNet has ~2,500 tensors; a trainer checkpoint with Adam state ~3x its modules
+
+
+def _bomb(what: str) -> WeightError:
+    return WeightError(
+        f"the file's containers {what}: it is not a weight file (a few kilobytes built like this can expand to billions of "
+        "entries when read, a memory bomb), so it was refused",
+        fix="use the .safetensors version of this file, or a copy from the original publisher",
+    )
+
+
+def check_object_bounds(obj, max_depth: Optional[int] = None, max_entries: Optional[int] = None) -> int:
+    """Walk a loaded object once (each container by ``id``, iteratively) and refuse bombs; returns the entry count.
+
+    Containers (dict, list, tuple, set) that several places share are counted ONCE,
+    so the walk costs at most the number of distinct objects the unpickler built
+    (bounded by the file's size), never the number of paths through them. Refused
+    with :class:`WeightError`: nesting deeper than ``max_depth``, more than
+    ``max_entries`` entries in all.
+    """
+    max_depth = MAX_NESTING if max_depth is None else max_depth
+    max_entries = MAX_ENTRIES if max_entries is None else max_entries
+    seen = set()
+    entries = 0
+    stack = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list, tuple, set, frozenset)):
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if depth > max_depth:
+            raise _bomb(f"are nested more than {max_depth} deep")
+        entries += len(item)
+        if entries > max_entries:
+            raise _bomb(f"hold more than {max_entries:,} entries")
+        values = item.values() if isinstance(item, dict) else item
+        if isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item.keys() if isinstance(k, (tuple, frozenset)))
+        stack.extend((v, depth + 1) for v in values)
+    return entries
 
 
 def flatten(obj, prefix: str = "", tensors: Optional[Dict[str, torch.Tensor]] = None, ignored: Optional[List[str]] = None, depth: int = 0):
-    """Nested dicts -> ``{"a.b.c": tensor}``; non-tensor leaves are listed in ``ignored``."""
+    """Nested dicts -> ``{"a.b.c": tensor}``; non-tensor leaves are listed in ``ignored``.
+
+    Bounded (see :func:`check_object_bounds`, which runs first): each dict is
+    expanded once; a dict reached again through another key is not expanded again
+    but listed in ``ignored`` as ``"<key> (same as <first key>)"``.
+    """
+    check_object_bounds(obj)
     tensors = {} if tensors is None else tensors
     ignored = [] if ignored is None else ignored
-    if depth > MAX_NESTING:
-        raise WeightError(f"the file's dictionaries are nested more than {MAX_NESTING} deep: it is not a weight file", fix="pick a weight file")
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix.rstrip(".")] = obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            flatten(value, f"{prefix}{key}.", tensors, ignored, depth + 1)
-    else:
-        ignored.append(prefix.rstrip(".") or "<root>")
+    first: Dict[int, str] = {}
+    stack = [(obj, prefix, depth)]
+    while stack:
+        item, pre, level = stack.pop()
+        name = pre.rstrip(".") or "<root>"
+        if isinstance(item, torch.Tensor):
+            tensors[pre.rstrip(".")] = item
+        elif isinstance(item, dict):
+            if id(item) in first:
+                ignored.append(f"{name} (same as {first[id(item)]})")
+                continue
+            if level > MAX_NESTING:
+                raise _bomb(f"are nested more than {MAX_NESTING} deep")
+            first[id(item)] = name
+            stack.extend((value, f"{pre}{key}.", level + 1) for key, value in reversed(list(item.items())))
+        else:
+            ignored.append(name)
     return tensors, ignored
 
 
@@ -163,7 +219,8 @@ def _check_archive(path: str, size: int) -> None:
         )
 
 
-def _read_pytorch(path: str):
+def _torch_load(path: str):
+    """``torch.load(weights_only=True)`` of a file already size-checked; the result is bounds-checked."""
     if path_is_zip(path):
         _check_archive(path, os.path.getsize(path))
     try:
@@ -182,8 +239,28 @@ def _read_pytorch(path: str):
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error, OverflowError,
             ZeroDivisionError, AssertionError, RecursionError, MemoryError, NotImplementedError, zipfile.BadZipFile) as err:
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", fix="download the file again") from None
-    tensors, ignored = flatten(obj)
-    return tensors, ignored
+    try:
+        check_object_bounds(obj)
+    except WeightError as err:
+        raise WeightError(f"'{_name(path)}': {err.problem}", fix=err.fix) from None
+    return obj
+
+
+def _read_pytorch(path: str):
+    return flatten(_torch_load(path))
+
+
+def load_pytorch_object(path: str, roots: Optional[Sequence[str]] = None, expected_bytes: Optional[int] = None):
+    """A PyTorch file's object (dicts, lists, tensors...) for callers that need more than tensors
+    (a trainer checkpoint's step and optimizer state). The same checks as :func:`read_weight_file`:
+    content sniffed (a safetensors file is refused here), sizes, zip inflation, ``weights_only``,
+    and :func:`check_object_bounds` (depth, entries, shared containers counted once)."""
+    if roots is not None:
+        check_inside(path, roots)
+    check_size(path, expected_bytes)
+    if sniff(path) != "pytorch":
+        raise WeightError(f"'{_name(path)}' is a safetensors file, not a PyTorch checkpoint", fix="pick the checkpoint file (.pt)")
+    return _torch_load(path)
 
 
 def read_weight_file(path: str, roots: Optional[Sequence[str]] = None, expected_bytes: Optional[int] = None) -> WeightFile:
@@ -201,6 +278,38 @@ def read_weight_file(path: str, roots: Optional[Sequence[str]] = None, expected_
     if not tensors:
         raise WeightError(f"'{_name(path)}' holds no tensors", fix="pick a weight file")
     return WeightFile(path=path, kind=kind, size=size, tensors=strip_wrappers(tensors), metadata=metadata, ignored=ignored)
+
+
+# --- ONNX files (face analysis packs) --------------------------------------------------------------
+
+MAX_ONNX_BYTES = 2 * 1024**3  # protobuf's own limit; antelopev2's largest file (glintr100.onnx) is 249 MB
+_ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 21: 2, 25: 2}  # ModelProto field -> wire type
+
+
+def onnx_file_problem(path: str, max_bytes: int = MAX_ONNX_BYTES) -> Optional[str]:
+    """Why ``path`` cannot be an ONNX model, judged by size and first bytes (not the name); None if it can be.
+
+    An ONNX file is a protobuf ``ModelProto``: its first byte(s) are the tag of one of
+    ModelProto's fields. A safetensors file, zip, pickle or text renamed ``.onnx`` fails
+    this before onnxruntime parses it; files over :data:`MAX_ONNX_BYTES` are refused
+    before they are read into memory.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if size > max_bytes:
+        return f"it is {size / 1024**3:.1f} GB, over the {max_bytes / 1024**3:.0f} GB an ONNX file can hold"
+    tag = head[0] & 0x7F
+    if head[0] & 0x80 and len(head) > 1:
+        tag |= (head[1] & 0x7F) << 7
+    if _ONNX_FIELDS.get(tag >> 3) != tag & 7:
+        return "its content is not an ONNX model (only the name ends in .onnx)"
+    return None
 
 
 # --- paths ----------------------------------------------------------------------------------------

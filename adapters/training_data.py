@@ -143,9 +143,10 @@ def load_mask(path: str, resolution: int) -> Optional[torch.Tensor]:
 def load_features(path: str) -> Optional[Dict[str, torch.Tensor]]:
     if not os.path.isfile(path):
         return None
-    from safetensors.torch import load_file
+    from .safe_load import read_weight_file  # content-sniffed, size-checked, bounded
+    from .weight_dtypes import usable_weights
 
-    return {k: v.float() for k, v in load_file(path).items()}
+    return {k: v.float() for k, v in usable_weights(read_weight_file(path).tensors, what=os.path.basename(path)).items()}
 
 
 class StreamingImages(torch.utils.data.IterableDataset):

@@ -56,6 +56,7 @@ from .projector_perceiver import PerceiverResampler
 from .projector_pulid import PuLIDIDEncoder, PuLIDIDFormer, require_eva_note
 from .projector_pva import PVATransformNetwork
 from .projectors import build_projector
+from .weight_dtypes import dtype_kind, dtype_name, usable_weights
 from .weight_errors import WeightError
 
 LayerKey = Tuple[str, int, int]
@@ -377,6 +378,7 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
 
     ``hints``: settings that no tensor records (``faceid_plus_shortcut``, ``faceid_plus_reason``).
     """
+    tensors = usable_weights(tensors, what="the adapter file")  # float8 -> float32; complex, bool, integers refused by name
     fmt = detect_format(tensors, metadata)
     hints = hints or {}
     try:
@@ -426,10 +428,13 @@ def check_weights_usable(adapter: IdAdapter) -> None:
     file is loaded (the loader caches the result).
     """
     named = list(_named_tensors(adapter))
-    integer = [f"{name} ({str(t.dtype).replace('torch.', '')})" for name, t in named if not (t.is_floating_point() or t.is_complex())]
+    integer = [(name, t.dtype) for name, t in named if dtype_kind(t.dtype) not in ("float", "float8")]
     if integer:
+        kinds = {"integer": "integers", "bool": "true/false values", "complex": "complex numbers"}
+        name, dtype = integer[0]
         raise WeightError(
-            f"{len(integer)} of the adapter's weight tensors hold integers, not weights (first: {integer[0]})",
+            f"{len(integer)} of the adapter's weight tensors hold {kinds.get(dtype_kind(dtype), dtype_name(dtype) + ' values')}, "
+            f"not weights (first: {name} ({dtype_name(dtype)}))",
             fix="the file is damaged or is not an identity adapter; download it again",
         )
     bad = [name for name, t in named if t.numel() and not bool(torch.isfinite(t).all())]

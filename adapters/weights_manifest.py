@@ -34,6 +34,9 @@ ENTRY fields (all required unless marked optional):
     variant      optional: what the keys cannot tell (e.g. FaceID-Plus "v1" / "v2")
     requires     optional: ids of other entries this file needs to be useful
     note         optional: anything an artist should know (unverified URL, missing encoder...)
+    redirect_hosts optional: hosts the download may be redirected to besides the URL's own host
+                 (exact names or "*.example.com"); only https redirects are followed, see
+                 adapters/weights_download.py (its KNOWN_REDIRECTS covers huggingface.co's CDN)
 
 :func:`validate_manifest` returns a list of problems (empty when valid); the
 tests run it on the shipped file.
@@ -54,7 +57,8 @@ FILE_FORMATS = (
     "lora", "onnx", "clip_vision", "transface", "eva_clip", "face_parsing", "controlnet",
 )
 REQUIRED = ("id", "file", "folder", "url", "sha256", "bytes", "verified", "format", "base", "license", "nodes", "description")
-OPTIONAL = ("source", "group", "variant", "requires", "note")
+OPTIONAL = ("source", "group", "variant", "requires", "note", "redirect_hosts")
+_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _LOCAL_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost)(:\d+)?/")
@@ -131,6 +135,9 @@ def validate_entry(entry: Mapping, node_ids: Optional[Iterable[str]] = None) -> 
     for key in ("source", "group", "variant", "note"):
         if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
             bad(f"{key} must be a non-empty string")
+    hosts = entry.get("redirect_hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and _HOST.match(h) for h in hosts):
+        bad("redirect_hosts must be a list of host names (a.example.com or *.example.com)")
     if "requires" in entry and (not isinstance(entry["requires"], list) or not all(isinstance(r, str) for r in entry["requires"])):
         bad("requires must be a list of ids")
     return problems

@@ -3,7 +3,9 @@
 Every module named ``*_nodes.py`` here lists its node classes in ``NODES``;
 each class carries ``NODE_ID`` (the global ComfyUI class name, prefixed with
 ``IdentityAttention``) and ``DISPLAY_NAME``. This module collects them into
-the two mappings ComfyUI reads.
+the two mappings ComfyUI reads, passing each through :func:`.input_guard.guard_node_class`
+(every node checks its FLOAT, IMAGE, MASK, LATENT, IDENTITY and ID_TOKENS inputs
+before its own code runs; a node added here gets that by being listed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import pkgutil
 
 from .folders import register_model_folders
+from .input_guard import guard_node_class
 
 NODE_ID_PREFIX = "IdentityAttention"
 
@@ -28,7 +31,7 @@ def _collect():
                 raise RuntimeError(f"{cls.__name__}.NODE_ID must start with {NODE_ID_PREFIX!r}")
             if node_id in classes:
                 raise RuntimeError(f"two nodes share the id {node_id!r}")
-            classes[node_id] = cls
+            classes[node_id] = guard_node_class(cls)
             names[node_id] = cls.DISPLAY_NAME
     return classes, names
 

@@ -28,8 +28,9 @@ import comfy.utils
 import folder_paths
 
 from ..adapters.face_crop_mask import warp_to_crop
-from ..adapters.safe_load import resolve_in_folders
+from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
+from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -50,30 +51,12 @@ class FaceEncoder:
 
 
 def read_state_dict(path: str, node: str) -> dict:
-    """A weight file as a dict of tensors: safetensors, or a pickle through ``weights_only`` loading."""
+    """A weight file as a dict of tensors, through :func:`..adapters.safe_load.read_weight_file`: the
+    content (not the name) decides the format, with its size, inflation and nesting limits."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a corrupt or foreign file: say which and what to do
-        raise IdentityAttentionError(
-            f"could not read {os.path.basename(path)} ({type(err).__name__}: {err})",
-            node=node,
-            input_name="encoder_name",
-            fix="download the file again; only safetensors and plain PyTorch weight files are read",
-        ) from err
-    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise IdentityAttentionError(
-            f"{os.path.basename(path)} holds a {type(data).__name__}, not a state dict",
-            node=node,
-            input_name="encoder_name",
-            fix="use ms1mv2_model_TransFace_S.pt from the FaceChain-FACT release",
-        )
-    return data
+        return usable_weights(read_weight_file(path).tensors, what=os.path.basename(path))
+    except WeightError as err:
+        raise IdentityAttentionError(f"could not read {os.path.basename(path)}: {err.problem}", node=node, input_name="encoder_name", fix=err.fix) from err
 
 
 def load_face_encoder(path: str, node: str = "Load face encoder (TransFace)") -> FaceEncoder:

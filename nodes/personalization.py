@@ -17,7 +17,10 @@ benchmark harness times. Following PVA's fine-tune (``script/finetune.py``,
   ``background_weight`` outside;
 - AdamW, ``grad_accum`` micro-steps per optimizer step, ``steps`` optimizer steps;
 - deterministic for a seed (every micro-step draws from its own seeded generator);
-- memory: gradient checkpointing per transformer block on GPUs, autocast to the model's half
+- memory: gradient checkpointing per transformer block on every device (the CPU too: without it a
+  512 px run on the tiny test model peaked near 8 GB), an estimate before anything is computed
+  (:func:`check_training_memory`: refused, naming the resolution that fits, when it exceeds the
+  device's memory), autocast to the model's half
   precision (bf16 when the model is fp32 and the GPU has it; a gradient scaler with fp16),
   all VAE work before training so ComfyUI never swaps models mid-run.
 
@@ -136,6 +139,40 @@ def autocast_dtype(model, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def training_bytes(model, batch: int, latent_hw, checkpoint: bool) -> int:
+    """Activation memory of one training micro-step: ComfyUI's inference estimate for the batch, x2 with
+    gradient checkpointing (one block's activations are recomputed at a time), x6 without (all kept for backward)."""
+    if not hasattr(model.model, "memory_required"):
+        return 0
+    return int(model.model.memory_required([batch, int(model.model.diffusion_model.in_channels), *latent_hw]) * (2 if checkpoint else 6))
+
+
+def check_training_memory(model, batch: int, resolution: int, checkpoint: bool, device, node: str) -> None:
+    """Refuse a run whose estimate exceeds the device's memory minus the UNet's weights, naming the resolution that fits.
+
+    The budget is the device's TOTAL memory (not its free memory: ComfyUI unloads other models
+    before training), so only runs that cannot fit at all are refused.
+    """
+    import comfy.model_management as mm
+
+    latent = lambda r: (r // 8, r // 8)  # noqa: E731 - SD's VAE downscales by 8
+    need = training_bytes(model, batch, latent(resolution), checkpoint)
+    try:
+        budget = int(mm.get_total_memory(device)) - int(model.model_size())
+    except Exception:  # noqa: BLE001 - a host without these helpers: no estimate, no refusal
+        return
+    if not need or need <= budget:
+        return
+    fits = next((r for r in range(resolution - 64, 63, -64) if training_bytes(model, batch, latent(r), checkpoint) <= budget), None)
+    gib = lambda b: f"{b / 1024**3:.1f} GB"  # noqa: E731
+    raise IdentityAttentionError(
+        f"training at {resolution} px needs about {gib(need)} for activations on {device} (with gradient checkpointing), "
+        f"more than the {gib(max(budget, 0))} left after the model's weights",
+        node=node, input_name="resolution",
+        fix=(f"use resolution {fits} or lower" if fits else "train on a device with more memory") + " (or fewer photos / a GPU with more memory)",
+    )
+
+
 def personalize_identity(
     model,
     clip,
@@ -167,6 +204,8 @@ def personalize_identity(
         raise IdentityAttentionError(f"resolution {resolution} is not a multiple of 8", node=node, input_name="resolution", fix="use 512 (SD1.5) or 1024 (SDXL)")
     started = time.perf_counter()
     device = model.load_device
+    checkpoint = True if gradient_checkpointing is None else bool(gradient_checkpointing)
+    check_training_memory(model, recipe.time_resample, resolution, checkpoint, device, node)
     gen = torch.Generator().manual_seed(recipe.seed)
 
     # data (all VAE work before the models are loaded for training)
@@ -196,7 +235,6 @@ def personalize_identity(
     if target.tokens is not None and not train_token:
         target.tokens.requires_grad_(False)
     feed = TrainingFeed()
-    checkpoint = device.type != "cpu" if gradient_checkpointing is None else bool(gradient_checkpointing)
     unet = differentiable_clone(target.install(model, feed), checkpoint=checkpoint)
     tclip = token_clip(clip, token, target.prompt_vectors()) if token is not None else clip.clone()
     if train_token and token is not None:
@@ -205,7 +243,7 @@ def personalize_identity(
     sigma_table = model_sampling(model).sigmas
     amp = autocast_dtype(model, device)
     n = recipe.time_resample
-    bytes_needed = int(model.model.memory_required([n, int(model.model.diffusion_model.in_channels), *hw]) * (2 if checkpoint else 6)) if hasattr(model.model, "memory_required") else 0
+    bytes_needed = training_bytes(model, n, hw, checkpoint)
 
     losses: List[float] = []
     with torch.inference_mode(False), torch.enable_grad():

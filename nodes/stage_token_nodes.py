@@ -16,7 +16,7 @@ import torch
 import comfy.utils
 import folder_paths
 
-from ..adapters.safe_load import resolve_in_folders
+from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.stage_tokens import (
     DEFAULT_STAGES,
     ENCODER_WIDTHS,
@@ -27,7 +27,9 @@ from ..adapters.stage_tokens import (
     make_tokens,
     parse_boundaries,
 )
+from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
+from ..adapters.write_paths import name_parts, resolve_write_path, write_safetensors
 from . import prompt_encoding
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -127,20 +129,20 @@ class SaveIdentityTokens:
         }
 
     def save(self, tokens, filename_prefix):
-        from safetensors.torch import save_file
-
         node = self.DISPLAY_NAME
-        prefix = filename_prefix.strip().replace("\\", "/")
-        if not prefix or prefix.startswith("/") or ".." in prefix.split("/"):
-            raise IdentityAttentionError(f"'{filename_prefix}' is not a usable file name", node=node, input_name="filename_prefix", fix="use a name like identity_tokens/anna")
         root = folder_list(FOLDER)[0] if folder_list(FOLDER) else os.path.join(folder_paths.models_dir, FOLDER)
-        folder, stem = os.path.split(os.path.join(root, prefix))
+        try:  # the whole name against the real folder: links, drives, devices, lengths (adapters/write_paths.py)
+            name_parts(filename_prefix)  # the prefix itself: not empty, no '..', devices, drives
+            probe = resolve_write_path(root, filename_prefix.strip() + "_00000.safetensors")
+        except WeightError as err:
+            raise IdentityAttentionError(f"not a usable file name: {err.problem}", node=node, input_name="filename_prefix", fix=err.fix) from None
+        folder, stem = os.path.split(probe[: -len("_00000.safetensors")])
         os.makedirs(folder, exist_ok=True)
         pattern = re.compile(re.escape(stem) + r"_(\d{5})\.safetensors$")
         taken = [int(m.group(1)) for m in (pattern.match(f) for f in os.listdir(folder)) if m]
-        path = os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors")
+        path = resolve_write_path(root, os.path.relpath(os.path.join(folder, f"{stem}_{max(taken, default=0) + 1:05d}.safetensors"), root))
         tensors, metadata = tokens.to_file_dict()
-        save_file(tensors, path, metadata=metadata)
+        write_safetensors(path, tensors, metadata=metadata)
         name = os.path.relpath(path, root).replace(os.sep, "/")
         return {"ui": {"text": [name]}, "result": (name,)}
 
@@ -161,18 +163,14 @@ class LoadIdentityTokens:
         return {"required": {"tokens_name": (files, {"tooltip": "A .safetensors identity-token file in models/identity_attention/."})}}
 
     def load(self, tokens_name):
-        from safetensors import safe_open
-
         node = self.DISPLAY_NAME
         try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
             path = resolve_in_folders(tokens_name, folder_list(FOLDER))
         except WeightError as err:
             raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            tokens = StageTokens.from_file_dict(tensors, metadata)
+            loaded = read_weight_file(path)  # content-sniffed, size-checked; dtypes by adapters/weight_dtypes.py
+            tokens = StageTokens.from_file_dict(usable_weights(loaded.tensors, what=tokens_name), loaded.metadata)
         except (ValueError, OSError, RuntimeError, KeyError) as err:
             raise IdentityAttentionError(
                 f"{tokens_name} is not a usable identity-token file ({err})",

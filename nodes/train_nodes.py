@@ -14,6 +14,7 @@ from ..adapters.loss_plot import draw_loss_curves, image_tensor
 from ..adapters.native_format import write_native
 from ..adapters.training_schedule import PersonalizeRecipe
 from ..adapters.weight_errors import WeightError
+from ..adapters.write_paths import name_parts, resolve_write_path, write_safetensors
 from .errors import IdentityAttentionError
 from .identity_inputs import REFERENCE_CHOICES
 from .personalization import personalize_identity, recipe_from
@@ -31,11 +32,13 @@ def checked_save_name(name: str, node: str) -> str:
         name = name[: -len(".safetensors")]
     if not name:
         return ""
+    fix = "use letters, digits, spaces, '_', '-' or '.', no folders (or leave it empty to not save)"
     if not SAVE_NAME.match(name) or ".." in name:
-        raise IdentityAttentionError(
-            f"'{name}' cannot be used as a file name", node=node, input_name="save_name",
-            fix="use letters, digits, spaces, '_', '-' or '.', no folders (or leave it empty to not save)",
-        )
+        raise IdentityAttentionError(f"'{name}' cannot be used as a file name", node=node, input_name="save_name", fix=fix)
+    try:
+        name_parts(name + ".safetensors")  # Windows device names, trailing dots (adapters/write_paths.py)
+    except WeightError as err:
+        raise IdentityAttentionError(err.problem, node=node, input_name="save_name", fix=fix) from None
     return name
 
 
@@ -47,16 +50,13 @@ def save_folder(kind: str) -> str:
 
 def save_outputs(name: str, adapter, vectors) -> list:
     """Write ``models/identity_attention/<name>.safetensors`` (+ ``models/embeddings/<name>.safetensors``); returns the paths."""
-    from safetensors.torch import save_file
-
     paths = []
-    path = os.path.join(save_folder("identity_attention"), f"{name}.safetensors")
+    path = resolve_write_path(save_folder("identity_attention"), f"{name}.safetensors")  # links, devices, lengths (write_paths)
+    emb = resolve_write_path(save_folder("embeddings"), f"{name}.safetensors") if vectors else None
     write_native(adapter, path)
     paths.append(path)
-    if vectors:
-        emb = os.path.join(save_folder("embeddings"), f"{name}.safetensors")
-        save_file(embedding_file_tensors(vectors), emb + ".part", metadata={"format": "identity_attention_token", "placeholder": PLACEHOLDER})
-        os.replace(emb + ".part", emb)
+    if emb:
+        write_safetensors(emb, embedding_file_tensors(vectors), metadata={"format": "identity_attention_token", "placeholder": PLACEHOLDER})
         paths.append(emb)
     return paths
 
@@ -90,6 +90,7 @@ class PersonalizeIdentity:
         "The training loss per step (thin: raw, thick: smoothed). It should trend down; a flat or rising curve means the learning rate is off.",
     )
     FUNCTION = "personalize"
+    MATCHING_BATCHES = {"masks": "images"}  # one mask for all photos or one per photo (input_guard checks it)
     OUTPUT_NODE = True  # runs (and saves) even when nothing downstream uses the adapter yet; shows the loss curve on the node
 
     @classmethod

@@ -58,6 +58,7 @@ from ..adapters.training_data import ImageFolderIndex, StreamingImages, collate
 from ..adapters.training_losses import denoising_loss, loss_weight_map
 from ..adapters.training_masks import inpaint_mask, masked_pixels, random_face_mask, to_latent
 from ..adapters.training_schedule import sigmas_for, step_generator, stratified_timesteps
+from ..adapters.write_paths import write_atomically, write_safetensors
 from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
 from .host import base_model_of, cross_attention_layers, model_sampling
 from .personalization import adm_vector, autocast_dtype, encode_latents, is_inpainting
@@ -501,18 +502,18 @@ class Trainer:
         folder = os.path.join(self.out_dir, "checkpoints")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step_{self.step:07d}.pt")
-        torch.save(self.checkpoint_state(), path + ".part")
-        os.replace(path + ".part", path)
-        with open(os.path.join(folder, "latest.txt.part"), "w") as f:
-            f.write(os.path.basename(path))
-        os.replace(os.path.join(folder, "latest.txt.part"), os.path.join(folder, "latest.txt"))
+        state = self.checkpoint_state()
+        write_atomically(path, lambda f: torch.save(state, f))  # a fresh temporary file, never a planted link
+        write_atomically(os.path.join(folder, "latest.txt"), lambda f: f.write(os.path.basename(path).encode()))
         return path
 
     def resume(self, path: str) -> None:
         """Continue from a checkpoint (a file, or a run folder / its checkpoints folder: the latest)."""
         path = latest_checkpoint(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        from ..adapters.safe_load import load_pytorch_object
+
+        state = load_pytorch_object(path)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a trainer checkpoint")
         for t in self.targets:
             if t.name not in state["targets"]:
@@ -541,11 +542,8 @@ class Trainer:
         """Write the trained weights (rank 0): one native file per target (+ a prompt-word file)."""
         paths = []
         if self.cfg["output"].get("save_every_rank"):
-            from safetensors.torch import save_file
-
-            os.makedirs(self.out_dir, exist_ok=True)
             state = {f"{t.name}.{k}": v.detach().float().cpu().contiguous() for t in self.targets for k, v in t.module.state_dict().items()}
-            save_file(state, os.path.join(self.out_dir, f"final_rank{self.rank}.safetensors"))
+            write_safetensors(os.path.join(self.out_dir, f"final_rank{self.rank}.safetensors"), state)
         if self.rank != 0:
             return paths
         os.makedirs(self.out_dir, exist_ok=True)
@@ -562,18 +560,13 @@ class Trainer:
                 paths.append(path)
                 files = {}
             for extra_suffix, (tensors, header) in files.items():
-                from safetensors.torch import save_file
-
                 path = os.path.join(self.out_dir, f"{name}{suffix}{extra_suffix}.safetensors")
-                save_file(tensors, path + ".part", metadata=header)
-                os.replace(path + ".part", path)
+                write_safetensors(path, tensors, metadata=header)
                 paths.append(path)
             vectors = getattr(getattr(t, "tokens", None), "export", lambda: {})()
             if vectors:
-                from safetensors.torch import save_file
-
                 token_path = os.path.join(self.out_dir, f"{name}_token.safetensors")
-                save_file(embedding_file_tensors(vectors), token_path)
+                write_safetensors(token_path, embedding_file_tensors(vectors))
                 paths.append(token_path)
         self.plot()
         with open(os.path.join(self.out_dir, "summary.json"), "w") as f:

@@ -43,7 +43,8 @@ def kv_mixed_attention(wb) -> str:
                             adapter="ipadapter/" + manifest_file("ip-adapter-plus-face_sd15"), model=ckpt[0])
     mixed = wb.node("IdentityAttentionApplyKVMixedAttention", title="KV-mixed attention: keys = who, values = look",
                     model=ckpt[0], key_adapter=key_adapter[0], key_identity=who[0], value_adapter=value_adapter[0], value_identity=look[0],
-                    weight=0.8, mode="decoupled", token_mismatch="resample_values", projections="adapter", references="fused")
+                    weight=0.8, mode="decoupled", token_mismatch="resample_values", projections="adapter", references="fused",
+                    pairing="two adapters (unrelated tokens, experimental)")
     report = wb.node("IdentityAttentionModelInfo", title="What is applied", model=mixed[0])
     shown = wb.node("IdentityAttentionShowText", title="Applied effects", text=report[0])
     gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: mixed[0], ckpt=ckpt, title="Sample",

@@ -63,6 +63,9 @@ def kv_mixed_attention(wb) -> str:
         title="Download first")
     wb.note(
         "KV-mixed attention (VisualComposer) splits the identity attention in two.\n\n"
+        "This workflow uses the EXPERIMENTAL pairing 'two adapters (unrelated tokens)': FaceID and plus-face were never trained "
+        "together, so key token j and value token j are unrelated. The paper's mechanism is pairing 'trained kv_mixed adapter' "
+        "(two encoders trained together by the pack's trainer, target kv_mixed; no public weights exist).\n\n"
         "KEYS (key_adapter + key_identity) decide WHERE the identity goes: which pixels attend to it. A compact encoding "
         "(the face embedding through FaceID, 4 tokens) carries who it is but little about pose or framing, so the prompt "
         "keeps the layout.\n\n"

@@ -6,6 +6,7 @@ ComfyUI-Manager clones into), with ComfyUI's Python::
     cd ComfyUI/custom_nodes
     python -m comfyui-identity-attention.train my_training.json
     python -m comfyui-identity-attention.train my_training.json --resume runs/pva     # continue exactly
+    python -m comfyui-identity-attention.train prepare faces/ --face-pack antelopev2  # cache identity features once
     torchrun --nproc_per_node 4 comfyui-identity-attention/train.py my_training.json # 4 GPUs (DDP)
 
 or run the file from anywhere with ``--comfyui /path/to/ComfyUI`` (or ``COMFYUI_PATH``). ComfyUI
@@ -84,6 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_comfyui(find_comfyui(_comfyui_arg(argv)))
     import importlib
 
+    if argv and argv[0] == "prepare":  # cache identity features for a training folder (nodes/prepare_features.py)
+        return importlib.import_module(f"{__package__}.nodes.prepare_features").main(argv[1:])
     trainer = importlib.import_module(f"{__package__}.nodes.trainer")
     return trainer.main(argv)
 

@@ -142,10 +142,13 @@ class IdAdapter:
 
         ``per_reference``: one token set per reference image, concatenated
         (``T = R * num_tokens``); otherwise the references' features are
-        averaged first (``T = num_tokens``).
+        averaged first (``T = num_tokens``). A set encoder (``projector.reads_set``,
+        Omni-ID) always reads every reference and makes ``num_tokens`` tokens.
         """
         if self.projector is None:
             raise ValueError(f"this {self.format} adapter has no token projector")
+        if getattr(self.projector, "reads_set", False):
+            per_reference = True
         features = identity.features(per_reference=per_reference)
         device = next(iter(self.projector.parameters()), torch.empty(0)).device
         dtype = next(iter(self.projector.parameters()), torch.empty(0, dtype=torch.float32)).dtype

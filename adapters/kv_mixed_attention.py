@@ -7,10 +7,12 @@ large bottleneck (fine appearance)::
 
     out = softmax(s q (W_k E_key)^T) (W_v E_value)          # [B, N, H*D], s = 1/sqrt(D)
 
-Here ``E_key`` / ``E_value`` are identity tokens made by two (IDENTITY, ID_ADAPTER) pairs, e.g.
-the fused ArcFace embedding through a FaceID / InstantID projector (keys) and CLIP-vision patch
-tokens through an IP-Adapter-Plus resampler (values), each projected by its own adapter's
-``to_k`` (resp. ``to_v``). The keys/values then enter the layer exactly like any identity K/V of
+The paper's ``E_key`` / ``E_value`` are the two encoders of ``kv_mixed_encoders.py``, trained
+together (the node's default pairing). This module is the shared arithmetic; it also serves the
+node's experimental pairing, where ``E_key`` / ``E_value`` are identity tokens made by two
+unrelated (IDENTITY, ID_ADAPTER) pairs (e.g. the ArcFace embedding through FaceID for the keys,
+CLIP-vision tokens through IP-Adapter-Plus for the values, each projected by its own adapter's
+``to_k`` / ``to_v``): token ``j`` of one has no trained relation to token ``j`` of the other. The keys/values then enter the layer exactly like any identity K/V of
 :mod:`.parallel_attention` (decoupled: a separate softmax added with a weight; joint: one softmax
 with the text), so KV-mixed attention with one source for both is plain decoupled (or joint)
 attention.

@@ -23,6 +23,18 @@ and a few element-wise ops. With ``weight`` ``w`` and an optional ``region``
 
     out' = out + w * r * a_S(q) * (v*_q - V[s])
 
+Trained parts (``nodes/nested_training.py``, target ``nested``): the subject tokens ``e`` come
+from a small query-former over the identity features (``adapters/query_former.py``), and
+``Kn = W_Kn e``, ``Vn = W_Vn e`` per layer (native names ``nested.to_k`` / ``nested.to_v``).
+The paper regularizes the nested values without a form that could be read from it; chosen
+here (``value_reg``, weight 0.01)::
+
+    L_value = mean over layers, rows with the subject, queries of  mean_c (v*_q - V[s])^2
+
+which keeps every query's nested value near the value the text gives the subject word, so the
+outer attention (whose keys are unchanged) still mixes a value of the scale it was trained on.
+:func:`value_gap` computes the per-layer term.
+
 Choices made here (the paper leaves them to its trained encoder):
 
 - ``S`` may hold several positions of the *same* token (ComfyUI repeats a
@@ -103,3 +115,29 @@ def nested_attention(
     delta = a * (nested - v[:, positions[0] : positions[0] + 1])
     scale = weight if region is None else region.to(delta.dtype) * weight
     return out + delta * scale
+
+
+def subject_rows(v: torch.Tensor, hot_rows: torch.Tensor) -> torch.Tensor:
+    """``V[s_b]`` per row: ``[B, 1, H*d]`` (``hot_rows`` ``[B, M, 1]``, one 1 per row; a row of zeros gives 0)."""
+    return (hot_rows.to(v.dtype) * v).sum(dim=1, keepdim=True)
+
+
+def nested_attention_rows(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kn: torch.Tensor, vn: torch.Tensor, hot_rows: torch.Tensor, heads: int, attention_fn: AttentionFn
+):
+    """The same correction with a subject position per row (training captions differ):
+    ``(out + a_{s_b}(q) (v*_q - V_b[s_b]), v*_q, V_b[s_b])``.
+
+    hot_rows: ``[B, M, 1]``, 1 at row ``b``'s subject position (all zeros: no subject, no change).
+    """
+    nested = attention_fn(q, kn.expand(q.shape[0], -1, -1).contiguous(), vn.expand(q.shape[0], -1, -1).contiguous(), heads)
+    a = attention_fn(q, k, hot_rows.to(k.dtype).expand(-1, -1, k.shape[2]).contiguous(), heads)
+    v_s = subject_rows(v, hot_rows)
+    return out + a * (nested - v_s), nested, v_s
+
+
+def value_gap(nested: torch.Tensor, v_s: torch.Tensor, has_subject: torch.Tensor) -> torch.Tensor:
+    """The value regularizer of one layer: mean over rows with a subject, queries, channels of ``(v*_q - V[s])^2``."""
+    gap = (nested.float() - v_s.float()).pow(2).mean(dim=(1, 2))  # [B]
+    keep = has_subject.to(gap.dtype)
+    return (gap * keep).sum() / keep.sum().clamp_min(1.0)

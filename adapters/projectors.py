@@ -11,6 +11,8 @@
 | FaceIDPlusProjection | FaceID-Plus / PlusV2 | arcface_normed + clip_hidden | ``[N, 4, C]`` |
 | PVATransformNetwork | PVA | arcface (raw) ``[R, 512]``, all refs | ``[1, 10, 1024]`` |
 | PuLIDIDEncoder / PuLIDIDFormer | PuLID v1 / v1.1 | arcface (raw) + EVA02-CLIP features | ``[N, 10 / 32, 2048]`` |
+| KVMixedEncoder | trained here (``kv_mixed``) | arcface_normed ``[N, 512]`` | ``[N, 2T, C]`` (T keys, T values) |
+| QueryFormer | trained here (``nested``; ``omni_id`` as a set encoder) | any one kind (default arcface_normed) | ``[N, T, C]``; set: ``[1, T, C]`` from all photos |
 
 Which one an adapter uses is decided by the weight file (``weight_formats``),
 never by the user. :func:`build_projector` rebuilds one from its class name,
@@ -25,6 +27,8 @@ import torch
 
 from .id_adapter import TokenProjector
 from .projector_mlp import FaceIDPlusProjection, FaceIDProjection, FullFaceProjection, ImageProjection
+from .kv_mixed_encoders import KVMixedEncoder
+from .query_former import QueryFormer
 from .projector_perceiver import PerceiverResampler
 from .projector_pulid import PuLIDIDEncoder, PuLIDIDFormer
 from .projector_pva import PVATransformNetwork
@@ -41,6 +45,8 @@ PROJECTORS: Dict[str, type] = {
         PVATransformNetwork,
         PuLIDIDEncoder,
         PuLIDIDFormer,
+        KVMixedEncoder,
+        QueryFormer,
     )
 }
 

@@ -12,6 +12,7 @@ mechanism nodes read:
 | :class:`RouterMLPs` | ``router.0.weight`` ``[Hr, C]``, ``router.0.bias``, ``router.2.weight`` ``[2, Hr]``, ``router.2.bias`` | Apply mixture-of-attention (learned router) |
 | :class:`ScorePredictors` | ``score.0.weight`` ``[Hs, C + Ct]``, ``score.0.bias``, ``score.2.weight`` ``[2, Hs]``, ``score.2.bias`` | CA² gate (native score) |
 | :class:`FaceAdapterLayers` | FACT's 17 processor names (``linear.weight`` ... ``alpha_dense``) | the face adapter node (FACT) |
+| :class:`KeyValueProjections` | ``to_k`` / ``to_v`` ``[C, D]`` (or ``nested.to_k`` / ``nested.to_v``) | Apply KV-mixed attention (trained), Apply nested attention (native nested weights) |
 
 and two that are not per layer: :class:`PromptTokenVectors` (PVA's ``modifier_vec``, one vector
 per text encoder) and :class:`StageTokenTable` (SeFi-IDE's per-stage ``(P^K, P^V)`` pairs).
@@ -91,6 +92,31 @@ class VisualProjections(PerLayer):
     def weights(self, key: LayerKey) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.of(key)
         return m.to_q, m.to_k, m.to_v
+
+
+class _KeyValue(nn.Module):
+    def __init__(self, to_k: torch.Tensor, to_v: torch.Tensor):
+        super().__init__()
+        self.to_k = nn.Parameter(to_k.detach().float().clone())
+        self.to_v = nn.Parameter(to_v.detach().float().clone())
+
+
+class KeyValueProjections(PerLayer):
+    """Identity key / value projections per layer, ``to_k`` / ``to_v`` ``[C, D]`` (KV-mixed's W_k / W_v;
+    with ``prefix="nested."`` Nested Attention's W_Kn / W_Vn). ``initial``: ``{key: {"to_k", "to_v"}}``."""
+
+    def __init__(self, initial: Mapping[LayerKey, Mapping[str, torch.Tensor]], prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+        for key, w in initial.items():
+            self.layers[layer_name(key)] = _KeyValue(w["to_k"], w["to_v"])
+
+    def has(self, key: LayerKey) -> bool:
+        return layer_name(key) in self.layers
+
+    def weights(self, key: LayerKey) -> Tuple[torch.Tensor, torch.Tensor]:
+        m = self.of(key)
+        return m.to_k, m.to_v
 
 
 class PromptTokenVectors(nn.Module):

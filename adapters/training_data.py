@@ -21,7 +21,9 @@ position ``p = k * W + r``; position ``p`` is image ``perm_e[p mod n]`` of epoch
 
 References for identity-conditioned targets: the features of 1..``max_references`` *other*
 photos of the same identity (the photo itself when it is the only one), chosen with a
-generator seeded by ``(seed, p)``.
+generator seeded by ``(seed, p)``; with ``need_own_features`` also the photo's own features
+(``extras["own_features"]``, FACT's paired condition). ``train.py prepare`` writes the
+``.id.safetensors`` files (``nodes/prepare_features.py``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         caption: str = "",
         max_references: int = 0,
         need_features: bool = False,
+        need_own_features: bool = False,
     ):
         super().__init__()
         self.index = index
@@ -173,6 +176,7 @@ class StreamingImages(torch.utils.data.IterableDataset):
         self.caption = caption
         self.max_references = int(max_references)
         self.need_features = need_features
+        self.need_own_features = need_own_features
         self._perm_epoch = -1
         self._perm: Optional[torch.Tensor] = None
 
@@ -207,7 +211,17 @@ class StreamingImages(torch.utils.data.IterableDataset):
         )
         if self.need_features:
             sample.features = self.reference_features(i, position)
+        if self.need_own_features:
+            sample.extras["own_features"] = self.features_of(i)
         return sample
+
+    def features_of(self, i: int) -> Dict[str, torch.Tensor]:
+        """Photo ``i``'s own features, stacked as one reference ``{name: [1, ...]}`` (FACT's paired condition)."""
+        path = self.index.entries[i].path
+        f = load_features(_stem(path) + ".id.safetensors")
+        if f is None:
+            raise FileNotFoundError(f"{path} has no identity features ({_stem(path)}.id.safetensors); run the trainer's 'prepare' command on the folder first")
+        return {name: t[None] for name, t in f.items()}
 
     def reference_features(self, i: int, position: int) -> Dict[str, torch.Tensor]:
         """Stacked features ``{name: [R, ...]}`` of other photos of the same identity."""
@@ -245,6 +259,7 @@ def collate(samples: List[Sample]) -> dict:
         "has_mask": torch.tensor([s.mask is not None for s in samples]),
         "captions": [s.caption for s in samples],
         "features": [s.features for s in samples],
+        "own_features": [s.extras.get("own_features") for s in samples],
         "positions": [s.position for s in samples],
         "paths": [s.path for s in samples],
     }

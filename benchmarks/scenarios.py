@@ -190,7 +190,8 @@ def _build_kv_mixed(model, ctx):
     keys = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
     values = ctx.adapter(model, ADAPTER_TOKENS, projector="clip_embeds", fmt="ip_adapter_plus")
     identity = ctx.identity()
-    return apply_node(node, model=model, key_adapter=keys, key_identity=identity, value_adapter=values, value_identity=identity)
+    return apply_node(node, model=model, key_adapter=keys, key_identity=identity, value_adapter=values, value_identity=identity,
+                      pairing="two adapters (unrelated tokens, experimental)")
 
 
 def _has_identity_attention(model) -> bool:

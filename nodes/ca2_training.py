@@ -30,7 +30,7 @@ from ..adapters.id_adapter import IdAdapter
 from ..adapters.trainable_modules import ScorePredictors
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
 from .host import cross_attention_layers
-from .training_targets import TrainingFeed, TrainingTarget, register_target
+from .training_targets import MODULE_LR, TrainingFeed, TrainingTarget, register_target
 
 class TrainableCA2Stage(AttentionStage):
     label = "CA² score (training)"
@@ -57,6 +57,7 @@ class TrainableCA2Stage(AttentionStage):
 
 class CA2ScoreTarget(TrainingTarget):
     name = "ca2_score"
+    default_learning_rate = MODULE_LR
 
     def __init__(self, model_patcher, adapter: IdAdapter, hidden: int = 128, initial: Optional[Mapping] = None, seed: int = 0):
         if adapter is None or adapter.projector is None:

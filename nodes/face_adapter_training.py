@@ -11,6 +11,10 @@ released; here:
 
 - face tokens: the projector of an ID_ADAPTER (e.g. FACT's own resampler over TransFace tokens,
   or any projector giving tokens of the adapter's width) on each sample's features, frozen;
+- FACT's condition pairings (``adapters/condition_dropout.py``): per sample the face condition is
+  the photo's own features (paired) or another photo of the same person (shuffled, probability
+  rising from ``shuffle_start`` to ``shuffle_end`` over the run), and dropped (zeros) with the
+  trainer's identity dropout;
 - loss: denoising + ``fair_weight * FAIR``, FAIR = the adapter's relative increment outside the
   face mask (``adapters/training_losses.py``; weight 0.01 read off the released checkpoint's
   name "reg001", unverified).
@@ -31,7 +35,7 @@ from ..adapters.trainable_modules import FaceAdapterLayers, layer_name
 from ..adapters.training_losses import fair_loss
 from .dispatcher import AttentionCall
 from .host import attention_fn_for, cross_attention_layers, layer_key_of
-from .training_targets import TrainingFeed, TrainingTarget, register_target
+from .training_targets import MODULE_LR, TrainingFeed, TrainingTarget, register_target
 
 
 class TrainableFaceAdapterPatch:
@@ -66,8 +70,9 @@ class TrainableFaceAdapterPatch:
 
 class FaceAdapterTarget(TrainingTarget):
     name = "face_adapter"
+    default_learning_rate = MODULE_LR
 
-    def __init__(self, model_patcher, adapter: IdAdapter, fair_weight: float = 0.01, initial: Optional[Mapping] = None, seed: int = 0):
+    def __init__(self, model_patcher, adapter: IdAdapter, fair_weight: float = 0.01, initial: Optional[Mapping] = None, seed: int = 0, shuffle=(0.0, 0.5)):
         if adapter is None or adapter.projector is None:
             raise ValueError("the face_adapter target needs an 'adapter' whose projector makes the face tokens (e.g. FACT's weights)")
         layers = cross_attention_layers(model_patcher)
@@ -79,6 +84,7 @@ class FaceAdapterTarget(TrainingTarget):
         self.module = self.layers
         self.adapter = adapter
         self.fair_weight = float(fair_weight)
+        self.pairing = (float(shuffle[0]), float(shuffle[1]))  # the trainer's paired/shuffled curriculum (start, end)
 
     def install(self, model_patcher, feed: TrainingFeed):
         m = model_patcher.clone()
@@ -98,6 +104,9 @@ class FaceAdapterTarget(TrainingTarget):
 
 @register_target("face_adapter")
 def make_face_adapter_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, init: Optional[IdAdapter] = None, seed: int = 0, **_):
-    """Trainer factory: ``adapter`` (required: the face-token projector; FACT weights also give the start when no ``init``), ``fair_weight`` (0.01)."""
+    """Trainer factory: ``adapter`` (required: the face-token projector; FACT weights also give the start when no ``init``), ``fair_weight`` (0.01),
+    ``shuffle_start`` / ``shuffle_end`` (0.0 / 0.5: FACT's curriculum, the share of samples whose face condition is another
+    photo of the person instead of the photo itself, rising linearly over the run)."""
     initial = init.layers if init is not None else (adapter.layers if adapter is not None and adapter.mechanism == "gated_self_attention" else None)
-    return FaceAdapterTarget(model_patcher, adapter, fair_weight=float(settings.get("fair_weight", 0.01)), initial=initial, seed=seed)
+    return FaceAdapterTarget(model_patcher, adapter, fair_weight=float(settings.get("fair_weight", 0.01)), initial=initial, seed=seed,
+                             shuffle=(float(settings.get("shuffle_start", 0.0)), float(settings.get("shuffle_end", 0.5))))

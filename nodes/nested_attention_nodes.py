@@ -55,7 +55,7 @@ class ApplyNestedAttention:
             "identity": ("IDENTITY", {"tooltip": "The person whose features the subject word takes."}),
             "projection": (
                 list(PROJECTION_CHOICES),
-                {"tooltip": "How identity tokens become nested keys/values: the adapter's identity projections (any IP-Adapter-style adapter), native nested-attention weights, or the model's own text projections (tokens must be in the text-embedding space)."},
+                {"tooltip": "How identity tokens become nested keys/values. native nested weights: the paper's mechanism, an adapter trained by the trainer's nested target (its query-former makes the tokens). Untrained alternatives: the adapter's identity projections (any IP-Adapter-style adapter; trained for a different attention), or the model's own text projections (tokens must be in the text-embedding space)."},
             ),
             "subject": (list(SUBJECT_CHOICES), {"tooltip": "Which prompt token is the subject: the last word of the prompt (needs clip and prompt below), or the position given in token_index."}),
             "token_index": ("INT", {"default": 5, "min": 1, "max": 76 * 8, "tooltip": "With subject = token index: the subject's position in the prompt (0 is the start token). 'Find subject token' shows every word's position."}),

@@ -8,7 +8,8 @@ IDENTITY); per layer they become nested keys/values through one of:
   identity token's value stands in for the subject word);
 - ``nested``: native nested-attention weights ``nested.to_k`` / ``nested.to_v``
   (``[C, token_dim]`` per layer in an ID_ADAPTER's ``layers``, the paper's
-  per-layer W_Kn / W_Vn; this pack's native format);
+  per-layer W_Kn / W_Vn; this pack's native format, written by the trainer's
+  ``nested`` target together with its query-former, ``nodes/nested_training.py``);
 - ``layer``: the cross-attention layer's own ``to_k`` / ``to_v`` (training-free;
   the tokens must live in the text-embedding space, token_dim = context dim).
   Read from the live module during sampling, so LoRA-patched weights are used.

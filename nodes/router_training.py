@@ -32,7 +32,7 @@ from ..adapters.trainable_modules import RouterMLPs
 from ..adapters.training_losses import router_loss
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
 from .host import cross_attention_layers
-from .training_targets import TrainingFeed, TrainingTarget, register_target
+from .training_targets import MODULE_LR, TrainingFeed, TrainingTarget, register_target
 
 
 class FrozenIdentityStage(AttentionStage):
@@ -81,6 +81,7 @@ class TrainableRouterStage(AttentionStage):
 
 class RouterTarget(TrainingTarget):
     name = "router"
+    default_learning_rate = MODULE_LR
 
     def __init__(self, model_patcher, hidden: int = 128, loss_weight: float = 1.0, adapter: Optional[IdAdapter] = None, initial: Optional[Mapping] = None, seed: int = 0):
         layers = cross_attention_layers(model_patcher)

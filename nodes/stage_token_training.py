@@ -32,7 +32,7 @@ from ..adapters.training_losses import face_attention_loss
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
 from .host import cross_attention_layers
 from .prompt_token import CONTROL_WORDS, PLACEHOLDER, PromptToken, with_marker
-from .training_targets import TrainingFeed, TrainingTarget, register_target
+from .training_targets import TOKEN_LR, TrainingFeed, TrainingTarget, register_target
 
 REFERENCE_PROMPT = "a photo of the face of person"
 CLASS_WORD = "person"
@@ -88,6 +88,10 @@ class FaceAttentionRecorder(AttentionStage):
         k_ref = self.to_k[call.layer](ref)
         a_t = attention_probabilities(call.q, call.k, call.heads)[..., pos_t]
         a_r = attention_probabilities(call.q, k_ref, call.heads)[..., pos_r]
+        kept = self.feed.extras.get("text_kept")
+        if kept is not None:  # rows whose caption condition dropout removed have no subject word
+            kept = kept.to(a_t.device)
+            a_t, a_r = a_t[kept], a_r[kept]
         self.feed.record(self.name, "target", a_t)
         self.feed.record(self.name, "reference", a_r.detach())
         return out
@@ -95,6 +99,7 @@ class FaceAttentionRecorder(AttentionStage):
 
 class StageTokenTarget(TrainingTarget):
     name = "stage_tokens"
+    default_learning_rate = TOKEN_LR
 
     def __init__(self, model_patcher, clip, token: PromptToken, caption: str, base: str, stages: int = 5, attention_weight: float = 0.003, reference_prompt: str = REFERENCE_PROMPT, seed: int = 0, initial=None):
         if token is None:
@@ -159,6 +164,8 @@ class StageTokenTarget(TrainingTarget):
     def regularizers(self, feed: TrainingFeed) -> Dict[str, torch.Tensor]:
         if self.attention_weight == 0.0:
             return {}
+        if not feed.recorded(self.name, "target") or feed.recorded(self.name, "target")[0].shape[0] == 0:
+            return {"face_attention": torch.zeros(())}  # every caption of this micro-batch was dropped
         return {"face_attention": self.attention_weight * face_attention_loss(feed.recorded(self.name, "target"), feed.recorded(self.name, "reference"))}
 
     def export_files(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, str]]]:

@@ -9,6 +9,7 @@ Config (JSON, or TOML with the same sections; paths relative to the config file)
       "targets": {"pva": {"adapter": null, "train_projector": true},
                   "router": {"adapter": "my_pva.safetensors", "hidden": 128, "loss_weight": 1.0}},
       "train":   {"steps": 10000, "batch_size": 2, "grad_accum": 4, "learning_rate": 1e-6,
+                  "condition_dropout": {"identity": 0.05, "text": 0.05, "both": 0.05},
                   "scale_lr_by_batch": true, "weight_decay": 0.01, "time_resample": 2, "seed": 0,
                   "background_weight": 0.1, "gradient_checkpointing": "auto",
                   "checkpoint_every": 500, "log_every": 10},
@@ -17,11 +18,29 @@ Config (JSON, or TOML with the same sections; paths relative to the config file)
 
 Targets (``nodes/training_targets.py``; one file per mechanism): ``pva`` (visual projections,
 identity transformer, the caption's ``<new1>`` token), ``router`` (MoA routers + router loss),
-``ca2_score``, ``stage_tokens``, ``face_adapter`` where their modules exist. Each target may name
+``ca2_score``, ``stage_tokens``, ``face_adapter``, ``kv_mixed``, ``nested``, ``omni_id`` where their
+modules exist. Each target may name
 an ``adapter`` (where to start / the frozen branch it needs) and ``init`` (weights to continue).
 
-Learning rate: with ``scale_lr_by_batch`` (PVA's convention) the rate used is
-``learning_rate x batch_size x grad_accum x world size``.
+Learning rate per target: its own ``learning_rate`` setting, else ``train.learning_rate``, else the
+target's default by kind of parameter (``nodes/training_targets.py``): learned words / token tables
+1e-3 (``stage_tokens``; PVA's ``token_lr``), attention projections 1e-5 (``pva`` and the K/V
+projections of ``kv_mixed`` / ``nested``), small networks trained from scratch 1e-4 (``router``,
+``ca2_score``, ``face_adapter``, the encoders of ``kv_mixed`` / ``nested`` / ``omni_id``). With
+``scale_lr_by_batch`` (PVA's convention) the rate used is ``rate x batch_size x grad_accum x world size``.
+
+Condition dropout (``train.condition_dropout``, every target): per sample, the identity (its
+features become zeros), the caption (becomes "") or both are dropped with 0.05 each, as IP-Adapter
+and CA-Edit train (``adapters/condition_dropout.py``; ``0`` turns it off, a table
+``{identity, text, both}`` sets each). ``face_adapter`` adds FACT's paired / shuffled faces.
+
+Identity features are read from ``<photo>.id.safetensors`` next to each photo; ``python -m
+<pack>.train prepare FOLDER --face-pack antelopev2`` writes them once (``nodes/prepare_features.py``),
+so training never runs face analysis.
+
+Not provided: PVA's stage 2 (training the ArcFace recognizer itself, ``face_net.tune_params =
+"All"``): the pack runs the recognizer through onnxruntime, which cannot train, so the recognizer
+stays frozen and ``pva`` trains stage 1's parts only.
 
 Each optimizer step: ``grad_accum`` micro-batches of ``batch_size`` photos, each photo at
 ``time_resample`` stratified timesteps, the denoising loss (+ the targets' regularisers);
@@ -51,6 +70,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..adapters.condition_dropout import ConditionDropout, face_pairing, shuffle_probability, zero_features
 from ..adapters.identity import IdentityFeatures
 from ..adapters.loss_plot import draw_loss_curves, save_png
 from ..adapters.native_format import write_native
@@ -71,7 +91,7 @@ DEFAULTS = {
     "data": {"resolution": 512, "caption": "photo of a <new1> person", "max_references": 4},
     "targets": {},
     "train": {
-        "steps": 1000, "batch_size": 1, "grad_accum": 1, "learning_rate": 1e-5, "scale_lr_by_batch": True, "weight_decay": 0.01,
+        "steps": 1000, "batch_size": 1, "grad_accum": 1, "learning_rate": None, "scale_lr_by_batch": True, "condition_dropout": None, "weight_decay": 0.01,
         "time_resample": 2, "seed": 0, "background_weight": 0.1, "gradient_checkpointing": "auto", "checkpoint_every": 500, "log_every": 10,
     },
     "output": {"dir": "training_output", "name": "identity_attention_weights", "save_every_rank": False},
@@ -82,7 +102,7 @@ def _import_targets() -> None:
     """Register every target module present in this pack (each registers itself on import)."""
     import importlib
 
-    for name in ("pva_training", "router_training", "ca2_training", "stage_token_training", "face_adapter_training"):
+    for name in ("pva_training", "router_training", "ca2_training", "stage_token_training", "face_adapter_training", "kv_mixed_training", "nested_training", "omni_id_training"):
         try:
             importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as err:
@@ -163,6 +183,7 @@ class MicroBatch:
     foreground: Optional[torch.Tensor]  # [R, H, W] pixel masks
     captions: List[str]
     c_concat: Optional[torch.Tensor] = None
+    text_kept: Optional[torch.Tensor] = None  # [R] bool: False where condition dropout removed the caption
     features: Optional[List[IdentityFeatures]] = None
     frozen_tokens: Optional[torch.Tensor] = None
     repeat: int = 1
@@ -261,10 +282,13 @@ class Trainer:
         self.feed.extras["encode_with"] = self.encode_with
         self._contexts: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
+        self.dropout = ConditionDropout.from_config(tcfg.get("condition_dropout"))
+        self.pairing = next((t.pairing for t in self.targets if getattr(t, "pairing", None) is not None), None)
         index = ImageFolderIndex(self._path(dcfg["folder"]))
         self.dataset = StreamingImages(
             index, self.resolution, seed=self.seed, rank=rank, world=world, caption=caption,
             max_references=int(dcfg["max_references"]), need_features=any(getattr(t, "needs_features", False) for t in self.targets) or self._frozen_adapter() is not None,
+            need_own_features=self.pairing is not None,
         )
 
         self.step_module = _StepModule(self.targets, self._loss).to(self.device)
@@ -273,11 +297,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        lr = float(tcfg["learning_rate"])
-        if tcfg.get("scale_lr_by_batch", True):
-            lr *= self.batch_size * self.grad_accum * world
-        self.learning_rate = lr
-        groups = [g for t in self.targets for g in t.param_groups(lr, float(tcfg["weight_decay"]))]
+        self.learning_rates = {t.name: self._learning_rate(t) for t in self.targets}
+        groups = [g for t in self.targets for g in t.param_groups(self.learning_rates[t.name], float(tcfg["weight_decay"]))]
         groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
         groups = [g for g in groups if g["params"]]
         self.optimizer = torch.optim.AdamW(groups)
@@ -313,12 +334,24 @@ class Trainer:
                 self.model, adapter, settings, init=init, token_vectors=vectors, seed=self.seed, config_dir=self.config_dir,
                 clip=self.clip, token=self.token, caption=str(self.cfg["data"]["caption"]), base=self.base if self.base != "unknown" else "sd15",
             )
-            target.needs_features = getattr(target, "projector", None) is not None
+            target.needs_features = getattr(target, "needs_features", False) or getattr(target, "projector", None) is not None
+            target.learning_rate_setting = settings.get("learning_rate")
             targets.append(target)
         frozen = [t for t in targets if getattr(t, "adapter", None) is not None and t.name != "pva"]
         if frozen and any(t.name == "pva" for t in targets):
             raise ValueError("a target with its own frozen identity adapter cannot train together with 'pva' (both would set the identity tokens); leave its 'adapter' out to route PVA's attention")
         return targets
+
+    def _learning_rate(self, target: TrainingTarget) -> float:
+        """The target's ``learning_rate``, else the config's ``train.learning_rate``, else the target's
+        default (``TrainingTarget.default_learning_rate``), times the batch with ``scale_lr_by_batch``."""
+        tcfg = self.cfg["train"]
+        lr = getattr(target, "learning_rate_setting", None)
+        lr = tcfg.get("learning_rate") if lr is None else lr
+        lr = float(target.default_learning_rate if lr is None else lr)
+        if tcfg.get("scale_lr_by_batch", True):
+            lr *= self.batch_size * self.grad_accum * self.world
+        return lr
 
     def _frozen_adapter(self):
         for t in self.targets:
@@ -341,6 +374,7 @@ class Trainer:
         x0 = latents.repeat_interleave(n, dim=0)
         eps = torch.randn(x0.shape, generator=g)
         masks = batch["masks"]
+        captions, text_kept = self._drop_conditions(batch, step, micro)
         c_concat, weight = None, None
         if self.inpaint:
             holes = torch.stack([random_face_mask(m if has else None, (self.resolution, self.resolution), g) for m, has in zip(masks, batch["has_mask"].tolist())])
@@ -356,9 +390,23 @@ class Trainer:
         if adapter is not None:
             frozen = self._frozen_tokens(adapter, batch["features"]).repeat_interleave(n, dim=0)
         return MicroBatch(
-            x0=x0, sigma=sigma, timesteps=t, eps=eps, weight=weight, foreground=masks.repeat_interleave(n, dim=0), captions=[c for c in batch["captions"] for _ in range(n)],
-            c_concat=c_concat, features=features, frozen_tokens=frozen, repeat=n,
+            x0=x0, sigma=sigma, timesteps=t, eps=eps, weight=weight, foreground=masks.repeat_interleave(n, dim=0), captions=[c for c in captions for _ in range(n)],
+            c_concat=c_concat, text_kept=text_kept.repeat_interleave(n, dim=0), features=features, frozen_tokens=frozen, repeat=n,
         )
+
+    def _drop_conditions(self, batch: dict, step: int, micro: int) -> Tuple[List[str], torch.Tensor]:
+        """Condition dropout (``adapters/condition_dropout.py``), in place on ``batch["features"]``:
+        FACT's paired/shuffled choice first (targets with a ``pairing``), then dropped identities
+        get zero features. Returns the captions (dropped ones empty) and which were kept ``[B]``."""
+        count = len(batch["captions"])
+        if self.pairing is not None:
+            shuffle = shuffle_probability(step, self.steps, *self.pairing)
+            shuffled = face_pairing(count, shuffle, step_generator(self.seed, step, micro, self.rank, stream=12))
+            batch["features"] = [ref if s else own for ref, own, s in zip(batch["features"], batch["own_features"], shuffled.tolist())]
+        drop_identity, drop_text = self.dropout.draw(count, step_generator(self.seed, step, micro, self.rank, stream=11))
+        batch["features"] = [zero_features(f) if f is not None and d else f for f, d in zip(batch["features"], drop_identity.tolist())]
+        captions = ["" if d else c for c, d in zip(batch["captions"], drop_text.tolist())]
+        return captions, ~drop_text
 
     @torch.no_grad()
     def _frozen_tokens(self, adapter, features: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -404,7 +452,7 @@ class Trainer:
         feed = self.feed
         feed.start()
         feed.foreground = mb.foreground.to(self.device) if mb.foreground is not None else None
-        feed.extras.update(repeat=mb.repeat, timesteps=mb.timesteps, captions=mb.captions, device=self.device)
+        feed.extras.update(repeat=mb.repeat, timesteps=mb.timesteps, captions=mb.captions, device=self.device, text_kept=mb.text_kept)
         feed.tokens = mb.frozen_tokens.to(self.device) if mb.frozen_tokens is not None else None
         if mb.features is not None:
             p = next(iter(self.step_module.parameters()))
@@ -549,9 +597,9 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         name = self.cfg["output"]["name"]
         context_dim = self.layers[0].context_dim
-        meta = {"trained_steps": str(self.step), "learning_rate": f"{self.learning_rate:g}", "seed": str(self.seed)}
         base = self.base if self.base != "unknown" else "sd15"
         for t in self.targets:
+            meta = {"trained_steps": str(self.step), "learning_rate": f"{self.learning_rates[t.name]:g}", "seed": str(self.seed)}
             suffix = "" if len(self.targets) == 1 else f"_{t.name}"
             files = t.export_files(base, context_dim, meta)
             if files is None:
@@ -616,7 +664,16 @@ def run(config_path: str, resume: Optional[str] = None, stop_at: Optional[int] =
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m <pack>.train", description="Train Identity Attention weights (PVA modules, MoA routers, ...) on a folder of images.")
+    _import_targets()
+    parser = argparse.ArgumentParser(
+        prog="python -m <pack>.train",
+        description="Train Identity Attention weights (PVA modules, MoA routers, ...) on a folder of images.",
+        epilog=(
+            "First cache the identity features of the folder: 'python -m <pack>.train prepare FOLDER --face-pack antelopev2'. "
+            "Targets: " + ", ".join(sorted(TARGETS)) + ". "
+            "Not provided: PVA's stage 2 (training the ArcFace recognizer itself): the recognizer runs through onnxruntime and stays frozen."
+        ),
+    )
     parser.add_argument("config", help="the training config (JSON or TOML)")
     parser.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, or ../.. from the pack)")
     parser.add_argument("--resume", help="continue from a checkpoint file or a run folder (its latest checkpoint)")

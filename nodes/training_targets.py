@@ -3,7 +3,9 @@
 A target is one mechanism's trainable part. It says
 
 - **what parameters**: :attr:`module` (a ``torch.nn.Module`` from ``adapters/trainable_modules.py``
-  holding them: checkpointed, wrapped by DDP, exported) and :meth:`param_groups` (learning rates);
+  holding them: checkpointed, wrapped by DDP, exported) and :meth:`param_groups` (learning rates;
+  defaults by kind of parameter: :data:`TOKEN_LR` 1e-3 for learned words, :data:`PROJECTION_LR`
+  1e-5 for attention projections, :data:`MODULE_LR` 1e-4 for small networks trained from scratch);
 - **what forward hook**: :meth:`install` patches a training clone of the MODEL (dispatcher
   stages, attn2/middle patches) so the model's forward uses those parameters; per-step inputs
   (identity tokens, masks) come through the shared :class:`TrainingFeed`, which the loop fills
@@ -30,6 +32,13 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..adapters.spatial import mask_to_tokens
+
+TOKEN_LR = 1e-3
+"""Learned prompt words / token tables (PVA's modifier_vec lr; textual-inversion practice)."""
+PROJECTION_LR = 1e-5
+"""Attention projections (K/V/Q weights), fresh or copied from the layer (PVA's 40-step 1e-5 x batch)."""
+MODULE_LR = 1e-4
+"""Small networks trained from scratch: encoders, routers, score MLPs, gates (IP-Adapter's 1e-4)."""
 
 
 @dataclass
@@ -97,6 +106,8 @@ class TrainingTarget:
 
     name = "target"
     module: torch.nn.Module
+    default_learning_rate = PROJECTION_LR
+    """Used when neither the target's settings nor ``train.learning_rate`` give one (see :data:`PROJECTION_LR`)."""
 
     def param_groups(self, learning_rate: float, weight_decay: float) -> List[dict]:
         """AdamW parameter groups (default: every parameter of :attr:`module` at ``learning_rate``)."""

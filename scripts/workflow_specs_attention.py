@@ -44,7 +44,8 @@ def kv_mixed_attention(wb) -> str:
                             adapter="ipadapter/" + manifest_file("ip-adapter-plus-face_sd15"), model=ckpt[0])
     mixed = wb.node("IdentityAttentionApplyKVMixedAttention", title="KV-mixed attention: keys = who, values = look",
                     model=ckpt[0], key_adapter=key_adapter[0], key_identity=who[0], value_adapter=value_adapter[0], value_identity=look[0],
-                    weight=0.8, mode="decoupled", token_mismatch="resample_values", projections="adapter", references="fused")
+                    weight=0.8, mode="decoupled", token_mismatch="resample_values", projections="adapter", references="fused",
+                    pairing="two adapters (unrelated tokens, experimental)")
     report = wb.node("IdentityAttentionModelInfo", title="What is applied", model=mixed[0])
     shown = wb.node("IdentityAttentionShowText", title="Applied effects", text=report[0])
     gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: mixed[0], ckpt=ckpt, title="Sample",
@@ -63,6 +64,9 @@ def kv_mixed_attention(wb) -> str:
         title="Download first")
     wb.note(
         "KV-mixed attention (VisualComposer) splits the identity attention in two.\n\n"
+        "This workflow uses the EXPERIMENTAL pairing 'two adapters (unrelated tokens)': FaceID and plus-face were never trained "
+        "together, so key token j and value token j are unrelated. The paper's mechanism is pairing 'trained kv_mixed adapter' "
+        "(two encoders trained together by the pack's trainer, target kv_mixed; no public weights exist).\n\n"
         "KEYS (key_adapter + key_identity) decide WHERE the identity goes: which pixels attend to it. A compact encoding "
         "(the face embedding through FaceID, 4 tokens) carries who it is but little about pose or framing, so the prompt "
         "keeps the layout.\n\n"

@@ -42,7 +42,8 @@ def apply_pva(model, adapter, identity, weight=1.0, mode="decoupled", references
 
 
 def apply(model, key_adapter, key_identity, value_adapter, value_identity, weight=1.0, mode="decoupled", rule="resample_values", projections="adapter", references="fused", apply_to="both", mask=None):
-    return NODE.apply(model, key_adapter, key_identity, value_adapter, value_identity, weight, 0.0, 1.0, apply_to, mode, rule, projections, references, mask=mask)[0]
+    return NODE.apply(model, key_adapter, key_identity, weight, 0.0, 1.0, apply_to, mode, rule, projections, references, mask=mask,
+                      value_adapter=value_adapter, value_identity=value_identity, pairing=kv_nodes.TWO_ADAPTERS)[0]
 
 
 def pooled64(tokens: torch.Tensor, count: int) -> torch.Tensor:
@@ -176,7 +177,7 @@ def test_host_kv_mixed(server):
             "inputs": {
                 "model": ["1", 0], "key_adapter": ["5", 0], "key_identity": ["4", 0], "value_adapter": ["6", 0], "value_identity": ["4", 0],
                 "weight": 0.8, "start_percent": 0.0, "end_percent": 1.0, "apply_to": "both", "mode": "decoupled",
-                "token_mismatch": "resample_values", "projections": "adapter", "references": "fused",
+                "token_mismatch": "resample_values", "projections": "adapter", "references": "fused", "pairing": "two adapters (unrelated tokens, experimental)",
             },
         },
         "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},

@@ -167,7 +167,7 @@ def mechanism_prompt(config: Config, tag: str = "", prefix: str = "reliability")
         b.add(
             "kv_mixed", "IdentityAttentionApplyKVMixedAttention", model=model, key_adapter=b.out("adapter"), key_identity=b.out("identity"),
             value_adapter=b.out("value_adapter"), value_identity=b.out("identity"), apply_to="both", mode="decoupled",
-            token_mismatch="resample_values", projections="adapter", references="fused", **_window(w),
+            token_mismatch="resample_values", projections="adapter", references="fused", pairing="two adapters (unrelated tokens, experimental)", **_window(w),
         )
         model = b.out("kv_mixed")
     if "moa" in mechs:

@@ -58,6 +58,7 @@ class BaseProjections:
         self._hook_backup = getattr(model_patcher, "hook_backup", None) or {}
         self._paths = {info.key: info.module_path for info in layers}
         self._modules: Dict[LayerKey, Tuple[object, ...]] = {}
+        self._key_cache: Dict[Tuple[LayerKey, str], Tuple[str, str]] = {}
 
     def __deepcopy__(self, memo):
         return self
@@ -71,8 +72,11 @@ class BaseProjections:
         return found
 
     def _keys(self, layer: LayerKey, name: str) -> Tuple[str, str]:
-        prefix = f"diffusion_model.{self._paths[layer]}.attn2.{name}"
-        return prefix + ".weight", prefix + ".bias"
+        found = self._key_cache.get((layer, name))
+        if found is None:
+            prefix = f"diffusion_model.{self._paths[layer]}.attn2.{name}"
+            found = self._key_cache[(layer, name)] = (prefix + ".weight", prefix + ".bias")
+        return found
 
     def knows(self, layer: LayerKey) -> bool:
         return layer in self._paths

@@ -151,3 +151,50 @@ def test_prior_input_errors(tiny):
     with pytest.raises(errors.IdentityAttentionError) as info:
         moa(personalized, "frozen", torch.ones(1, 4, 4))
     assert "'prior'" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_base_projections_find_the_loaded_weights_in_every_host_layout(tiny):
+    """Each place ComfyUI keeps a loaded weight while a patch is in effect, as both hosts lay it out."""
+    import collections
+
+    base_mod = pack("nodes.base_projections")
+    model = tiny.unet("sd15", seed=5)
+    layers = host.cross_attention_layers(model)
+    info = {i.key: i for i in layers}[SD15_KEY]
+    attn2 = model.model.diffusion_model.get_submodule(info.module_path).attn2
+    key = f"diffusion_model.{info.module_path}.attn2.to_k.weight"
+    loaded = attn2.to_k.weight.detach().clone()
+    other = torch.randn_like(loaded)
+
+    class Patcher:  # the attributes BaseProjections reads, nothing else
+        def __init__(self, backup=None, hook_backup=None):
+            self.model, self.backup = model.model, backup or {}
+            if hook_backup is not None:
+                self.hook_backup = hook_backup
+
+    named = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+    layouts = {
+        "nothing patched": (Patcher(), False, loaded),
+        "in place, early-2024 backup (tensor)": (Patcher({key: loaded}), True, loaded),
+        "in place, 0.3.x backup (named tuple)": (Patcher({key: named(loaded, False)}), True, loaded),
+        "0.3.x hook backup": (Patcher(hook_backup={key: (loaded, torch.device("cpu"))}), True, loaded),
+    }
+    for name, (patcher, patched, expected) in layouts.items():
+        base = base_mod.BaseProjections(patcher, layers)
+        assert base.patched(SD15_KEY) is patched, name
+        torch.testing.assert_close(base.weights(SD15_KEY)[1][0], expected, rtol=0, atol=0)
+    # at cast time (low-VRAM loading, weight wrappers): the module keeps the loaded weight
+    missing = object()
+    original = getattr(attn2.to_k, "weight_function", missing)
+    for function in ([lambda w: w + other], lambda w: w + other):  # 0.3.x list / early-2024 callable
+        attn2.to_k.weight_function = function
+        try:
+            base = base_mod.BaseProjections(Patcher(), layers)
+            assert base.patched(SD15_KEY)
+            torch.testing.assert_close(base.weights(SD15_KEY)[1][0], loaded, rtol=0, atol=0)
+        finally:
+            if original is missing:
+                del attn2.to_k.weight_function
+            else:
+                attn2.to_k.weight_function = original
+    assert not base_mod.BaseProjections(Patcher(), layers).patched(SD15_KEY)

@@ -30,11 +30,18 @@ mechanisms applied before the routing node (PVA, KV-mixed...). Routers:
   query ``i`` puts on the identity keys (text keys and identity keys in one softmax, the stage's
   own query and keys; for joint stages including their log-prior), multiplied by that stage's
   mask, zero where the stage is inactive; the stages' shares are summed and clipped to [0, 1].
-  Normalised per layer and image: ``m(i) = (a(i) - min a) / max(max a - min a, 1e-6)`` in [0, 1];
-  then ``R1 = sigmoid(SHARE_LOGIT_SCALE * (m - 1/2) / temperature)``, ``R0 = 1 - R1``
-  (temperature 1: the normalised map's 0..1 spans logits -5..5, R1 0.007..0.993; lower is
-  sharper, higher softer). The spec's training-free MoA suggests exactly this source ("soft
-  subject mask from the subject token's cross-attention ... normalize").
+  Normalised per layer and image by the map's peak, never by less than ``SHARE_FLOOR``:
+  ``m(i) = a(i) / max(max a, SHARE_FLOOR)`` in [0, 1]; then
+  ``R1 = sigmoid(SHARE_LOGIT_SCALE * (m - 1/2) / temperature)``, ``R0 = 1 - R1``
+  (temperature 1: m's 0..1 spans logits -5..5, R1 0.007..0.993; lower is sharper, higher
+  softer). The spec's training-free MoA suggests this source ("soft subject mask from the
+  subject token's cross-attention ... normalize"); the normalisation is our choice. A share
+  is a probability mass, so it is scaled, not shifted: a pixel counts as fully identity when
+  it gets the image's peak share, and the floor keeps a weak map weak. A map whose peak
+  share stays below ``SHARE_FLOOR`` (a fifth of the attention) -- the model hardly attends
+  to the identity anywhere -- is not stretched to 0..1: it routes (mostly) to the prior, the
+  router's "no identity here". A flat map gives a flat routing (the earlier per-image min-max
+  stretched any nearly flat map, rounding noise included, to the full 0..1).
 
 ``mask``: ``R1`` = a MASK resized to the layer's grid, ``R0 = 1 - R1``.
 
@@ -56,7 +63,8 @@ import torch.nn.functional as F
 ROUTER_WEIGHT_NAMES = ("router.0.weight", "router.0.bias", "router.2.weight", "router.2.bias")
 SHARE_LOGIT_SCALE = 10.0
 """Logit span of the identity-attention router at temperature 1: normalised map 0..1 -> -5..5."""
-SHARE_EPS = 1e-6
+SHARE_FLOOR = 0.2
+"""The smallest peak identity share the identity-attention router scales up to 1 (see the module docstring)."""
 
 
 # --- routers -----------------------------------------------------------------------------------
@@ -74,11 +82,10 @@ def route_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> Tuple[t
     return probs[..., 0:1], probs[..., 1:2]
 
 
-def normalise_share(share: torch.Tensor) -> torch.Tensor:
-    """Per-row min-max of an identity share ``[b, N, 1]`` to [0, 1]."""
-    lo = share.amin(dim=1, keepdim=True)
-    hi = share.amax(dim=1, keepdim=True)
-    return (share - lo) / (hi - lo).clamp_min(SHARE_EPS)
+def normalise_share(share: torch.Tensor, floor: float = SHARE_FLOOR) -> torch.Tensor:
+    """``a / max(max a, floor)`` per row of an identity share ``[b, N, 1]`` in [0, 1] (no shift, no stretch below ``floor``)."""
+    peak = share.amax(dim=1, keepdim=True)
+    return (share / peak.clamp_min(floor)).clamp(0.0, 1.0)
 
 
 def route_from_identity_share(share: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:

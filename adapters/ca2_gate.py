@@ -53,15 +53,28 @@ numbering)::
   per row, so cond and uncond each use their own prompt. The trainer must use
   the same function.
 
-``text_attention`` (training-free): the layer's content attention mass per
-pixel (:mod:`.text_attention_mass`: the share of the pixel's text attention
-not on CLIP's start tokens, heads averaged), min-max normalised over each
-image's pixels at that layer, so the most text-driven pixel scores 1 and the
-least 0 (over the whole grid, not only the mask: the score only acts inside
-the mask, but the mask's share of the picture should not change its scale).
-A layer whose mass varies by less than 0.05 over the image is not stretched
-to full range (``text_attention_mass.minmax_per_image``): it carries no
-spatial signal, only rounding noise.
+``text_attention`` (training-free; the paper's score comes from a predictor
+trained with its Reference Net, which the pack does not have): the layer's
+content attention mass per pixel (:mod:`.text_attention_mass`: the share of
+the pixel's text attention not on CLIP's start tokens, heads averaged), read
+on one of two scales (``SCORE_SCALES``):
+
+- ``fixed`` (default): ``Score = mass`` itself, a probability in [0, 1], the
+  same scale at every step, layer and image. The paper's Fig. 5 shows the
+  score *rising* over denoising (early steps lean on the original image, later
+  ones on the text); only a scale that is fixed over the run keeps that trend.
+  Our choice over the alternatives: a running normalisation over the run would
+  stretch the first step (the only one seen yet) to full range, i.e. invert the
+  trend's start, and needs state across calls; any other constant would be a
+  guess about a model's attention sink. The start token takes most of the
+  mass, so these scores are lower than per-step ones (a gentler gate);
+  ``sharpness`` < 1 raises them.
+- ``per_step``: min-max normalised over each image's pixels at that layer and
+  step (the pack's earlier behaviour), so the most text-driven pixel scores 1
+  and the least 0 at every step: the spatial pattern at full contrast, the
+  trend over steps erased. A layer whose mass varies by less than 0.05 over
+  the image is not stretched to full range
+  (``text_attention_mass.minmax_per_image``): it carries no spatial signal.
 
 Both sources are then raised to ``sharpness`` (1 = as computed; > 1 keeps
 suppression only where the text dominates most; < 1 spreads it).
@@ -81,6 +94,8 @@ from .attention_core import AttentionFn
 from .text_attention_mass import content_attention_mass, minmax_per_image
 
 SCORE_SOURCES = ("text_attention", "native")
+SCORE_SCALES = ("fixed", "per_step")
+"""How the training-free score is scaled (see the module docstring)."""
 
 SCORE_KEYS = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 """Per-layer tensor names of the native score predictor (see module docstring)."""
@@ -145,9 +160,18 @@ def native_score(
     return torch.sigmoid(logits[..., 0])
 
 
-def text_attention_score(q: torch.Tensor, k_text: torch.Tensor, heads: int) -> torch.Tensor:
-    """Training-free score: min-max normalised content attention mass, ``[B, N]`` in [0, 1]."""
-    return minmax_per_image(content_attention_mass(q, k_text, heads))
+def scaled_mass(mass: torch.Tensor, scale: str = "fixed") -> torch.Tensor:
+    """``[B, N]`` content mass -> training-free score in [0, 1]: the mass itself (``fixed``) or min-max per image (``per_step``)."""
+    if scale == "fixed":
+        return mass
+    if scale == "per_step":
+        return minmax_per_image(mass)
+    raise ValueError(f"score scale must be one of {SCORE_SCALES}, got {scale!r}")
+
+
+def text_attention_score(q: torch.Tensor, k_text: torch.Tensor, heads: int, scale: str = "fixed") -> torch.Tensor:
+    """Training-free score from the content attention mass, ``[B, N]`` in [0, 1] (``scale``: :data:`SCORE_SCALES`)."""
+    return scaled_mass(content_attention_mass(q, k_text, heads), scale)
 
 
 def sharpen(score: torch.Tensor, sharpness: float) -> torch.Tensor:

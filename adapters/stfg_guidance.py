@@ -6,8 +6,9 @@ step it pulls the low spatial frequencies of the predicted clean latent there
 toward those of the original image's latent.
 
 1. Boundary (Eq. 7, appendix Eq. 11-13). ``A`` = the mean text cross-attention
-   map (over text tokens and the recorded layers, each upsampled to the latent
-   grid ``H x W``; see :mod:`.text_attention_mass` for which tokens). With
+   map (over text tokens and the recorded layers -- every cross-attention layer
+   as in the paper, or only the coarse ones, the node's choice -- each upsampled
+   to the latent grid ``H x W``; see :mod:`.text_attention_mass` for which tokens). With
    ``M`` the edit mask at the latent grid (inside = ``M >= 0.5``)::
 
        Idx = { p in M : A(p) <= mu - sigma },   mu, sigma = mean and std of A over the pixels in M
@@ -53,14 +54,20 @@ toward those of the original image's latent.
    ``grad_x g = grad_x0 g = 2/|Idx| * LP(1_Idx ⊙ (LP(x0) - LP(z0)))``
    (``LP`` is self-adjoint: a real 0/1 spectral mask), no backward pass.
 
-   Two choices the paper leaves open:
-   - step limit: the step ``lambda sigma^2`` is capped at ``|Idx| / 2``. In
-     ``fast`` mode the cap makes the largest step remove the boundary's
-     low-band residual once instead of overshooting it (at sigma = 14,
-     sigma^2 = 200, any lambda above ``|Idx| / 400`` would overshoot);
-   - the update is multiplied by the (soft) edit mask ``M``: outside the mask
-     the latent is left exactly as the unguided sampler made it (with a latent
-     noise mask ComfyUI restores the original there anyway).
+   Two departures from the paper, each an option (``cap``, ``mask``):
+   - step limit (``cap``, the node's default: on): the step ``lambda sigma^2``
+     is capped at ``|Idx| / 2``. The paper has no cap. In ``fast`` mode the
+     update removes ``2 lambda sigma^2 / |Idx|`` times the boundary's low-band
+     residual; above 1 it overshoots, and early steps are far above it (at
+     sigma = 14, sigma^2 = 200, the node's default lambda = 10 and a 40-pixel
+     ring: 100 times), which blows the latent up. The cap makes the largest step
+     remove the residual exactly once. Off = Eq. 10 as written.
+   - masked update (``mask``, the node's default: off, as in the paper): the
+     paper updates the latent unmasked (the gradient of Eq. 9 reaches a little
+     beyond ``Idx`` through the low-pass); multiplying by the (soft) edit mask
+     ``M`` leaves the latent outside the mask exactly as the unguided sampler
+     made it. With a latent noise mask ComfyUI restores the original outside
+     the mask each step anyway, so the two differ only without one.
 
 Shapes: latents ``[B, C, H, W]``; attention maps, masks, boundaries ``[B, H, W]``;
 sigma ``[B]`` or scalar.
@@ -147,11 +154,15 @@ def guidance_gradient(x0: torch.Tensor, z0: torch.Tensor, boundary: torch.Tensor
     return low_pass(residual, box) * scale.reshape(-1, 1, 1, 1)
 
 
-def step_size(sigma: torch.Tensor, strength: float, boundary: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``min(lambda sigma^2, |Idx| / 2)`` per image: ``[B, 1, 1, 1]`` (0 for an empty region)."""
+def step_size(sigma: torch.Tensor, strength: float, boundary: torch.Tensor, dtype: torch.dtype = torch.float32, cap: bool = True) -> torch.Tensor:
+    """``min(lambda sigma^2, |Idx| / 2)`` per image (``cap=False``: ``lambda sigma^2``): ``[B, 1, 1, 1]``.
+
+    An empty region has a zero gradient, so its update is 0 either way.
+    """
     sigma = torch.as_tensor(sigma, device=boundary.device).to(dtype).reshape(-1)
-    step = strength * sigma.pow(2)
-    step = torch.minimum(step.expand(boundary.shape[0]), region_size(boundary, dtype) / 2.0)
+    step = (strength * sigma.pow(2)).expand(boundary.shape[0])
+    if cap:
+        step = torch.minimum(step, region_size(boundary, dtype) / 2.0)
     return step.reshape(-1, 1, 1, 1)
 
 
@@ -170,10 +181,11 @@ def fast_update(
     sigma: torch.Tensor,
     strength: float,
     box: torch.Tensor,
+    cap: bool = True,
 ) -> torch.Tensor:
-    """``denoised - min(lambda sigma^2, |Idx|/2) * M ⊙ grad_x0 g`` (eps held constant)."""
+    """``denoised - min(lambda sigma^2, |Idx|/2) * M ⊙ grad_x0 g`` (eps held constant; ``mask`` None: unmasked, ``cap`` False: no min)."""
     gradient = guidance_gradient(denoised, z0, boundary, box)
-    return _masked_step(denoised, gradient, step_size(sigma, strength, boundary, gradient.dtype), mask)
+    return _masked_step(denoised, gradient, step_size(sigma, strength, boundary, gradient.dtype, cap), mask)
 
 
 def exact_gradient(
@@ -206,11 +218,12 @@ def exact_update(
     sigma: torch.Tensor,
     strength: float,
     box: torch.Tensor,
+    cap: bool = True,
 ) -> torch.Tensor:
-    """``denoised - min(lambda sigma^2, |Idx|/2) * M ⊙ grad_x g(D(x))`` (Eq. 10 through the model)."""
+    """``denoised - min(lambda sigma^2, |Idx|/2) * M ⊙ grad_x g(D(x))`` (Eq. 10 through the model; ``mask``/``cap`` as in :func:`fast_update`)."""
     with torch.enable_grad():
         gradient = exact_gradient(x, denoise_fn, z0, boundary, box)
-    return _masked_step(denoised, gradient, step_size(sigma, strength, boundary, gradient.dtype), mask)
+    return _masked_step(denoised, gradient, step_size(sigma, strength, boundary, gradient.dtype, cap), mask)
 
 
 def _autograd_safe(t: torch.Tensor) -> torch.Tensor:

@@ -166,10 +166,12 @@ def ca2_gate(fi: FloorInputs, tokens: int) -> Floor:
     return decoupled(fi, tokens) + score
 
 
-def boundary_guidance(fi: FloorInputs, min_downscale: int = 4) -> Floor:
-    """STFG fast: the mean text cross-attention map at the coarse layers, then an FFT low-pass of x0.
+def boundary_guidance(fi: FloorInputs, min_downscale: int = 1) -> Floor:
+    """STFG fast: the mean text cross-attention map over the boundary layers, then an FFT low-pass of x0.
 
-    Per coarse layer (>= 4x coarser than the latent): text probabilities
+    Boundary layers: every layer (``min_downscale`` 1, the node's default, as in the paper) or the
+    coarse ones (4: >= 4x coarser than the latent, ``boundary_layers: low resolution layers``).
+    Per boundary layer: text probabilities
     recomputed and averaged over heads and tokens, 2BNMC + 6BHNM; bytes
     e(BNC + BMC + BN). Per image (B/2) of c latent channels, h*w pixels: FFT and
     inverse FFT, 2 * 5 c hw log2(hw), plus the closed-form update (~10 c hw);

@@ -237,7 +237,7 @@ def _stfg(model, ctx, mode: str, **inputs) -> Patched:
 @scenario(
     "stfg_fast",
     "#7",
-    "Apply STFG guidance, mode fast, inpainting (closed form, no backward): coarse-layer text-attention map + FFT low-pass pull; compare with inpainting_unpatched",
+    "Apply STFG guidance, mode fast, inpainting (closed form, no backward): every layer's text-attention map (paper default) + FFT low-pass pull; compare with inpainting_unpatched",
     floor=floors.boundary_guidance,
     needs=("adapters.stfg_guidance", "nodes.stfg_attention_stage", "nodes.stfg_post_cfg", "nodes.stfg_nodes"),
 )

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.ca2_gate import SCORE_SOURCES, check_native_score
+from ..adapters.ca2_gate import SCORE_SCALES, SCORE_SOURCES, check_native_score
 from .ca2_stage import CA2GateStage
 from .dispatcher import apply_attention_stage, installed_dispatcher
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
 from .input_checks import check_image, check_latent
-from .map_images import LAYER_SELECTIONS, gray_image, layer_mean, pixel_size, resize_maps
+from ..adapters.spatial import mask_to_tokens
+from .map_images import LAYER_SELECTIONS, curve_image, gray_image, layer_mean, one_scale, pixel_size, resize_maps
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs, validate_mask
 from .visual_condition import clip_vision_features, visual_tokens
 
@@ -24,6 +25,11 @@ SCORE_CHOICES = {
     "native score weights": "native",
 }
 assert set(SCORE_CHOICES.values()) == set(SCORE_SOURCES)
+SCALE_CHOICES = {
+    "fixed (trend over steps)": "fixed",
+    "per step (full contrast)": "per_step",
+}
+assert set(SCALE_CHOICES.values()) == set(SCORE_SCALES)
 
 
 class ApplyCA2Gate:
@@ -77,6 +83,13 @@ class ApplyCA2Gate:
         return {
             "required": required,
             "optional": {
+                "score_scale": (
+                    list(SCALE_CHOICES),
+                    {
+                        "default": "fixed (trend over steps)",
+                        "tooltip": "Training-free score only. 'fixed': the share of each pixel's attention that goes to the prompt's words, on the same 0..1 scale at every step, so the paper's rise of the score over sampling shows (early steps keep more of the photo); gentler, raise it with sharpness below 1. 'per step': rescaled at every step and layer so the most text-driven pixel scores 1 (stronger, but every step looks alike).",
+                    },
+                ),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP-vision model the adapter was trained with (used with 'image')."}),
                 "image": ("IMAGE", {"tooltip": "The original photo being edited (used with 'clip_vision')."}),
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "Instead of clip_vision + image: an already encoded original photo (CLIP Vision Encode)."}),
@@ -97,8 +110,12 @@ class ApplyCA2Gate:
         clip_vision=None,
         image=None,
         clip_vision_output=None,
+        score_scale="fixed (trend over steps)",
     ):
         node = self.DISPLAY_NAME
+        scale = SCALE_CHOICES.get(score_scale)
+        if scale is None:
+            raise IdentityAttentionError(f"unknown score_scale {score_scale!r}", node=node, input_name="score_scale", fix=f"choose one of: {', '.join(SCALE_CHOICES)}")
         source = SCORE_CHOICES.get(score_source)
         if source is None:
             raise IdentityAttentionError(f"unknown score source {score_source!r}", node=node, input_name="score_source", fix=f"choose one of: {', '.join(SCORE_CHOICES)}")
@@ -109,7 +126,7 @@ class ApplyCA2Gate:
         features = clip_vision_features(node, clip_vision, image, clip_vision_output)
         tokens_cond, tokens_uncond = visual_tokens(id_adapter, features, node)
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, None, node=node)
-        stage = CA2GateStage(schedule, id_adapter, tokens_cond, tokens_uncond, edit_mask, source, sharpness)
+        stage = CA2GateStage(schedule, id_adapter, tokens_cond, tokens_uncond, edit_mask, source, sharpness, scale)
         return (apply_attention_stage(model, stage),)
 
 
@@ -164,11 +181,12 @@ class InspectCA2Scores:
         "light = the text dominates there, so the original photo was turned down (inside the mask). "
         "Place it after the sampler: connect the patched MODEL and the sampler's LATENT."
     )
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("scores_per_step", "mean_score")
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
+    RETURN_NAMES = ("scores_per_step", "mean_score", "score_curve")
     OUTPUT_TOOLTIPS = (
-        "One grayscale frame per sampling step (and per image of the batch), at the image's size.",
-        "The score averaged over all steps, as a mask at the image's size.",
+        "One grayscale frame per sampling step (and per image of the batch), at the image's size, all on one colour scale (white = the highest score of the whole run), so a step that leans more on the text looks lighter.",
+        "The score averaged over all steps, as a mask at the image's size (absolute, 0..1).",
+        "The mean score per step (first image; x = step, y = 0..1): inside the edit mask in white, over the whole image in gray. With the 'fixed' scale it shows the paper's rise over sampling.",
     )
     FUNCTION = "inspect"
 
@@ -206,7 +224,21 @@ class InspectCA2Scores:
         per_step = [layer_mean(entries, layers, grid) for _, entries in recorder.steps if entries]
         frames = torch.cat([resize_maps(m, size) for m in per_step], dim=0)
         mean = resize_maps(torch.stack(per_step).mean(dim=0), size)
-        return (gray_image(frames), mean.clamp(0.0, 1.0).cpu())
+        return (gray_image(one_scale(frames.clamp_min(0.0))), mean.clamp(0.0, 1.0).cpu(), curve_image(*score_curves(per_step, stages[-1].edit_mask, grid)))
+
+
+def score_curves(per_step, edit_mask: torch.Tensor, grid):
+    """Mean score per step of the first image, inside the edit mask (weighted by it) and overall:
+    ``([inside...], [overall...]), colours`` for :func:`curve_image`."""
+    weights = mask_to_tokens(edit_mask[:1], grid).reshape(grid).float()
+    total = float(weights.sum())
+    inside, overall = [], []
+    for m in per_step:
+        m = m[0].float().cpu()
+        overall.append(float(m.mean()))
+        if total > 0:  # an empty mask draws no inside line
+            inside.append(float((m * weights).sum()) / total)
+    return (inside, overall), ((1.0, 1.0, 1.0), (0.55, 0.55, 0.55))
 
 
 NODES = [ApplyCA2Gate, InspectCA2Scores]

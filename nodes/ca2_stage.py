@@ -27,12 +27,13 @@ from ..adapters.ca2_gate import (
     gated_visual_attention,
     native_score,
     pooled_text_token,
+    scaled_mass,
     sharpen,
     text_attention_score,
     visual_gate,
     visual_keys_values,
 )
-from ..adapters.text_attention_mass import minmax_per_image, text_attention_with_mass
+from ..adapters.text_attention_mass import text_attention_with_mass
 from ..adapters.id_adapter import DeviceCache
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, blend_in_region, mask_rows
 from .errors import IdentityAttentionError
@@ -55,8 +56,10 @@ class CA2GateStage(AttentionStage):
         edit_mask: torch.Tensor,
         score_source: str = "text_attention",
         sharpness: float = 1.0,
+        score_scale: str = "fixed",
     ):
         super().__init__(schedule)
+        self.score_scale = score_scale
         self.adapter = adapter
         self.tokens = {_COND: tokens_cond, _UNCOND: tokens_uncond}
         self.edit_mask = edit_mask
@@ -98,9 +101,9 @@ class CA2GateStage(AttentionStage):
             hidden = call.hidden_states()
             raw = native_score(hidden, pooled_text_token(call.context().to(hidden.dtype)), dict(zip(SCORE_KEYS, weights)), self.activation)
         elif mass is not None:
-            raw = minmax_per_image(mass)
+            raw = scaled_mass(mass, self.score_scale)
         else:
-            raw = text_attention_score(call.q, call.k, call.heads)
+            raw = text_attention_score(call.q, call.k, call.heads, self.score_scale)
         return sharpen(raw, self.sharpness)
 
     def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:

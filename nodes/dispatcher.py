@@ -72,6 +72,9 @@ HIDDEN_STATES_KEY = "identity_attention_hidden_states"
 CONTEXT_KEY = "identity_attention_context"
 """Where the same stash puts the raw text context ``to_k`` receives (``[B, M, Ct]``)."""
 
+VALUE_KEY = "identity_attention_value"
+"""Where the same stash puts what ``to_v`` receives (the context, unless an attn2_patch changed it)."""
+
 APPLY_TO_CHOICES = ("both", "cond", "uncond")
 _COND, _UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
 
@@ -150,6 +153,7 @@ class AttentionCall:
         text: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
         context: Optional[torch.Tensor] = None,
+        value: Optional[torch.Tensor] = None,
     ):
         self.q, self.k, self.v = q, k, v
         self.extra_options = extra_options
@@ -164,12 +168,18 @@ class AttentionCall:
         self._text = text
         self._hidden = hidden if hidden is not None else extra_options.get(HIDDEN_STATES_KEY)
         self._context = context if context is not None else extra_options.get(CONTEXT_KEY)
+        self._value = value if value is not None else extra_options.get(VALUE_KEY)
 
     @property
     def sigma(self) -> Optional[float]:
         """The current sigma as a float. Reading it waits for the GPU once per UNet call:
         only inspect recorders should need it (windows are checked without it)."""
         return self._sigma_reader() if self._sigma_reader is not None else None
+
+    @property
+    def fallback(self) -> Optional[Callable]:
+        """The attention replace another pack installed in this slot before ours (None: the host's)."""
+        return self._fallback
 
     # --- sizes -------------------------------------------------------------------------------
     @property
@@ -243,6 +253,13 @@ class AttentionCall:
             raise RuntimeError("the text context was not stashed: the stage must set needs_hidden_states = True")
         return self._context
 
+    def value_input(self) -> torch.Tensor:
+        """What the layer's ``to_v`` receives, ``[B, M, Ct]``: the context unless an attn2_patch changed it.
+
+        Stashed together with the hidden states (``needs_hidden_states``).
+        """
+        return self._value if self._value is not None else self.context()
+
     # --- batch chunks ------------------------------------------------------------------------
     def per_row(self, values: Dict[int, torch.Tensor]) -> torch.Tensor:
         """Stack per-chunk tensors into per-row ones.
@@ -282,6 +299,7 @@ class AttentionCall:
             text=take(self._text),
             hidden=take(self._hidden),
             context=take(self._context),
+            value=take(self._value),
         )
 
     def _row_slices(self, keep: Sequence[bool]) -> List[slice]:
@@ -432,6 +450,7 @@ class HiddenStateStash:
     def __call__(self, n, context, value, extra_options):
         extra_options[HIDDEN_STATES_KEY] = n
         extra_options[CONTEXT_KEY] = context
+        extra_options[VALUE_KEY] = value
         return n, context, value
 
     def __deepcopy__(self, memo):

@@ -13,7 +13,8 @@ from .dispatcher import apply_attention_stage, installed_dispatcher
 from .errors import IdentityAttentionError
 from .identity_inputs import check_base, model_layers
 from .input_checks import check_latent
-from .routing_stage import ROUTERS, MixtureOfAttentionStage
+from .base_projections import BaseProjections
+from .routing_stage import PRIORS, ROUTERS, MixtureOfAttentionStage
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs, validate_mask, weight_input
 
 CELL = 128  # pixels per map in the per-step sheet
@@ -101,18 +102,27 @@ class ApplyMixtureOfAttention:
             }
         )
         optional = {
+            "prior": (
+                list(PRIORS),
+                {
+                    "default": "base",
+                    "tooltip": "What the model's own attention (the prior) is computed with. base (the paper): the checkpoint's attention as loaded, before LoRAs and other weight patches, so outside the identity the picture follows the base model. current: the model as it arrives here, LoRAs included.",
+                },
+            ),
             "mask": ("MASK", {"tooltip": "Where the identity may appear (white). Outside it the model's own attention is used. Required for the mask router; with the other routers it limits them."}),
             "router_weights": ("ID_ADAPTER", {"tooltip": "Trained MoA router weights (this pack's native format). Only for the learned router."}),
         }
         return {"required": required, "optional": optional}
 
-    def apply(self, model, router, weight, start_percent, end_percent, apply_to, temperature, record_maps, mask=None, router_weights=None):
+    def apply(self, model, router, weight, start_percent, end_percent, apply_to, temperature, record_maps, mask=None, router_weights=None, prior="base"):
         node = self.DISPLAY_NAME
         layers = model_layers(model, node)
         if not 0.0 <= weight <= 1.0:
             raise IdentityAttentionError(f"weight must be between 0 and 1, got {weight}", node=node, input_name="weight", fix="use 1 for full routing")
         if not temperature > 0:
             raise IdentityAttentionError(f"temperature must be above 0, got {temperature}", node=node, input_name="temperature", fix="use 1.0, or lower for crisper maps")
+        if prior not in PRIORS:
+            raise IdentityAttentionError(f"unknown prior {prior!r}", node=node, input_name="prior", fix=f"choose one of: {', '.join(PRIORS)}")
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, None, node=node)
         router_mask = validate_mask(mask, node) if mask is not None else None
         if router == "mask" and router_mask is None:
@@ -138,6 +148,8 @@ class ApplyMixtureOfAttention:
             router_weights=weights,
             identity_stages=identity_stages if router == "identity_attention" else (),
             recorder=RouterRecorder() if record_maps else None,
+            prior=prior,
+            base=BaseProjections(model, layers) if prior == "base" else None,
         )
         return (apply_attention_stage(model, stage),)
 

@@ -1,8 +1,21 @@
 """The dispatcher stage of mixture-of-attention routing (math in ``adapters/attention_routing.py``).
 
-Per attn2 call: ``prior`` = the layer's text attention (``call.text_attention()``: what the
-unpatched model, or another pack's patch underneath ours, computes); ``personalized`` = ``out``,
-the output of every stage applied before this one. The router gives ``(R0, R1)`` per query::
+Per attn2 call: ``personalized`` = ``out``, the output of every stage applied before this one;
+``prior`` = the layer's text attention, computed from
+
+- ``prior="base"`` (default; MoA's "fixed attention layers in the prior branch"): the layer's
+  q/k/v projections *as loaded*, before LoRAs and other weight patches
+  (:mod:`.base_projections` finds them on either host), applied to the stashed inputs of
+  ``to_q`` / ``to_k`` / ``to_v``. A layer no weight patch touches reuses ``call.text_attention()``
+  (the same numbers, no extra cost); a patched one costs three projections and one attention call.
+- ``prior="current"``: ``call.text_attention()``, the model as it is (LoRAs included).
+
+In both, an attention *replacement* another pack installed in the slot before ours still computes
+the prior (it is fed the base projections under ``base``). The layer's output projection
+``to_out`` is applied by the host after the mix, to both branches together, so a LoRA on
+``to_out`` still reaches the prior: only q/k/v are held at the loaded weights.
+
+The router gives ``(R0, R1)`` per query::
 
     routed = R0 * prior + R1 * personalized
     result = routed                     if weight == 1
@@ -18,6 +31,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters.attention_routing import (
     ROUTER_WEIGHT_NAMES,
@@ -29,10 +43,12 @@ from ..adapters.attention_routing import (
     route_from_mask,
 )
 from ..adapters.id_adapter import DeviceCache
+from .base_projections import BaseProjections
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule
 from .host import LayerKey
 
 ROUTERS = ("identity_attention", "mask", "learned")
+PRIORS = ("base", "current")
 
 
 class MixtureOfAttentionStage(AttentionStage):
@@ -42,7 +58,8 @@ class MixtureOfAttentionStage(AttentionStage):
     ``[Bm, H, W]`` (required by "mask"). router_weights: per layer the four
     :data:`ROUTER_WEIGHT_NAMES` tensors (required by "learned"). identity_stages: the stages
     before this one that expose ``identity_share(call)`` (required by "identity_attention").
-    recorder: keeps R1 maps for the inspect node (None: no recording).
+    recorder: keeps R1 maps for the inspect node (None: no recording). prior: one of :data:`PRIORS`;
+    "base" needs ``base`` (the MODEL's :class:`BaseProjections`).
     """
 
     label = "Apply mixture-of-attention"
@@ -56,8 +73,14 @@ class MixtureOfAttentionStage(AttentionStage):
         router_weights: Optional[Dict[LayerKey, Dict[str, torch.Tensor]]] = None,
         identity_stages: Sequence[AttentionStage] = (),
         recorder: Optional[RouterRecorder] = None,
+        prior: str = "current",
+        base: Optional[BaseProjections] = None,
     ):
         super().__init__(schedule)
+        if prior not in PRIORS:
+            raise ValueError(f"unknown prior {prior!r}; known: {', '.join(PRIORS)}")
+        if prior == "base" and base is None:
+            raise ValueError("the base prior needs the model's base projections")
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; known: {', '.join(ROUTERS)}")
         if router == "mask" and router_mask is None:
@@ -72,8 +95,11 @@ class MixtureOfAttentionStage(AttentionStage):
         self.router_weights = router_weights
         self.identity_stages = tuple(identity_stages)
         self.recorder = recorder
-        self.needs_hidden_states = router == "learned" or any(s.needs_hidden_states for s in self.identity_stages)
+        self.prior = prior
+        self.base = base
+        self.needs_hidden_states = prior == "base" or router == "learned" or any(s.needs_hidden_states for s in self.identity_stages)
         self._weights = DeviceCache()
+        self._base_weights = DeviceCache()
 
     def route(self, call: AttentionCall) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(R0, R1)`` for ``call``'s rows, ``[b, N, 1]`` each."""
@@ -98,10 +124,30 @@ class MixtureOfAttentionStage(AttentionStage):
             r0 = 1.0 - r1
         return r0, r1
 
+    def prior_attention(self, call: AttentionCall) -> torch.Tensor:
+        """The prior branch ``[b, N, H*D]``: the layer's text attention with the loaded q/k/v
+        weights (``prior="base"``, where a weight patch changed them) or the current ones."""
+        if self.prior == "current" or not self.base.knows(call.layer) or not self.base.patched(call.layer):
+            return call.text_attention()
+        dtype = call.q.dtype
+        wq, bq, wk, bk, wv, bv = self._base_weights.get(call.layer, call.q.device, dtype, lambda: self._flat_weights(call.layer))
+        q = F.linear(call.hidden_states().to(dtype), wq, bq)
+        k = F.linear(call.context().to(dtype), wk, bk)
+        v = F.linear(call.value_input().to(dtype), wv, bv)
+        fallback = call.fallback
+        return fallback(q, k, v, call.extra_options) if fallback is not None else call.attention(q, k, v)
+
+    def _flat_weights(self, layer: LayerKey) -> Tuple:
+        """The loaded weights as the flat tuple :class:`DeviceCache` moves (zeros for a missing bias)."""
+        flat = []
+        for w, b in self.base.weights(layer):
+            flat += [w, b if b is not None else w.new_zeros(w.shape[0])]
+        return tuple(flat)
+
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         r0, r1 = self.route(call)
         if self.recorder is not None:
             self.recorder.record(call.sigma, call.chunks, call.token_grid(), r1)
-        routed = mixture_of_attention(call.text_attention(), out, r0, r1)
+        routed = mixture_of_attention(self.prior_attention(call), out, r0, r1)
         w = self.schedule.weight
         return routed if w == 1.0 else torch.lerp(out, routed, w)

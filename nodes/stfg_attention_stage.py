@@ -4,20 +4,23 @@ The stage does not change the attention (after other stages it returns ``out``
 itself; as the first stage of a call it returns the layer's text attention,
 computed in the same fused call as the mass); it only measures, per cond row,
 the content attention mass (``adapters/text_attention_mass.py``) at the
-*low-resolution* layers and averages their maps, upsampled (bilinear) to the
-latent grid.
-That is appendix Eq. 11 (mean over text tokens and layers, each map
-upsampled to H x W) over these layers:
+recorded layers and averages their maps, upsampled (bilinear) to the latent
+grid: appendix Eq. 11 (mean over text tokens and layers, each map upsampled
+to H x W). ``layers``:
 
-    layers whose token grid is 1/4 of the latent's side or coarser:
-    SD1.5 input 7-8, middle, output 3-5 (16x16 and 8x8 at 512 px);
-    SDXL  input 7-8, middle, output 0-2 (32x32 at 1024 px).
+- ``"all"`` (default, the paper: every text cross-attention layer). The mass
+  is one fused SDPA call per layer with the content indicator as values, so no
+  ``[B, H, N, 77]`` probabilities are materialised even at the 64x64 layers
+  (memory: one ``[b, N]`` map per layer); as the first stage of a call it
+  comes out of the text attention's own call, otherwise it costs one more
+  attention call per layer per step.
+- ``"low_resolution"``: only layers whose token grid is 1/4 of the latent's
+  side or coarser (SD1.5 input 7-8, middle, output 3-5: 16x16 and 8x8 at
+  512 px; SDXL input 7-8, middle, output 0-2: 32x32 at 1024 px): cheaper, the
+  coarse semantic layout only.
 
-The paper averages every text cross-attention layer of its reference net;
-the coarse layers carry the semantic layout the boundary is read from, and
-materialising ``[B, H, N, 77]`` probabilities at the 64x64 layers would cost
-more than the rest of the guidance. Only the positive prompt's rows are
-measured: the boundary is where *the edit prompt* barely reaches.
+Only the positive prompt's rows are measured: the boundary is where *the edit
+prompt* barely reaches.
 
 The post-CFG guidance of the same step takes the map with :meth:`take`; a
 step outside the start/end window records nothing, so no guidance happens
@@ -36,6 +39,7 @@ from .dispatcher import AttentionCall, AttentionStage, StageSchedule
 from .host import latent_hw
 
 LOW_RES_FACTOR = 4
+BOUNDARY_LAYERS = ("all", "low_resolution")
 _COND = 0
 
 
@@ -45,7 +49,7 @@ def is_low_resolution(grid: Tuple[int, int], latent: Tuple[int, int]) -> bool:
 
 
 class STFGAttentionStage(AttentionStage):
-    """Records the positive rows' content attention mass at the low-resolution layers.
+    """Records the positive rows' content attention mass at every layer, or at the low-resolution ones.
 
     Its schedule's ``apply_to`` is normally "both": the stage sees every row (so, as the first
     stage of a call, it can take the text attention and its mass from ONE fused call,
@@ -57,8 +61,11 @@ class STFGAttentionStage(AttentionStage):
 
     label = "STFG text-attention map"
 
-    def __init__(self, schedule: StageSchedule):
+    def __init__(self, schedule: StageSchedule, layers: str = "all"):
         super().__init__(schedule)
+        if layers not in BOUNDARY_LAYERS:
+            raise ValueError(f"layers must be one of {BOUNDARY_LAYERS}, got {layers!r}")
+        self.layers = layers
         self.paused = False  # set while STFG's own gradient pass re-runs the model
         self._sums: Dict[Tuple[int, int], torch.Tensor] = {}  # layer grid -> [b, h, w] summed mass
         self._count = 0
@@ -66,11 +73,13 @@ class STFGAttentionStage(AttentionStage):
         self._fresh = False
 
     def is_active(self, call: AttentionCall) -> bool:
-        """Only at the low-resolution layers (elsewhere the dispatcher skips the stage entirely)."""
+        """At the recorded layers (``low_resolution``: elsewhere the dispatcher skips the stage entirely)."""
         if self.paused or not super().is_active(call):
             return False
         latent = latent_hw(call.extra_options)
-        return latent is not None and is_low_resolution(call.token_grid(), latent)
+        if latent is None:
+            return False
+        return self.layers == "all" or is_low_resolution(call.token_grid(), latent)
 
     def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
         if _COND not in call.chunks:

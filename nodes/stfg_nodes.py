@@ -11,8 +11,11 @@ from .host import model_sampling, percent_to_sigma
 from .input_checks import check_latent
 from .map_images import gray_image, pixel_size, resize_maps
 from .stage_inputs import CATEGORY, validate_mask
-from .stfg_attention_stage import STFGAttentionStage
+from .stfg_attention_stage import BOUNDARY_LAYERS, STFGAttentionStage
 from .stfg_post_cfg import MODES, STFGGuidance, installed_guidance
+
+BOUNDARY_LAYER_CHOICES = {"all layers (paper)": "all", "low resolution layers": "low_resolution"}
+assert set(BOUNDARY_LAYER_CHOICES.values()) == set(BOUNDARY_LAYERS)
 
 EXACT_EVERY_DEFAULT = 3
 """Mode 'exact' takes the gradient on every 3rd step (fast between): about 2x a plain step instead of 4x."""
@@ -96,11 +99,35 @@ class ApplySTFG:
                         "1 = every step, as in the paper (about 4x the time of a step); 3 = about 2x. Ignored in 'fast' mode.",
                     },
                 ),
+                "boundary_layers": (
+                    list(BOUNDARY_LAYER_CHOICES),
+                    {
+                        "default": "all layers (paper)",
+                        "tooltip": "Which cross-attention layers find the transition ring. 'all layers (paper)': the prompt's attention of every layer, fine and coarse, averaged (no large attention maps are kept, so it fits memory at any size; one extra attention per layer unless STFG is the first attention effect). 'low resolution layers': only the coarse layers, a little cheaper and blurrier.",
+                    },
+                ),
+                "mask_update": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Off (the paper): the guidance may touch the picture slightly past the mask edge, where the low-pass reaches. On: nothing outside the mask changes. With a latent noise mask the sampler restores the outside anyway.",
+                    },
+                ),
+                "step_cap": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "On: each step pulls the ring at most all the way to the original's coarse colours, never past them. Off: the paper's step as written (strength x noise level squared), which at high strength overshoots and can blow up the first steps; lower strength a lot if you turn it off.",
+                    },
+                ),
             },
         }
 
-    def apply(self, model, original_latent, mask, strength, mode, band, start_percent, end_percent, exact_every=None):
+    def apply(self, model, original_latent, mask, strength, mode, band, start_percent, end_percent, exact_every=None, boundary_layers="all layers (paper)", mask_update=False, step_cap=True):
         node = self.DISPLAY_NAME
+        layers = BOUNDARY_LAYER_CHOICES.get(boundary_layers)
+        if layers is None:
+            raise IdentityAttentionError(f"unknown boundary_layers {boundary_layers!r}", node=node, input_name="boundary_layers", fix=f"choose one of: {', '.join(BOUNDARY_LAYER_CHOICES)}")
         if mode not in MODES:
             raise IdentityAttentionError(f"unknown mode {mode!r}", node=node, input_name="mode", fix="choose 'fast' or 'exact'")
         if not (0.0 <= start_percent <= end_percent <= 1.0):
@@ -134,12 +161,12 @@ class ApplySTFG:
             sigma_end=percent_to_sigma(model, end_percent),
             apply_to="both",  # measures the cond rows; sees all, to share the text attention's call
         )
-        stage = STFGAttentionStage(schedule)
+        stage = STFGAttentionStage(schedule, layers)
         patched = apply_attention_stage(model, stage)
         every = EXACT_EVERY_DEFAULT if exact_every is None else int(exact_every)
         if every < 1:
             raise IdentityAttentionError(f"exact_every must be at least 1, got {every}", node=node, input_name="exact_every", fix="set exact_every to 1 (every step) or more")
-        patched.set_model_sampler_post_cfg_function(STFGGuidance(stage, z0, edit_mask, strength, mode, band, exact_every=every))
+        patched.set_model_sampler_post_cfg_function(STFGGuidance(stage, z0, edit_mask, strength, mode, band, exact_every=every, mask_update=mask_update, step_cap=step_cap))
         if mode == "exact":
             add_identity_weight_wrappers(patched)
         return (patched,)

@@ -50,6 +50,8 @@ class STFGGuidance:
         band: float = 0.5,
         layout: str = "centred",
         exact_every: int = 1,
+        mask_update: bool = False,
+        step_cap: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -63,6 +65,8 @@ class STFGGuidance:
         self.band = float(band)
         self.layout = layout
         self.exact_every = int(exact_every)
+        self.mask_update = bool(mask_update)
+        self.step_cap = bool(step_cap)
         self.recorder = StepRecorder(dtype=torch.float16)
         self._cache = DeviceCache()
         self._guided = 0  # guided model calls in this sampling run
@@ -115,9 +119,10 @@ class STFGGuidance:
         self.recorder.record(sigma_value, "boundary", boundary)
         self.recorder.record(sigma_value, "attention", attention)
         sigma = args["sigma"]
+        update_mask = mask if self.mask_update else None  # the boundary always lies inside the mask
         if self.mode == "fast" or not self.exact_now(sigma_value):
-            return fast_update(denoised, z0, boundary, mask, sigma, self.strength, box)
-        return self._exact(args, denoised, z0, boundary, mask, sigma, box)
+            return fast_update(denoised, z0, boundary, update_mask, sigma, self.strength, box, self.step_cap)
+        return self._exact(args, denoised, z0, boundary, update_mask, sigma, box)
 
     def exact_now(self, sigma: Optional[float]) -> bool:
         """Whether this guided model call takes the exact gradient: the 1st, (k+1)th, (2k+1)th...
@@ -143,7 +148,7 @@ class STFGGuidance:
         self.stage.paused = True
         try:
             with torch.inference_mode(False):
-                return exact_update(args["input"], denoised, cfg_denoiser(args), z0, boundary, mask, sigma, self.strength, box)
+                return exact_update(args["input"], denoised, cfg_denoiser(args), z0, boundary, mask, sigma, self.strength, box, self.step_cap)
         except RuntimeError as err:
             text = str(err)
             if "inplace" in text or "Inference tensors" in text or "does not require grad" in text:

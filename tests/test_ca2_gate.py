@@ -136,10 +136,12 @@ def test_text_attention_score_is_normalised_content_mass(tokens):
     content[starts] = 0
     mass = (p * content).sum(dim=-1).mean(dim=1)  # [B, N]
     torch.testing.assert_close(mass_mod.content_attention_mass(q, k, heads), mass.float(), rtol=1e-6, atol=1e-7)
+    # the default, fixed scale: the mass itself, comparable across steps
+    torch.testing.assert_close(ca2.text_attention_score(q, k, heads), mass.float(), rtol=1e-5, atol=1e-6)
     lo, hi = mass.min(dim=1, keepdim=True).values, mass.max(dim=1, keepdim=True).values
     assert (hi - lo > 0.05).all()
     expected = (mass - lo) / (hi - lo)
-    got = ca2.text_attention_score(q, k, heads)
+    got = ca2.text_attention_score(q, k, heads, "per_step")
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(got.amax(dim=1), torch.ones(b)) and torch.equal(got.amin(dim=1), torch.zeros(b))
     # a nearly flat map (spread below 0.05) is not stretched to full range

@@ -87,7 +87,7 @@ def head_probs(q, k, heads):
     return torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [B, H, N, M]
 
 
-def hand_ca2(model, adapter, cond_tokens, uncond_tokens, mask, weight, native=False):
+def hand_ca2(model, adapter, cond_tokens, uncond_tokens, mask, weight, native=False, scale="fixed"):
     """Eq. 3-6 as one plain attn2 replace per layer (no dispatcher, no pack stage)."""
     m = model.clone()
     stash_key = "test_hand_ca2_stash"
@@ -118,8 +118,11 @@ def hand_ca2(model, adapter, cond_tokens, uncond_tokens, mask, weight, native=Fa
                 score = torch.softmax(h @ layer["score.2.weight"].double().t() + layer["score.2.bias"].double(), dim=-1)[..., 0]
             else:
                 mass = 1.0 - head_probs(q, k, heads)[..., 0].mean(dim=1)  # not on the start token
-                lo, hi = mass.min(dim=1, keepdim=True).values, mass.max(dim=1, keepdim=True).values
-                score = (mass - lo) / (hi - lo).clamp_min(0.05)  # flat maps are not stretched
+                if scale == "fixed":
+                    score = mass  # one 0..1 scale over the whole run
+                else:
+                    lo, hi = mass.min(dim=1, keepdim=True).values, mass.max(dim=1, keepdim=True).values
+                    score = (mass - lo) / (hi - lo).clamp_min(0.05)  # flat maps are not stretched
             grid = spatial.token_grid(q.shape[1], eo["original_shape"][-2:])
             m_tok = spatial.mask_to_tokens(mask, grid).double().expand(q.shape[0], -1, -1)
             gate = 1.0 - score.unsqueeze(-1) * m_tok
@@ -151,15 +154,16 @@ def captured_calls(model, arch, batch=2):
     return calls
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_gate_equals_hand_written_eq5_6_at_every_layer_batch_and_cfg(tiny, arch):
+@pytest.mark.parametrize("arch,scale", [("sd15", "fixed"), ("sdxl", "fixed"), ("sd15", "per_step")])
+def test_gate_equals_hand_written_eq5_6_at_every_layer_batch_and_cfg(tiny, arch, scale):
     model = tiny.unet(arch)
     adapter = image_adapter(model)
     encoder = SyntheticClipVision(0)
     images = originals(2)  # one original per image of a batch of 2; cond + uncond rows
     cond_tokens, uncond_tokens = expected_tokens(adapter, encoder, images)
-    gate = apply_gate(model, adapter, images, weight=0.8, encoder=encoder)
-    hand = hand_ca2(model, adapter, cond_tokens, uncond_tokens, edit_mask(), 0.8)
+    choice = {"fixed": "fixed (trend over steps)", "per_step": "per step (full contrast)"}[scale]
+    gate = apply_gate(model, adapter, images, weight=0.8, encoder=encoder, score_scale=choice)
+    hand = hand_ca2(model, adapter, cond_tokens, uncond_tokens, edit_mask(), 0.8, scale=scale)
     ours = gate.model_options["transformer_options"]["patches_replace"]["attn2"]
     theirs = hand.model_options["transformer_options"]["patches_replace"]["attn2"]
     calls = captured_calls(model, arch)
@@ -208,10 +212,10 @@ def test_inspect_returns_score_maps_per_step(tiny):
     model = tiny.unet("sd15")
     patched = apply_gate(model, image_adapter(model), originals(1))
     out = sample(patched, "sd15", steps=2, batch=2)
-    frames, mean = ca2_nodes.InspectCA2Scores().inspect(patched, {"samples": out}, "mean of all layers")
-    assert frames.shape == (2 * 2, 64, 64, 3) and mean.shape == (2, 64, 64)
+    frames, mean, curve = ca2_nodes.InspectCA2Scores().inspect(patched, {"samples": out}, "mean of all layers")
+    assert frames.shape == (2 * 2, 64, 64, 3) and mean.shape == (2, 64, 64) and curve.shape[0] == 1 and curve.shape[-1] == 3
     assert float(frames.min()) >= 0.0 and float(frames.max()) <= 1.0 and float(frames.std()) > 0.01
-    low, _ = ca2_nodes.InspectCA2Scores().inspect(patched, {"samples": out}, "lowest resolution layers")
+    low, _, _ = ca2_nodes.InspectCA2Scores().inspect(patched, {"samples": out}, "lowest resolution layers")
     assert low.shape == frames.shape and not torch.equal(low, frames)
     recorder = ca2_nodes.ca2_stages(patched)[-1].recorder
     assert len(recorder.steps) == 2 and len(recorder.steps[0][1]) == 16  # every layer, every step

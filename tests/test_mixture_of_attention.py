@@ -100,7 +100,7 @@ def test_identity_share_router_formula():
     r0, r1 = routing.route_from_identity_share(share, temperature=0.5)
     for b in range(2):
         a = share[b, :, 0]
-        m = (a - a.min()) / (a.max() - a.min())
+        m = a / max(float(a.max()), 0.2)  # scaled by the peak share, never by less than 0.2
         torch.testing.assert_close(r1[b, :, 0], 1 / (1 + torch.exp(-10 * (m - 0.5) / 0.5)), rtol=1e-6, atol=1e-6)  # float32 inside
     torch.testing.assert_close(r0, 1 - r1)
 
@@ -181,7 +181,7 @@ def test_identity_attention_router_formula(tiny):
     probs = torch.cat([logits64(inputs.q, inputs.k, H), logits64(q_id, k_id, H) + math.log(1.5)], -1).softmax(-1)
     joint = merge(probs @ torch.cat([heads_of(inputs.v, H), heads_of(v_id, H)], 2))
     share = probs[..., inputs.k.shape[1] :].sum(-1).mean(1)  # [B, N]: identity mass, mean over heads
-    m = (share - share.amin(1, keepdim=True)) / (share.amax(1, keepdim=True) - share.amin(1, keepdim=True))
+    m = share / share.amax(1, keepdim=True).clamp_min(0.2)
     r1 = torch.sigmoid(10 * (m - 0.5) / 0.8).unsqueeze(-1) * tokens_mask(mask[0], 4)
     text = attention64(inputs.q, inputs.k, inputs.v, H)
     close(run_layer(routed, inputs), (1 - r1) * text + r1 * joint)
@@ -334,6 +334,6 @@ def test_two_people_with_masks_and_the_identity_router(tiny):
         mass = torch.cat([logits64(inputs.q, inputs.k, H), logits64(inputs.q, k_id, H)], -1).softmax(-1)[..., M:].sum(-1).mean(1)
         share = share + mass.unsqueeze(-1) * region  # each person's share only inside their own mask
     share = share.clamp(0, 1)
-    m_norm = (share - share.amin(1, keepdim=True)) / (share.amax(1, keepdim=True) - share.amin(1, keepdim=True))
+    m_norm = share / share.amax(1, keepdim=True).clamp_min(0.2)
     r1 = torch.sigmoid(10 * (m_norm - 0.5) / 0.6)
     close(run_layer(routed, inputs), (1 - r1) * text + r1 * personalized)

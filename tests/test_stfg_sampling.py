@@ -127,7 +127,7 @@ def test_fast_step_is_the_closed_form_for_eps_and_v_prediction(tiny, prediction)
     boundary = post_cfg.installed_guidance(guided).recorder.steps[-1][1]["boundary"].bool()
     z0_model = model.model.process_latent_in(z0)
     box = stfg.frequency_box(SIZE, SIZE)
-    expected = stfg.fast_update(seen["before"], z0_model, boundary, latent_mask(mask), seen["sigma"], strength, box)
+    expected = stfg.fast_update(seen["before"], z0_model, boundary, None, seen["sigma"], strength, box)  # the node's default: unmasked, as the paper
     assert float((seen["after"] - seen["before"]).abs().max()) > 0
     torch.testing.assert_close(seen["after"], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
@@ -246,8 +246,7 @@ def test_exact_step_equals_autograd_through_the_real_unet():
     g = ((lp(x0) - lp(z0_model)).pow(2).sum(dim=1) * boundary).sum() / boundary.sum()
     (grad,) = torch.autograd.grad(g, xg)
     step = min(strength * float(sigma[0]) ** 2, float(boundary.sum()) / 2.0)
-    m = latent_mask(mask)[:, None]
-    expected = seen["before"] - step * m * grad
+    expected = seen["before"] - step * grad  # the node's default: unmasked, as the paper (the step capped)
     assert float((seen["after"] - seen["before"]).abs().max()) > 1e-3 * float(seen["before"].abs().max())
     torch.testing.assert_close(seen["after"], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 

@@ -16,7 +16,6 @@ import torch
 import comfy.utils
 import folder_paths
 
-from ..adapters.safe_load import resolve_in_folders
 from ..adapters.stage_tokens import (
     DEFAULT_STAGES,
     ENCODER_WIDTHS,
@@ -27,10 +26,9 @@ from ..adapters.stage_tokens import (
     make_tokens,
     parse_boundaries,
 )
-from ..adapters.weight_errors import WeightError
 from . import prompt_encoding
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, folder_list, resolve_weight_choice, weight_choices
 from .host import base_model_of, context_dim_of, percent_to_sigma
 from .input_checks import check_finite
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs
@@ -145,6 +143,9 @@ class SaveIdentityTokens:
         return {"ui": {"text": [name]}, "result": (name,)}
 
 
+TOKENS_HOW_TO_GET = "token files are made by Save identity tokens (or the trainer) into models/identity_attention/: run that first, then refresh the page"
+
+
 class LoadIdentityTokens:
     NODE_ID = "IdentityAttentionLoadIdentityTokens"
     DISPLAY_NAME = "Load identity tokens"
@@ -157,17 +158,19 @@ class LoadIdentityTokens:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+        files = weight_choices((FOLDER,), suffixes=(".safetensors",))
         return {"required": {"tokens_name": (files, {"tooltip": "A .safetensors identity-token file in models/identity_attention/."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tokens_name):
+        return check_weight_choice(tokens_name, (FOLDER,), node=cls.DISPLAY_NAME, input_name="tokens_name", how_to_get=TOKENS_HOW_TO_GET)
 
     def load(self, tokens_name):
         from safetensors import safe_open
 
         node = self.DISPLAY_NAME
-        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-            path = resolve_in_folders(tokens_name, folder_list(FOLDER))
-        except WeightError as err:
-            raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
+        # the pack's path rules: no '..', no absolute names, no links out of the model folders
+        path, _ = resolve_weight_choice(tokens_name, (FOLDER,), node=node, input_name="tokens_name", how_to_get=TOKENS_HOW_TO_GET)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}

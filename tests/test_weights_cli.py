@@ -61,7 +61,7 @@ def test_shipped_manifest_is_valid_and_covers_the_required_files():
         ({"bytes": 0}, "bytes must be a positive integer"),
         ({"verified": True, "sha256": None}, "verified is true but"),
         ({"file": "../../evil.bin"}, "relative '/'-separated path"),
-        ({"folder": "checkpoints"}, "folder 'checkpoints'"),
+        ({"folder": "upscale_models"}, "folder 'upscale_models'"),
         ({"url": "http://example.com/x"}, "url must be https"),
         ({"base": "sd3"}, "base 'sd3'"),
         ({"nodes": ["SomeoneElse"]}, "IdentityAttention"),

@@ -105,10 +105,10 @@ def no_files(folders: Sequence[str], searched: Sequence[str], manifest, node_id:
     where = "; ".join(searched) or ", ".join(f"models/{f}/" for f in folders)
     fits = [e for e in (manifest.entries if manifest is not None else []) if e["folder"] in folders and (node_id is None or node_id in e["nodes"])]
     ids = list(dict.fromkeys(e.get("group") or e["id"] for e in fits))
-    listing = f" (this loader reads: {', '.join(ids[:8])}{', ...' if len(ids) > 8 else ''})" if ids else ""
+    known = f"; {len(ids)} known files fit this loader, `{DOWNLOAD_COMMAND.replace(' download', ' list')}` shows them" if ids else ""
     return WeightError(
         f"no weight file is in {where} yet",
-        fix=f"download the files the workflow's 'Download first' note names {WHERE_TO_RUN} with `{DOWNLOAD_COMMAND} ID`{listing}, then refresh the page",
+        fix=f"download the files the workflow's 'Download first' note names {WHERE_TO_RUN} with `{DOWNLOAD_COMMAND} ID`{known}; then refresh the page",
     )
 
 

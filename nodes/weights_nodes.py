@@ -203,10 +203,11 @@ class LoadIdentityAdapter:
 
     def load(self, adapter, model, verify_sha256=False):
         node = self.DISPLAY_NAME
-        path, entry = resolve_weight_choice(adapter, ADAPTER_FOLDERS, node=node, input_name="adapter", node_id=self.NODE_ID, prefixed=True)
-        folder, name = _split(adapter)
+        path, _ = resolve_weight_choice(adapter, ADAPTER_FOLDERS, node=node, input_name="adapter", node_id=self.NODE_ID, prefixed=True)
+        folder, _, name = str(adapter).replace("\\", "/").partition("/")  # resolve_weight_choice checked the form
         roots = folder_list(folder)
         manifest = _manifest()
+        entry = manifest.find(folder, name) if manifest is not None else None
         try:
             verified = _verify(path, folder, name, entry) if verify_sha256 else None
         except WeightError as err:

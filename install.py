@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as metadata
 import importlib.util
+import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -118,11 +120,22 @@ def pip_prefix(python: str = sys.executable) -> List[str]:
     return [python, "-m", "pip"]
 
 
-def command_lines(steps: List[List[str]], python: str = sys.executable) -> List[str]:
-    """Shell-ready command lines for ``steps`` (used in error messages)."""
+_WINDOWS_SPECIAL = set(' \t"&|<>^()%!=,;')
+
+
+def shell_line(argv: Sequence[str], windows: bool = os.name == "nt") -> str:
+    """One command line that pastes safely into the user's shell: ``shlex.quote`` for POSIX shells
+    (``insightface>=2.1`` becomes ``'insightface>=2.1'``, never a redirection to a file ``=2.1``),
+    double quotes for cmd.exe / PowerShell on Windows (which do not understand single quotes)."""
+    if not windows:
+        return " ".join(shlex.quote(str(a)) for a in argv)
+    return " ".join(f'"{a}"' if (not a or set(str(a)) & _WINDOWS_SPECIAL) else str(a) for a in argv)
+
+
+def command_lines(steps: List[List[str]], python: str = sys.executable, windows: bool = os.name == "nt") -> List[str]:
+    """Shell-ready command lines for ``steps`` (``--dry-run`` prints them; error messages quote them)."""
     prefix = pip_prefix(python)
-    quote = (lambda a: f'"{a}"' if any(c in a for c in " <>=") else a)
-    return [" ".join(quote(a) for a in prefix + step) for step in steps]
+    return [shell_line(prefix + step, windows) for step in steps]
 
 
 def main(argv: Sequence[str] = ()) -> int:
@@ -137,14 +150,18 @@ def main(argv: Sequence[str] = ()) -> int:
     if not steps:
         print("[identity-attention] face-analysis runtime complete; nothing to install")
         return 0
+    if args.dry_run:  # the commands alone, one per line, so the block can be pasted into a shell as it is
+        print("[identity-attention] would run:")
+        for line in command_lines(steps):
+            print(line)
+        return 0
     for step in steps:
         cmd = pip_prefix() + step
-        print("[identity-attention] " + ("would run: " if args.dry_run else "running: ") + " ".join(cmd))
-        if not args.dry_run:
-            done = subprocess.run(cmd)
-            if done.returncode != 0:
-                print(f"[identity-attention] pip failed ({done.returncode}); the face nodes will say what is missing")
-                return done.returncode
+        print("[identity-attention] running: " + shell_line(cmd))
+        done = subprocess.run(cmd)
+        if done.returncode != 0:
+            print(f"[identity-attention] pip failed ({done.returncode}); the face nodes will say what is missing")
+            return done.returncode
     return 0
 
 

@@ -150,6 +150,7 @@ def cmd_download(manifest, models_dir: str, names: List[str], force: bool, allow
         except WeightError as err:
             progress.end()
             out.write(f"{e['id']}: {err}\n")
+            out.write(f"{e['id']}: or download it in a browser: save {e['url']} as {dest}\n")
             failed += 1
             continue
         progress.end()
@@ -166,6 +167,10 @@ def cmd_verify(manifest, models_dir: str, names: List[str], out) -> int:
     except KeyError as err:
         out.write(f"unknown id or group: {err.args[0]}\n")
         return 2
+    if not names and not any(os.path.isfile(target_path(models_dir, e)) for e in entries):
+        out.write(f"nothing to verify: none of the {len(entries)} files weights_manifest.json lists is installed in {models_dir} yet; "
+                  "`download ID` fetches them (`list` shows the ids)\n")
+        return 0
     bad = 0
     for e in entries:
         path = target_path(models_dir, e)

@@ -32,7 +32,7 @@ from ..adapters.weight_errors import WeightError
 from ..adapters.write_paths import name_parts, resolve_write_path, write_safetensors
 from . import prompt_encoding
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, folder_list, resolve_weight_choice, weight_choices
 from .host import base_model_of, context_dim_of, percent_to_sigma
 from .input_checks import check_finite
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs
@@ -147,6 +147,9 @@ class SaveIdentityTokens:
         return {"ui": {"text": [name]}, "result": (name,)}
 
 
+TOKENS_HOW_TO_GET = "token files are made by Save identity tokens (or the trainer) into models/identity_attention/: run that first, then refresh the page"
+
+
 class LoadIdentityTokens:
     NODE_ID = "IdentityAttentionLoadIdentityTokens"
     DISPLAY_NAME = "Load identity tokens"
@@ -159,15 +162,17 @@ class LoadIdentityTokens:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+        files = weight_choices((FOLDER,), suffixes=(".safetensors",))
         return {"required": {"tokens_name": (files, {"tooltip": "A .safetensors identity-token file in models/identity_attention/."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tokens_name):
+        return check_weight_choice(tokens_name, (FOLDER,), node=cls.DISPLAY_NAME, input_name="tokens_name", how_to_get=TOKENS_HOW_TO_GET)
 
     def load(self, tokens_name):
         node = self.DISPLAY_NAME
-        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-            path = resolve_in_folders(tokens_name, folder_list(FOLDER))
-        except WeightError as err:
-            raise IdentityAttentionError(err.problem, node=node, input_name="tokens_name", fix=err.fix or "save tokens first, or put the file in models/identity_attention/") from None
+        # the pack's path rules: no '..', no absolute names, no links out of the model folders
+        path, _ = resolve_weight_choice(tokens_name, (FOLDER,), node=node, input_name="tokens_name", how_to_get=TOKENS_HOW_TO_GET)
         try:
             loaded = read_weight_file(path)  # content-sniffed, size-checked; dtypes by adapters/weight_dtypes.py
             tokens = StageTokens.from_file_dict(usable_weights(loaded.tensors, what=tokens_name), loaded.metadata)

@@ -36,7 +36,7 @@ from ..adapters.weight_errors import WeightError
 from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
 from ..adapters.weights_manifest import load_manifest
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, damaged_weight_file, folder_list, resolve_weight_choice, weight_choices
 from .host import cross_attention_layers
 from .stage_inputs import CATEGORY
 
@@ -65,24 +65,8 @@ INPUT_KIND_WORDS = {
 
 
 def adapter_choices() -> list:
-    names = []
-    for folder in ADAPTER_FOLDERS:
-        try:
-            files = folder_paths.get_filename_list(folder)
-        except KeyError:
-            continue
-        names += [f"{folder}/{name}" for name in files]
-    return names
-
-
-def _split(choice: str) -> Tuple[str, str]:
-    folder, _, name = str(choice).replace("\\", "/").partition("/")
-    if folder not in ADAPTER_FOLDERS or not name:
-        raise WeightError(
-            f"'{choice}' is not a file from the adapter folders ({', '.join(f'models/{f}' for f in ADAPTER_FOLDERS)})",
-            fix="pick a file from the list; new files appear after refreshing the page",
-        )
-    return folder, name
+    """Files of the adapter folders as ``<folder>/<file>``, or the placeholder entry while they are empty."""
+    return weight_choices(ADAPTER_FOLDERS, prefixed=True)
 
 
 def _manifest():
@@ -246,21 +230,30 @@ class LoadIdentityAdapter:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, adapter):
+        """A file that is not there is reported before anything runs: which file, where it goes, how to download it."""
+        return check_weight_choice(adapter, ADAPTER_FOLDERS, node=cls.DISPLAY_NAME, input_name="adapter", node_id=cls.NODE_ID, prefixed=True)
+
     def load(self, adapter, model, verify_sha256=False, recognizer_check="error", faceid_v2_structure=1.0):
+        node = self.DISPLAY_NAME
+        path, _ = resolve_weight_choice(adapter, ADAPTER_FOLDERS, node=node, input_name="adapter", node_id=self.NODE_ID, prefixed=True)
+        folder, _, name = str(adapter).replace("\\", "/").partition("/")  # resolve_weight_choice checked the form
+        roots = folder_list(folder)
+        manifest = _manifest()
+        entry = manifest.find(folder, name) if manifest is not None else None
         try:
-            folder, name = _split(adapter)
-            roots = folder_list(folder)
-            path = resolve_in_folders(name, roots)
-            manifest = _manifest()
-            entry = manifest.find(folder, name) if manifest is not None else None
             verified = _verify(path, folder, name, entry) if verify_sha256 else None
+        except WeightError as err:
+            raise IdentityAttentionError(err.problem, node=node, input_name="adapter", fix=err.fix) from None
+        try:
             result = load_adapter_file(path, roots, entry, manifest)
         except WeightError as err:
-            raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="adapter", fix=err.fix) from None
+            raise damaged_weight_file(err, path, entry, node=node, input_name="adapter") from None
         try:
             check_against_model(result, cross_attention_layers(model))
         except WeightError as err:
-            raise IdentityAttentionError(err.problem, node=self.DISPLAY_NAME, input_name="model", fix=err.fix) from None
+            raise IdentityAttentionError(err.problem, node=node, input_name="model", fix=err.fix) from None
         if recognizer_check not in RECOGNIZER_CHECKS:
             raise IdentityAttentionError(f"unknown recognizer_check '{recognizer_check}'", node=self.DISPLAY_NAME,
                                          input_name="recognizer_check", fix=f"choose one of {', '.join(RECOGNIZER_CHECKS)}")

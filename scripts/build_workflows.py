@@ -5,7 +5,9 @@
 Starts the host to read the node definitions (/object_info) so widget order and
 defaults are the host's, then runs every spec: ``SPECS`` of scripts/workflow_specs.py and of
 every ``scripts/workflow_specs_<topic>.py`` (one module per group of mechanisms).
-The JSON files are committed; the workflow tests check them against the host
+Every workflow then gets ComfyUI's model metadata from weights_manifest.json
+(scripts/workflow_models.py: the page's missing-models dialog offers those
+downloads) for whatever loader nodes it has. The JSON files are committed; the workflow tests check them against the host
 and run them on the tiny models.
 """
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from harness.host import CACHE, prepare_instance  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 from harness.workflow import WorkflowBuilder  # noqa: E402
+from workflow_models import add_model_metadata, manifest_entries  # noqa: E402
 import importlib  # noqa: E402
 
 
@@ -53,7 +56,8 @@ def main() -> int:
         builder = WorkflowBuilder(info)
         description = spec(builder)
         path = target / f"{name}.json"
-        path.write_text(json.dumps(builder.build(description), indent=1) + "\n")
+        data = add_model_metadata(builder.build(description), manifest_entries())
+        path.write_text(json.dumps(data, indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
     return 0
 

@@ -11,10 +11,13 @@ Each part sits between marker comments in README.md::
 - ``nodes``: every registered node (display name, category, the first sentence of its
   description, the paper it implements: a node class's ``PAPER`` attribute, else
   :data:`PAPERS` below);
-- ``weights``: every file of weights_manifest.json (download id, what it is, where it goes,
-  base model, size, whether a sha256 is published, license);
-- ``workflows``: every example workflow with its description and its screenshot from
-  docs/screenshots/ (tests/test_browser.py takes them).
+- ``weights``: every file of weights_manifest.json (download id linked to its URL, what it is,
+  where it goes, base model, size, whether a sha256 is published, license);
+- ``start-here``: the files of the first workflow to open (scripts/workflow_catalog.py), with
+  links, where they go and the download command in its Linux/macOS and Windows-portable forms;
+- ``workflows``: every example workflow, simplest first, with its description, the files it
+  needs (from its loaders and weights_manifest.json, scripts/workflow_models.py) and its
+  screenshot from docs/screenshots/ (tests/test_browser.py takes them).
 
 ``--check`` writes nothing and exits 1 when README.md is out of date; tests/test_pack_index.py
 runs the same comparison.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import re
 import sys
 from pathlib import Path
@@ -31,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pack_nodes import REPO, first_sentence, registered_nodes  # noqa: E402
+import workflow_catalog  # noqa: E402
+import workflow_models as wm  # noqa: E402
 
 README = REPO / "README.md"
 MANIFEST = REPO / "weights_manifest.json"
@@ -99,18 +105,82 @@ def weights_table(manifest: dict) -> str:
         packs = [r for r in e.get("requires", []) if r in face_packs]
         needs = f" **Face pack: `{packs[0]}`** (encode the identity with it)." if packs else ""
         rows.append(
-            f"| `{e['id']}`{group} | {_cell(e['description'])}{needs} | `models/{e['folder']}/{e['file']}` | {e['base']} | {_size(e['bytes'])} "
+            f"| [`{e['id']}`]({e['url']}){group} | {_cell(e['description'])}{needs} | `models/{e['folder']}/{e['file']}` | {e['base']} | {_size(e['bytes'])} "
             f"| {'published' if e['sha256'] else 'none (`--allow-unverified`)'} | {_cell(e['license'])} |"
         )
     return "\n".join(rows)
 
 
-def workflow_gallery() -> str:
+def _workflows() -> dict:
+    """name -> workflow JSON, simplest first."""
+    found = {p.stem: json.loads(p.read_text()) for p in WORKFLOWS.glob("*.json")}
+    return {name: found[name] for name in workflow_catalog.ordered(found)}
+
+
+def _items(workflow: dict, entries: list) -> list:
+    return wm.grouped(wm.workflow_files(workflow, entries))
+
+
+def _item_size(item: list) -> str:
+    sizes = [e["bytes"] for e in item]
+    return _size(sum(sizes)) if all(sizes) else "?"
+
+
+def _file_links(workflow: dict, entries: list) -> str:
+    """One line: each file (or face pack) the workflow needs, linked, with where it goes."""
     parts = []
-    for path in sorted(WORKFLOWS.glob("*.json")):
-        data = json.loads(path.read_text())
+    for item in _items(workflow, entries):
+        target = wm.item_place(item) + ("" if len(item) > 1 or item[0].get("group") else item[0]["file"])
+        parts.append(f"[`{wm.item_id(item)}`]({wm.item_url(item)}) → `{target}`")
+    return "Files: " + ", ".join(parts) if parts else "Files: none to download"
+
+
+def download_commands(ids: list) -> str:
+    return (
+        "```bash\n"
+        f"# from ComfyUI/custom_nodes\n{wm.DOWNLOAD} {' '.join(ids)}\n"
+        f"# Windows portable, from the ComfyUI_windows_portable folder\n{wm.DOWNLOAD_WINDOWS} {' '.join(ids)}\n"
+        "```"
+    )
+
+
+def start_here(entries: list) -> str:
+    name = workflow_catalog.START_HERE
+    workflow = _workflows()[name]
+    rows = ["| File | Put it in | Size | Link |", "| --- | --- | --- | --- |"]
+    ids = []
+    for item in _items(workflow, entries):
+        e = item[0]
+        grouped = len(item) > 1 or e.get("group")
+        what = f"the `{wm.item_id(item)}` face pack ({len(item)} files)" if grouped else f"`{e['file']}`"
+        if not grouped and posixpath.basename(e["url"]) != posixpath.basename(e["file"]):
+            what += f" (the link saves `{posixpath.basename(e['url'])}`: rename it)"
+        if e["format"] == "checkpoint":
+            what += " (or any checkpoint of the same kind you already have)"
+        else:
+            ids.append(wm.item_id(item))
+        rows.append(f"| {what} | `{wm.item_place(item)}` | {_item_size(item)} | [{'folder' if grouped else 'download'}]({wm.item_url(item)}) |")
+    return "\n".join([
+        f"Open **`{name}`**: {workflow.get('extra', {}).get('identity_attention', {}).get('description', '')}",
+        "",
+        "Its files (loading the workflow in a recent ComfyUI offers the `.safetensors` ones in the missing-models dialog):",
+        "",
+        *rows,
+        "",
+        "Or download them all with the pack's command (it checks each file against its published sha256):",
+        "",
+        download_commands(ids),
+        "",
+        f"What you should get: {workflow_catalog.START_HERE_RESULT}",
+    ])
+
+
+def workflow_gallery(entries: list) -> str:
+    parts = []
+    for name, data in _workflows().items():
         description = data.get("extra", {}).get("identity_attention", {}).get("description", "")
-        parts.append(f"#### `{path.name}`\n\n{description}\n\n![{path.stem}](docs/screenshots/{path.stem}.png)")
+        start = " (start here)" if name == workflow_catalog.START_HERE else ""
+        parts.append(f"#### `{name}.json`{start}\n\n{description}\n\n{_file_links(data, entries)}\n\n![{name}](docs/screenshots/{name}.png)")
     return "\n\n".join(parts) if parts else "(no example workflows yet)"
 
 
@@ -118,7 +188,8 @@ def parts() -> dict:
     return {
         "nodes": node_table(registered_nodes()),
         "weights": weights_table(json.loads(MANIFEST.read_text())),
-        "workflows": workflow_gallery(),
+        "start-here": start_here(wm.manifest_entries()),
+        "workflows": workflow_gallery(wm.manifest_entries()),
     }
 
 

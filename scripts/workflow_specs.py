@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from workflow_models import download_note_lines
+
 REPO = Path(__file__).resolve().parents[1]
 
-SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # the file ComfyUI's own SD1.5 templates download
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 
 
@@ -57,35 +59,10 @@ def manifest_file(entry_id: str) -> str:
     return manifest_entries()[entry_id]["file"]
 
 
-CHECKPOINT_LINES = {
-    "sd15": "Any SD1.5 checkpoint works in Load checkpoint (models/checkpoints/).",
-    "sdxl": "Any SDXL checkpoint works in Load checkpoint (models/checkpoints/); SD1.5 adapters do not fit it.",
-}
-
-
 def download_note(ids, extra: str = "", base: str = "sd15") -> str:
-    """Which files to download (manifest ids), where they go, and the command that fetches them (``base``: the checkpoint family)."""
-    entries = manifest_entries()
-    groups = {}
-    for e in entries.values():
-        if e.get("group"):
-            groups.setdefault(e["group"], []).append(e)
-    lines = ["Weights this workflow needs:"]
-    for name in ids:
-        members = groups.get(name) or [entries[name]]  # KeyError: an id the manifest does not know
-        if name in groups:
-            folder = f"models/{members[0]['folder']}/models/{name}/"
-            lines.append(f"- {name}: the insightface face pack ({len(members)} .onnx files) -> {folder}")
-        else:
-            e = members[0]
-            lines.append(f"- {name}: {e['file']} -> models/{e['folder']}/")
-    lines += [
-        "",
-        "Download them (from ComfyUI/custom_nodes, checked against their published sha256):",
-        f"{DOWNLOAD_COMMAND} {' '.join(ids)}",
-        "",
-        CHECKPOINT_LINES[base],
-    ]
+    """Which files to download (manifest ids), where they go, their links and the command that fetches them;
+    ``base``: the checkpoint family, whose checkpoint (manifest format "checkpoint") is listed too."""
+    lines = download_note_lines(list(ids), base, list(manifest_entries().values()))
     if extra:
         lines += ["", extra]
     return "\n".join(lines)

@@ -53,8 +53,11 @@ VIEW = (1600, 900)
 PACK_NODE = "IdentityAttentionEncodeIdentity"
 
 # Newer pages: no welcome dialog for the new user, and no minimap, zoom panel or pack badges over the graph.
+# The missing-models dialog is off here: the test host has the tiny stand-ins, not the files the workflows'
+# model metadata names (checkpoints are swapped, never written); tests/test_workflow_models.py covers the metadata.
 PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasMenu": False,
-                 "Comfy.NodeBadge.NodeSourceBadgeMode": "None", "Comfy.NodeBadge.NodeIdBadgeMode": "None"}
+                 "Comfy.NodeBadge.NodeSourceBadgeMode": "None", "Comfy.NodeBadge.NodeIdBadgeMode": "None",
+                 "Comfy.Workflow.ShowMissingModelsWarning": False}
 PAGE_READY = f"window.app && window.app.graph && window.LiteGraph && LiteGraph.registered_node_types[{json.dumps(PACK_NODE)}]"
 
 # Installed once per page: intercept the "node types were not found" dialog wherever a frontend shows it.

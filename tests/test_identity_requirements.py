@@ -63,15 +63,35 @@ def test_an_installed_onnxruntime_build_is_kept(existing):
     assert inst.plan(env(onnxruntime=[existing], cv2=["opencv-python"], insightface=["insightface"])) == []
 
 
-def test_command_lines_quote_requirements():
-    (line,) = inst.command_lines([["install", "--no-deps", "insightface>=2.1"]], python="/opt/py/bin/python")
-    assert line.endswith('install --no-deps "insightface>=2.1"') and "pip" in line
+def test_command_lines_paste_safely_into_a_shell(tmp_path):
+    """`pip install onnxruntime-gpu>=1.17` pasted unquoted would write a file named '=1.17'."""
+    import shlex
+    import shutil
+    import subprocess
+
+    step = ["install", "--no-deps", "onnxruntime-gpu>=1.17", "insightface>=2.1"]
+    python = str(tmp_path / "my python" / "bin" / "python")  # a space in the path, as on Windows user folders
+    (line,) = inst.command_lines([step], python=python, windows=False)
+    assert shlex.split(line)[-4:] == step and shlex.split(line)[0] in (python, shutil.which("uv"))
+    assert "'onnxruntime-gpu>=1.17'" in line
+    sh = shutil.which("sh")
+    if sh:  # the line parses as one simple command: no redirection, nothing else runs
+        assert subprocess.run([sh, "-n", "-c", line]).returncode == 0
+        echoed = subprocess.run([sh, "-c", "printf '%s\\n' " + line], cwd=tmp_path, capture_output=True, text=True)
+        assert echoed.stdout.split("\n")[-5:-1] == step and list(tmp_path.iterdir()) == []  # no file '=1.17' appeared
+    (windows,) = inst.command_lines([step], python="C:\\Comfy UI\\python_embeded\\python.exe", windows=True)
+    assert windows.startswith('"C:\\Comfy UI\\python_embeded\\python.exe"') and windows.endswith('"onnxruntime-gpu>=1.17" "insightface>=2.1"')
 
 
-def test_dry_run_prints_what_it_would_do(capsys):
+def test_dry_run_prints_what_it_would_do(capsys, monkeypatch):
     assert inst.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime:" in out and ("nothing to install" in out or "would run:" in out)
+    monkeypatch.setattr(inst, "current_environment", lambda: env(cuda=True))  # nothing installed: every step
+    assert inst.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    commands = lines[lines.index("[identity-attention] would run:") + 1:]
+    assert commands == inst.command_lines(inst.plan(env(cuda=True)))  # bare lines: the block pastes as it is
 
 
 # --------------------------------------------------------------------------------------------- the files

@@ -82,6 +82,30 @@ def test_readme_opens_with_the_two_commands_and_shows_existing_pictures():
         assert (REPO / picture).is_file(), f"README shows {picture}, which does not exist"
 
 
+def test_readme_starts_artists_with_one_workflow_its_files_and_commands():
+    readme = (REPO / "README.md").read_text()
+    catalog = script("workflow_catalog")
+    start = readme.index("## Start here")
+    assert start < readme.index("## Install") and start < readme.index("## Nodes")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    assert f"example_workflows/{catalog.START_HERE}.json" in section and "What you should get:" in section
+    assert "python -m comfyui-identity-attention.weights download" in section and "python_embeded\\python.exe" in section
+
+
+def test_readme_clone_url_is_the_repository(pyproject):
+    readme = (REPO / "README.md").read_text()
+    assert f"git clone {pyproject['project']['urls']['Repository']} " in readme
+    assert "<this repository" not in readme
+
+
+def test_readme_weights_commands_have_their_windows_portable_form():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Weights"):readme.index("<!-- BEGIN GENERATED: weights")]
+    posix = re.findall(r"^python -m comfyui-identity-attention\.weights (.+)$", section, re.M)
+    windows = re.findall(r"^python_embeded\\python\.exe ComfyUI\\custom_nodes\\comfyui-identity-attention\\weights\.py (.+)$", section, re.M)
+    assert posix and posix == windows
+
+
 # --------------------------------------------------------------------------------------------- Registry
 
 REGISTRY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_.][A-Za-z0-9]+)*$")  # no leading/doubled specials
@@ -126,6 +150,9 @@ def test_tool_comfy_section_and_icon(pyproject):
         assert image.width <= 800 and image.height <= 400 and image.width == image.height  # the Registry's limit; square
     assert icon.stat().st_size < 100_000
     assert isinstance(comfy["includes"], list) and all((REPO / p).exists() for p in comfy["includes"])
+    specifiers = pytest.importorskip("packaging.specifiers")
+    required = specifiers.SpecifierSet(comfy["requires-comfyui"])  # comfy-cli's validate_version rejects anything else
+    assert "0.3.75" in required and "0.3.64" in required  # the tested host, and the version of the report
 
 
 def test_comfyignore_keeps_what_comfyui_loads():
@@ -133,6 +160,7 @@ def test_comfyignore_keeps_what_comfyui_loads():
     needed = ["__init__.py", "nodes/__init__.py", "adapters/__init__.py", "web/show_text.js", "weights.py", "weights_manifest.json",
               "install.py", "requirements.txt", "node_list.json", "pyproject.toml", "README.md", "LICENSE", "docs/icon.png"]
     needed += [str(p.relative_to(REPO)) for p in (REPO / "example_workflows").glob("*.json")]
+    needed += [str(p.relative_to(REPO)) for p in (REPO / "example_workflows").glob("*.jpg")]  # the template browser's thumbnails
     for path in needed:
         assert (REPO / path).exists(), path
         assert not any(path == p.rstrip("/") or path.startswith(p if p.endswith("/") else p + "/") for p in patterns), f".comfyignore drops {path}"

@@ -61,7 +61,7 @@ def test_shipped_manifest_is_valid_and_covers_the_required_files():
         ({"bytes": 0}, "bytes must be a positive integer"),
         ({"verified": True, "sha256": None}, "verified is true but"),
         ({"file": "../../evil.bin"}, "relative '/'-separated path"),
-        ({"folder": "checkpoints"}, "folder 'checkpoints'"),
+        ({"folder": "upscale_models"}, "folder 'upscale_models'"),
         ({"url": "http://example.com/x"}, "url must be https"),
         ({"base": "sd3"}, "base 'sd3'"),
         ({"nodes": ["SomeoneElse"]}, "IdentityAttention"),
@@ -239,6 +239,20 @@ def test_group_download_into_insightface_layout_and_verify(setup):
     assert code == 1 and "--force" in text
     assert run("download", "blob", "--force")[0] == 0
     assert (models / "identity_attention" / "blob.bin").read_bytes() == data
+
+
+def test_verify_with_nothing_installed_says_so(setup):
+    run, models, _, _ = setup
+    code, text = run("verify")
+    assert code == 0 and "nothing to verify" in text and str(models) in text and "download ID" in text
+
+
+def test_a_failed_download_says_where_to_save_the_url_by_hand(setup, http):
+    run, models, _, _ = setup
+    http.cut_once["/blob.bin"] = 100_000
+    code, text = run("download", "blob")
+    dest = models / "identity_attention" / "blob.bin"
+    assert code == 1 and f"blob: or download it in a browser: save {http.base}/blob.bin as {dest}" in text
 
 
 def test_unknown_id(setup):

@@ -23,6 +23,8 @@ ORDER = [
     "identity_encode_and_similarity",
     "identity_adapter_load",
     "identity_portrait_sdxl",
+    "instantid_identitynet_sdxl",
+    "identity_portrait_pulid",
     "two_people_with_masks",
     "nested_attention",
     "kv_mixed_attention",

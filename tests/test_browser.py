@@ -20,7 +20,7 @@ Screenshots go to ``.cache/screenshots/``; with ``IDENTITY_ATTENTION_UPDATE_SCRE
 they are (re)written to ``docs/screenshots/`` (the README shows them). By default the test
 only checks that each workflow has one there: pixels are never compared. The committed
 pictures show the page artists use today: the current host (ComfyUI 0.3.75) with its
-``comfyui-frontend-package`` (1.27.10), taken with ``IDENTITY_ATTENTION_UPDATE_SCREENSHOTS=1``.
+``comfyui-frontend-package`` (1.32.9), taken with ``IDENTITY_ATTENTION_UPDATE_SCREENSHOTS=1``.
 
 Chromium: Debian's ``chromium`` (scripts/bootstrap.sh installs it where apt can). Without it
 the test is skipped, except in CI (``CI=true``) or with ``IDENTITY_ATTENTION_REQUIRE_BROWSER=1``,

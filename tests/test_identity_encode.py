@@ -352,6 +352,7 @@ def test_missing_package_reports_the_pip_command(monkeypatch, pack_dir, module, 
     assert err.value.package == package
     command = err.value.pip_command
     assert sys.executable in command and " -m pip install " in command
+    command = command.replace("'", '"')  # install.py quotes for the shell it runs in (POSIX: single quotes)
     if module == "insightface":
         assert '--no-deps "insightface>=2.1"' in command
     if module == "onnxruntime":

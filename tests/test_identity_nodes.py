@@ -203,7 +203,7 @@ def test_pack_loads_and_nodes_report_without_insightface(monkeypatch, folders):
     assert spec["required"]["pack"][0] == ["toypack"]  # listing packs needs no insightface
     with pytest.raises(errors.MissingDependencyError) as err:
         reloaded.LoadFaceAnalysis().load("toypack", "auto", 640)
-    text = str(err.value)
+    text = str(err.value).replace("'insightface>=2.1'", '"insightface>=2.1"')  # shell quoting differs per OS
     assert text.startswith("Load face analysis model: the Python package 'onnxruntime' is not installed")
     assert "-m pip install" in text and '"insightface>=2.1"' in text and "--no-deps" in text and "onnxruntime" in err.value.pip_command
     registry = importlib.reload(pack("nodes"))

@@ -137,13 +137,16 @@ def test_the_page_gets_the_message_before_the_prompt_runs(server):
     """Queued with its file missing, the loader is refused by /prompt with the guidance, not "Value not in list"."""
     from harness.server import PromptFailed
 
+    # a manifest adapter for SD1.5 that no other test of this session has provisioned into the server's models
+    entries = [e for e in manifest_mod.load_manifest().entries if e["folder"] == "ipadapter" and e["base"] == "sd15"]
+    entry = next(e for e in entries if not (server.instance.models / "ipadapter" / e["file"]).exists())
     prompt = {
         "1": {"class_type": "IdentityAttentionTestKit_TinyModels", "inputs": {"arch": "sd15", "seed": 0}},
-        "2": {"class_type": "IdentityAttentionLoadIdentityAdapter", "inputs": {"adapter": "ipadapter/ip-adapter-faceid-plusv2_sd15.bin", "model": ["1", 0], "verify_sha256": False}},
+        "2": {"class_type": "IdentityAttentionLoadIdentityAdapter", "inputs": {"adapter": f"ipadapter/{entry['file']}", "model": ["1", 0], "verify_sha256": False}},
         "3": {"class_type": "IdentityAttentionTestKit_AdapterReport", "inputs": {"id_adapter": ["2", 0]}},
     }
     with pytest.raises(PromptFailed) as err:
         server.queue(prompt)
     text = str(err.value.node_errors)
     assert "Value not in list" not in text
-    assert "not downloaded yet" in text and f"{DOWNLOAD} ip-adapter-faceid-plusv2_sd15" in text and "models/ipadapter/ip-adapter-faceid-plusv2_sd15.bin" in text
+    assert "not downloaded yet" in text and f"{DOWNLOAD} {entry['id']}" in text and f"models/ipadapter/{entry['file']}" in text

@@ -37,7 +37,8 @@ for host in "${hosts[@]}"; do
   echo "== host '$host': $label: running the suite"
   "$py" -m pytest -c tests/pytest.ini tests -q -rs --durations=15 "$@" 2>&1 | tee "$LOGS/$host.log"
   rc=${PIPESTATUS[0]}
-  line="$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$LOGS/$host.log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
+  # pytest's closing line, with (-rA) or without (-q) its "=====" frame
+  line="$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s' "$LOGS/$host.log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
   count() { echo "$line" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
   passed=$((passed + $(count passed))); failed=$((failed + $(count failed)))
   skipped=$((skipped + $(count skipped))); errors=$((errors + $(count 'errors?')))

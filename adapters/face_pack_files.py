@@ -17,24 +17,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .weights_manifest import load_manifest
+from .weights_manifest import manifest_or_none
 
 DOWNLOAD_COMMAND = "python -m comfyui-identity-attention.weights download"
 PACK_FOLDER = "insightface"
 
 
-def _manifest(manifest=None):
-    if manifest is not None:
-        return manifest
-    try:
-        return load_manifest()
-    except (OSError, ValueError):
-        return None
-
-
 def pack_file_entry(pack: str, file_name: str, manifest=None) -> Optional[dict]:
     """The manifest entry of ``<pack>/<file_name>`` (by pack and name, else by name alone), or None."""
-    manifest = _manifest(manifest)
+    manifest = manifest_or_none(manifest)
     if manifest is None:
         return None
     exact = manifest.find(PACK_FOLDER, f"models/{pack}/{file_name}")

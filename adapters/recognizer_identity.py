@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
-from .weights_manifest import load_manifest
+from .weights_manifest import manifest_or_none
 
 RECOGNIZER_CHECKS = ("error", "warn", "off")
 
@@ -86,15 +86,6 @@ class RecognizerId:
         return f"recognizer {self.label}: {self.space}'s {SPACES[self.space].file} ({self.evidence})"
 
 
-def _manifest(manifest=None):
-    if manifest is not None:
-        return manifest
-    try:
-        return load_manifest()
-    except (OSError, ValueError):
-        return None
-
-
 def graph_signature(path: os.PathLike) -> Tuple[str, Optional[int], Optional[int], Optional[int]]:
     """``(text, convolutions, input side, output width)`` of an ONNX recognizer (Nones where unreadable)."""
     try:
@@ -134,7 +125,7 @@ def identify_recognizer(path: os.PathLike, pack: str, manifest=None) -> Recogniz
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, pack, id(manifest) if manifest is not None else None)
     if key in _CACHE:
         return _CACHE[key]
-    manifest = _manifest(manifest)
+    manifest = manifest_or_none(manifest)
     published = {}
     if manifest is not None:
         for known in KNOWN_RECOGNIZERS:

@@ -241,6 +241,16 @@ class Manifest:
 _CACHE: Dict[str, Manifest] = {}
 
 
+def manifest_or_none(manifest: Optional["Manifest"] = None) -> Optional["Manifest"]:
+    """``manifest`` if given, else the pack's own; None where it cannot be read (guidance and checks go on without it)."""
+    if manifest is not None:
+        return manifest
+    try:
+        return load_manifest()
+    except (OSError, ValueError):
+        return None
+
+
 def load_manifest(path: Optional[str] = None) -> Manifest:
     """Read and validate a manifest (the pack's own by default); cached per path and mtime."""
     path = path or DEFAULT_PATH

@@ -27,7 +27,7 @@ import folder_paths
 from ..adapters.safe_load import resolve_in_folders, safe_relative_name
 from ..adapters.weight_errors import WeightError
 from ..adapters.weights_guidance import damaged_file, is_placeholder, missing_file, no_files, placeholder
-from ..adapters.weights_manifest import load_manifest
+from ..adapters.weights_manifest import manifest_or_none
 from .errors import IdentityAttentionError
 
 WEIGHT_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
@@ -70,13 +70,6 @@ def folder_list(name: str) -> list:
 # the path, with errors that name the file, where it goes, its manifest id and the download command.
 
 
-def _manifest():
-    try:
-        return load_manifest()
-    except (OSError, ValueError):
-        return None
-
-
 def weight_choices(folders: Sequence[str], prefixed: bool = False, suffixes: Optional[Sequence[str]] = None) -> list:
     """Files of ``folders`` for a combo (``<folder>/<file>`` when ``prefixed``), or the one placeholder entry."""
     names = []
@@ -114,7 +107,7 @@ def resolve_weight_choice(value, folders: Sequence[str], *, node: str, input_nam
 
     ``how_to_get``: the fix for files nobody downloads (made by the pack's own save nodes).
     """
-    manifest = _manifest()
+    manifest = manifest_or_none()
     try:
         if is_placeholder(value):
             searched = [root for f in folders for root in folder_list(f)]

@@ -34,7 +34,7 @@ from ..adapters.projector_mlp import has_face_structure, with_face_structure
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
 from ..adapters.weight_errors import WeightError
 from ..adapters.weight_formats import KNOWN_FORMATS, check_against_model, convert
-from ..adapters.weights_manifest import load_manifest
+from ..adapters.weights_manifest import manifest_or_none
 from .errors import IdentityAttentionError
 from .folders import check_weight_choice, damaged_weight_file, folder_list, resolve_weight_choice, weight_choices
 from .host import cross_attention_layers
@@ -67,13 +67,6 @@ INPUT_KIND_WORDS = {
 def adapter_choices() -> list:
     """Files of the adapter folders as ``<folder>/<file>``, or the placeholder entry while they are empty."""
     return weight_choices(ADAPTER_FOLDERS, prefixed=True)
-
-
-def _manifest():
-    try:
-        return load_manifest()
-    except (OSError, ValueError):
-        return None
 
 
 def _file_key(path: str) -> tuple:
@@ -240,7 +233,7 @@ class LoadIdentityAdapter:
         path, _ = resolve_weight_choice(adapter, ADAPTER_FOLDERS, node=node, input_name="adapter", node_id=self.NODE_ID, prefixed=True)
         folder, _, name = str(adapter).replace("\\", "/").partition("/")  # resolve_weight_choice checked the form
         roots = folder_list(folder)
-        manifest = _manifest()
+        manifest = manifest_or_none()
         entry = manifest.find(folder, name) if manifest is not None else None
         try:
             verified = _verify(path, folder, name, entry) if verify_sha256 else None

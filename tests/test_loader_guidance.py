@@ -91,8 +91,8 @@ def _tiny_manifest(monkeypatch, data: bytes, **change):
     }
     entry.update(change)
     manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": [entry]})
-    monkeypatch.setattr(weights_nodes, "_manifest", lambda: manifest)
-    monkeypatch.setattr(folders_mod, "_manifest", lambda: manifest)
+    monkeypatch.setattr(weights_nodes, "manifest_or_none", lambda *_: manifest)
+    monkeypatch.setattr(folders_mod, "manifest_or_none", lambda *_: manifest)
     return entry
 
 

@@ -112,7 +112,7 @@ def test_verify_success_with_progress(folders, tiny, monkeypatch):
         "base": "sd15", "license": "test", "nodes": ["IdentityAttentionLoadIdentityAdapter"], "description": "test",
     }
     manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": [entry]})
-    monkeypatch.setattr(weights_nodes, "_manifest", lambda: manifest)
+    monkeypatch.setattr(weights_nodes, "manifest_or_none", lambda *_: manifest)
     calls = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview=None, **kw: calls.append((value, total)))
     adapter, info = weights_nodes.LoadIdentityAdapter().load("identity_attention/listed.safetensors", tiny.unet("sd15"), verify_sha256=True)

@@ -23,7 +23,7 @@ weights" applies it.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,10 @@ from ..adapters.query_former import QueryFormer
 from ..adapters.trainable_modules import KeyValueProjections
 from . import prompt_encoding
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
-from .host import attention_fn_for, cross_attention_layers
-from .kv_mixed_training import frozen_copy, fused_tokens, initial_projections
+from .host import attention_fn_for
+from .encoder_target import EncoderTarget, fused_tokens
 from .prompt_token import PLACEHOLDER, with_marker
-from .training_targets import MODULE_LR, PROJECTION_LR, TrainingFeed, TrainingTarget, register_target
+from .training_targets import TrainingFeed, register_target
 
 PREFIX = "nested."
 
@@ -72,44 +72,29 @@ class TrainableNestedStage(AttentionStage):
         return new
 
 
-class NestedTarget(TrainingTarget):
+class NestedTarget(EncoderTarget):
     name = "nested"
-    default_learning_rate = PROJECTION_LR
-    needs_features = True
+    projection_prefix = PREFIX
+    trained = "Nested Attention query-former + nested K/V"
+    exported_mechanism = "nested"
 
     def __init__(self, model_patcher, settings: Mapping, clip=None, token=None, init: Optional[IdAdapter] = None, seed: int = 0):
-        layers = cross_attention_layers(model_patcher)
-        context_dim = layers[0].context_dim
-        with torch.inference_mode(False):
-            if init is not None:
-                if init.mechanism != "nested" or not isinstance(init.projector, QueryFormer):
-                    raise ValueError(f"the nested target's 'init' must be a nested adapter (this one is {init.mechanism})")
-                self.encoder = QueryFormer(**init.projector.config)
-                self.encoder.load_state_dict({k: v.detach().float().cpu().clone() for k, v in init.projector.state_dict().items()})
-                initial = {k: {n: w[PREFIX + n].float().clone() for n in ("to_k", "to_v")} for k, w in init.layers.items()}
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    self.encoder = QueryFormer(
-                        in_dim=int(settings.get("embedding_dim", 512)), dim=int(settings.get("dim", 256)), token_dim=int(settings.get("token_dim", context_dim)),
-                        tokens=int(settings.get("tokens", 4)), depth=int(settings.get("depth", 2)), heads=int(settings.get("heads", 4)),
-                        input_kind=str(settings.get("input", "arcface_normed")),
-                    )
-                initial = initial_projections(model_patcher, self.encoder.token_dim, seed)
-            self.encoder.train().requires_grad_(True)
-            self.projections = KeyValueProjections(initial, prefix=PREFIX)
-            self.module = torch.nn.ModuleDict({"encoder": self.encoder, "projections": self.projections})
-        self.encoder_learning_rate = float(settings.get("encoder_lr", MODULE_LR))
+        super().__init__(model_patcher, settings, init=init, seed=seed)
         self.value_weight = float(settings.get("value_reg", 0.01))
         self.subject_word = str(settings.get("subject_word", ""))
         self.clip, self.token = clip, token
         self._subjects: Dict[str, int] = {}
 
-    def param_groups(self, learning_rate: float, weight_decay: float) -> List[dict]:
-        return [
-            {"params": list(self.projections.parameters()), "lr": learning_rate, "weight_decay": weight_decay, "name": "nested.projections"},
-            {"params": list(self.encoder.parameters()), "lr": self.encoder_learning_rate, "weight_decay": weight_decay, "name": "nested.encoder"},
-        ]
+    def check_init(self, init: IdAdapter) -> None:
+        if init.mechanism != "nested" or not isinstance(init.projector, QueryFormer):
+            raise ValueError(f"the nested target's 'init' must be a nested adapter (this one is {init.mechanism})")
+
+    def new_encoder(self, settings: Mapping, context_dim: int) -> QueryFormer:
+        return QueryFormer(
+            in_dim=int(settings.get("embedding_dim", 512)), dim=int(settings.get("dim", 256)), token_dim=int(settings.get("token_dim", context_dim)),
+            tokens=int(settings.get("tokens", 4)), depth=int(settings.get("depth", 2)), heads=int(settings.get("heads", 4)),
+            input_kind=str(settings.get("input", "arcface_normed")),
+        )
 
     def install(self, model_patcher, feed: TrainingFeed):
         return apply_attention_stage(model_patcher, TrainableNestedStage(self.projections, feed, self.name))
@@ -134,11 +119,6 @@ class NestedTarget(TrainingTarget):
             return {}
         gaps = feed.recorded(self.name, "value_gap")
         return {"value_reg": self.value_weight * torch.stack(gaps).mean() if gaps else torch.zeros(())}
-
-    def export(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> IdAdapter:
-        meta = {"trained": "Nested Attention query-former + nested K/V", "source_format": "native"}
-        meta.update(metadata or {})
-        return IdAdapter(format="native", base=base, context_dim=context_dim, projector=frozen_copy(self.encoder), layers=self.projections.export(), metadata=meta, mechanism="nested")
 
 
 @register_target("nested")

@@ -17,7 +17,7 @@ identity node then feeds it all reference photos and gets ``T`` tokens), layers
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,8 @@ from ..adapters.parallel_attention import decoupled_attention
 from ..adapters.query_former import QueryFormer
 from ..adapters.trainable_modules import KeyValueProjections
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, apply_attention_stage
-from .host import cross_attention_layers
-from .kv_mixed_training import frozen_copy, initial_projections
-from .training_targets import MODULE_LR, PROJECTION_LR, TrainingFeed, TrainingTarget, register_target
+from .encoder_target import EncoderTarget
+from .training_targets import TrainingFeed, register_target
 
 
 class TrainableDecoupledStage(AttentionStage):
@@ -51,39 +50,21 @@ class TrainableDecoupledStage(AttentionStage):
         return out + decoupled_attention(call.q, k, v, call.heads, lambda q, k_, v_, heads: call.branch_attention(q, k_, v_))
 
 
-class OmniIDTarget(TrainingTarget):
+class OmniIDTarget(EncoderTarget):
     name = "omni_id"
-    default_learning_rate = PROJECTION_LR
-    needs_features = True
+    trained = "Omni-ID-style set encoder (few-to-many)"
+    exported_mechanism = "decoupled"
 
-    def __init__(self, model_patcher, settings: Mapping, init: Optional[IdAdapter] = None, seed: int = 0):
-        context_dim = cross_attention_layers(model_patcher)[0].context_dim
-        with torch.inference_mode(False):
-            if init is not None:
-                if not isinstance(init.projector, QueryFormer) or not init.projector.reads_set:
-                    raise ValueError("the omni_id target's 'init' must be an adapter it wrote (a set-encoder projector)")
-                self.encoder = QueryFormer(**init.projector.config)
-                self.encoder.load_state_dict({k: v.detach().float().cpu().clone() for k, v in init.projector.state_dict().items()})
-                initial = {k: {n: w[n].float().clone() for n in ("to_k", "to_v")} for k, w in init.layers.items()}
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    self.encoder = QueryFormer(
-                        in_dim=int(settings.get("embedding_dim", 512)), dim=int(settings.get("dim", 256)), token_dim=int(settings.get("token_dim", context_dim)),
-                        tokens=int(settings.get("tokens", 8)), depth=int(settings.get("depth", 2)), heads=int(settings.get("heads", 4)),
-                        input_kind=str(settings.get("input", "arcface_normed")), reads_set=True,
-                    )
-                initial = initial_projections(model_patcher, self.encoder.token_dim, seed)
-            self.encoder.train().requires_grad_(True)
-            self.projections = KeyValueProjections(initial)
-            self.module = torch.nn.ModuleDict({"encoder": self.encoder, "projections": self.projections})
-        self.encoder_learning_rate = float(settings.get("encoder_lr", MODULE_LR))
+    def check_init(self, init: IdAdapter) -> None:
+        if not isinstance(init.projector, QueryFormer) or not init.projector.reads_set:
+            raise ValueError("the omni_id target's 'init' must be an adapter it wrote (a set-encoder projector)")
 
-    def param_groups(self, learning_rate: float, weight_decay: float) -> List[dict]:
-        return [
-            {"params": list(self.projections.parameters()), "lr": learning_rate, "weight_decay": weight_decay, "name": "omni_id.projections"},
-            {"params": list(self.encoder.parameters()), "lr": self.encoder_learning_rate, "weight_decay": weight_decay, "name": "omni_id.encoder"},
-        ]
+    def new_encoder(self, settings: Mapping, context_dim: int) -> QueryFormer:
+        return QueryFormer(
+            in_dim=int(settings.get("embedding_dim", 512)), dim=int(settings.get("dim", 256)), token_dim=int(settings.get("token_dim", context_dim)),
+            tokens=int(settings.get("tokens", 8)), depth=int(settings.get("depth", 2)), heads=int(settings.get("heads", 4)),
+            input_kind=str(settings.get("input", "arcface_normed")), reads_set=True,
+        )
 
     def install(self, model_patcher, feed: TrainingFeed):
         return apply_attention_stage(model_patcher, TrainableDecoupledStage(self.projections, feed))
@@ -95,11 +76,6 @@ class OmniIDTarget(TrainingTarget):
         feats = feed.features if isinstance(feed.features, (list, tuple)) else [feed.features]
         tokens = torch.cat([self.encoder.project(f) for f in feats], dim=0)
         feed.tokens = tokens.repeat_interleave(int(feed.extras.get("repeat", 1)), dim=0)
-
-    def export(self, base: str, context_dim: int, metadata: Optional[Dict[str, str]] = None) -> IdAdapter:
-        meta = {"trained": "Omni-ID-style set encoder (few-to-many)", "source_format": "native"}
-        meta.update(metadata or {})
-        return IdAdapter(format="native", base=base, context_dim=context_dim, projector=frozen_copy(self.encoder), layers=self.projections.export(), metadata=meta, mechanism="decoupled")
 
 
 @register_target("omni_id")

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters.ca2_gate import gated_visual_attention, native_score, pooled_text_token, visual_gate
 from ..adapters.id_adapter import IdAdapter
@@ -45,9 +44,7 @@ class TrainableCA2Stage(AttentionStage):
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         w = self.adapter.layer(call.layer)
         dt = call.q.dtype
-        tokens = self.feed.tokens_for(call.batch).to(device=call.q.device, dtype=dt).detach()
-        k_vis = F.linear(tokens, w["to_k"].to(device=call.q.device, dtype=dt))
-        v_vis = F.linear(tokens, w["to_v"].to(device=call.q.device, dtype=dt))
+        k_vis, v_vis = self.feed.frozen_identity_kv(w, call)
         hidden = call.hidden_states().to(dt)
         score = native_score(hidden, pooled_text_token(call.context().to(dt)), self.scores.weights(call.layer, dt), "gelu")  # [b, N]
         mask = self.feed.mask_at(self.feed.edit_mask if self.feed.edit_mask is not None else self.feed.foreground, call)

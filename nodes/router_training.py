@@ -50,9 +50,7 @@ class FrozenIdentityStage(AttentionStage):
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         w = self.adapter.layer(call.layer)
         dt = call.q.dtype
-        tokens = self.feed.tokens_for(call.batch).to(device=call.q.device, dtype=dt).detach()
-        k_id = F.linear(tokens, w["to_k"].to(device=call.q.device, dtype=dt))
-        v_id = F.linear(tokens, w["to_v"].to(device=call.q.device, dtype=dt))
+        k_id, v_id = self.feed.frozen_identity_kv(w, call)
         if not self.joint:
             return out + call.attention(call.q, k_id, v_id)
         q_id = F.linear(call.hidden_states().to(dt), w["to_q"].to(device=call.q.device, dtype=dt)) if "to_q" in w else None

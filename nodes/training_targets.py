@@ -27,9 +27,10 @@ lists them; the personalize node builds the PVA one directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..adapters.spatial import mask_to_tokens
 
@@ -92,6 +93,18 @@ class TrainingFeed:
         if self.tokens is None:
             raise RuntimeError("the training feed has no identity tokens for this step")
         return self.rows(self.tokens, batch)
+
+    def frozen_identity_kv(self, weights: Dict[str, torch.Tensor], call) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This step's identity tokens through a frozen adapter layer's ``to_k`` / ``to_v``: ``[b, T, C]`` each.
+
+        The tokens are detached: targets that train something else around a fixed adapter
+        (the MoA router, the CA² score) must not reach into the projector.
+        """
+        dt = call.q.dtype
+        tokens = self.tokens_for(call.batch).to(device=call.q.device, dtype=dt).detach()
+        k = F.linear(tokens, weights["to_k"].to(device=call.q.device, dtype=dt))
+        v = F.linear(tokens, weights["to_v"].to(device=call.q.device, dtype=dt))
+        return k, v
 
     def mask_at(self, mask: Optional[torch.Tensor], call) -> Optional[torch.Tensor]:
         """A pixel mask at an attention call's token grid: ``[b, N, 1]`` (None stays None)."""

@@ -18,7 +18,8 @@ Config (JSON, or TOML with the same sections; paths relative to the config file)
 
 Targets (``nodes/training_targets.py``; one file per mechanism): ``pva`` (visual projections,
 identity transformer, the caption's ``<new1>`` token), ``router`` (MoA routers + router loss),
-``ca2_score``, ``stage_tokens``, ``face_adapter``, ``kv_mixed``, ``nested``, ``omni_id`` where their
+``ca2_score``, ``stage_tokens``, ``face_adapter``, ``kv_mixed``, ``nested``, ``omni_id``,
+``restoration_guide`` (Dual-Pivot's ControlNet guide, ``nodes/restoration_training.py``) where their
 modules exist. Each target may name
 an ``adapter`` (where to start / the frozen branch it needs) and ``init`` (weights to continue).
 
@@ -102,7 +103,7 @@ def _import_targets() -> None:
     """Register every target module present in this pack (each registers itself on import)."""
     import importlib
 
-    for name in ("pva_training", "router_training", "ca2_training", "stage_token_training", "face_adapter_training", "kv_mixed_training", "nested_training", "omni_id_training"):
+    for name in ("pva_training", "router_training", "ca2_training", "stage_token_training", "face_adapter_training", "kv_mixed_training", "nested_training", "omni_id_training", "restoration_training"):
         try:
             importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as err:
@@ -187,6 +188,7 @@ class MicroBatch:
     features: Optional[List[IdentityFeatures]] = None
     frozen_tokens: Optional[torch.Tensor] = None
     repeat: int = 1
+    extras: Optional[Dict[str, torch.Tensor]] = None  # targets' per-row inputs (TrainingTarget.batch_inputs)
 
 
 class _StepModule(torch.nn.Module):
@@ -365,6 +367,7 @@ class Trainer:
         self.samples += self.batch_size
         batch = collate(samples)
         n = self.repeat
+        extras = {k: v for t in self.targets for k, v in t.batch_inputs(batch, n).items()}
         g = step_generator(self.seed, step, micro, self.rank)
         latents = encode_latents(self.vae, self.model, batch["images"])
         hw = tuple(latents.shape[-2:])
@@ -391,7 +394,7 @@ class Trainer:
             frozen = self._frozen_tokens(adapter, batch["features"]).repeat_interleave(n, dim=0)
         return MicroBatch(
             x0=x0, sigma=sigma, timesteps=t, eps=eps, weight=weight, foreground=masks.repeat_interleave(n, dim=0), captions=[c for c in captions for _ in range(n)],
-            c_concat=c_concat, text_kept=text_kept.repeat_interleave(n, dim=0), features=features, frozen_tokens=frozen, repeat=n,
+            c_concat=c_concat, text_kept=text_kept.repeat_interleave(n, dim=0), features=features, frozen_tokens=frozen, repeat=n, extras=extras,
         )
 
     def _drop_conditions(self, batch: dict, step: int, micro: int) -> Tuple[List[str], torch.Tensor]:
@@ -453,6 +456,7 @@ class Trainer:
         feed.start()
         feed.foreground = mb.foreground.to(self.device) if mb.foreground is not None else None
         feed.extras.update(repeat=mb.repeat, timesteps=mb.timesteps, captions=mb.captions, device=self.device, text_kept=mb.text_kept)
+        feed.extras.update({k: v.to(self.device) for k, v in (mb.extras or {}).items()})
         feed.tokens = mb.frozen_tokens.to(self.device) if mb.frozen_tokens is not None else None
         if mb.features is not None:
             p = next(iter(self.step_module.parameters()))
@@ -468,6 +472,8 @@ class Trainer:
         sigma = mb.sigma.to(self.device)
         c_concat = mb.c_concat.to(self.device) if mb.c_concat is not None else None
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            for t in self.targets:
+                t.before_forward(feed, x_noisy, sigma, as_normal(context), y)
             x0_hat = predict_x0(self.unet, x_noisy, sigma, as_normal(context), c_concat=c_concat, y=y, transformer_options=self.options)
         terms = {"denoise": denoising_loss(x0_hat, x_noisy, sigma, mb.eps.to(self.device), mb.weight.to(self.device) if mb.weight is not None else None)}
         for t in self.targets:

@@ -142,6 +142,14 @@ class TrainingTarget:
         """Learned prompt-token vectors per text encoder, or None (the prompt is fixed)."""
         return None
 
+    def batch_inputs(self, batch: dict, repeat: int) -> Dict[str, torch.Tensor]:
+        """Per micro-batch, on the collated batch before it is encoded: may rewrite it (e.g. captions ->
+        a fixed prompt) and returns per-row tensors (``repeat`` rows per photo) for ``feed.extras``."""
+        return {}
+
+    def before_forward(self, feed: TrainingFeed, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y: Optional[torch.Tensor]) -> None:
+        """Just before the model call, with its inputs (e.g. run a ControlNet guide on them)."""
+
     def regularizers(self, feed: TrainingFeed) -> Dict[str, torch.Tensor]:
         """Weighted extra loss terms from what the hooks recorded (already multiplied by their weights)."""
         return {}

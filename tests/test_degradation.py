@@ -164,3 +164,20 @@ def test_every_op_in_a_pipeline_matches_running_it_alone_in_the_drawn_order():
 def test_bad_indices_are_refused():
     with pytest.raises(ValueError):
         deg.degrade(images(2), seed=0, indices=[1])
+
+
+def test_degrade_photos_node_gives_the_seeded_degradation_pairs_and_a_report():
+    node_mod = pack("nodes.restoration_nodes")
+    node = node_mod.DegradePhotos()
+    x = images(2, 40, 40)
+    degraded, pairs, report = node.degrade(x, 7, 1.0)
+    want, steps = deg.degrade(x, 7)
+    assert torch.equal(degraded, want) and pairs.shape == (2, 40, 80, 3)
+    assert torch.equal(pairs[:, :, :40], x) and torch.equal(pairs[:, :, 40:], want)
+    assert report.splitlines()[1] == "image 1: " + deg.describe(steps[1])
+    rgba = torch.cat([x, torch.ones(2, 40, 40, 1)], dim=-1)
+    assert torch.equal(node.degrade(rgba, 7, 1.0)[0], want)
+    spec = node_mod.DegradePhotos.INPUT_TYPES()["required"]
+    assert all(opts[1].get("tooltip") for opts in spec.values())
+    with pytest.raises(Exception, match="Degrade photos"):
+        node.degrade(torch.zeros(2, 40), 0, 1.0)

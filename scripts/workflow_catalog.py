@@ -34,6 +34,7 @@ ORDER = [
     "face_edit_ca2_gate",
     "face_edit_ca2_stfg",
     "personalize_then_generate",
+    "restore_old_photo_of_person",
 ]
 
 # What the first image should look like, in words (the screenshots are taken on random-weight test models).

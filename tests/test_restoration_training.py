@@ -158,3 +158,40 @@ def test_a_bad_starting_controlnet_is_refused_with_what_to_do(tmp_path, models):
         targets_mod.TARGETS["restoration_guide"](models[0], None, {"controlnet": "missing.safetensors"}, config_dir=str(tmp_path))
     with pytest.raises(ValueError, match="save_dtype"):
         targets_mod.TARGETS["restoration_guide"](models[0], None, {"save_dtype": "int8"})
+
+
+def test_guide_starts_from_a_controlnet_file_through_the_hosts_loader(tmp_path, models):
+    from testkit.tiny_controlnet import tiny_controlnet_state_dict, write_tiny_controlnet
+
+    path = write_tiny_controlnet(str(tmp_path / "tile.safetensors"), arch="sdxl", seed=21)
+    target = targets_mod.TARGETS["restoration_guide"](models[0], None, {"controlnet": "tile.safetensors"}, config_dir=str(tmp_path))
+    want = tiny_controlnet_state_dict("sdxl", seed=21)
+    got = target.module.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k].to(torch.float16), want[k]) for k in want) and all(v.dtype == torch.float32 for v in got.values())
+    assert all(p.requires_grad for p in target.module.parameters())
+    assert path.endswith("tile.safetensors")
+
+
+def test_a_lora_prior_is_on_the_fixed_model_and_never_trains(tmp_path, folder, models):
+    from harness.provisioning import lora_state
+    from safetensors.torch import save_file
+
+    save_file(lora_state("sdxl", seed=2), str(tmp_path / "pivot_lora.safetensors"))
+    model = models[0]
+    target = targets_mod.TARGETS["restoration_guide"](model, None, {"lora": "pivot_lora.safetensors", "lora_strength": 1.0}, config_dir=str(tmp_path))
+    feed = targets_mod.TrainingFeed()
+    patched = target.install(model, feed)
+    assert len(patched.patches) > 0 and len(model.patches) == 0  # on a clone: the upstream MODEL is untouched
+    x, sigma, hint, context, y = inputs(model, seed=3)
+    feed.extras["restoration_hint"] = hint
+    with torch.no_grad():
+        target.before_forward(feed, x, sigma, context, y)
+        with_lora = unet_out(patched, x, sigma, context, y)
+        plain = unet_out(model, x, sigma, context, y)
+    assert not torch.allclose(with_lora, plain)
+    before = snapshot(model.model.diffusion_model)
+    trainer = trainer_mod.run(str(guide_config(tmp_path, folder, steps=1, out="lora", lora=str(tmp_path / "pivot_lora.safetensors"))), models=models)
+    assert_same(before, snapshot(model.model.diffusion_model))
+    names = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert names == {id(p) for p in trainer.targets[0].module.parameters()}  # only the guide is optimized

@@ -26,7 +26,7 @@ from .stage_inputs import CATEGORY
 class DegradePhotos:
     NODE_ID = "IdentityAttentionDegradePhotos"
     DISPLAY_NAME = "Degrade photos (restoration pairs)"
-    CATEGORY = f"{CATEGORY}/restore"
+    CATEGORY = f"{CATEGORY}/train"  # it makes the training pairs of the restoration guide
     DESCRIPTION = (
         "Damages photos the way old or poor photos are damaged, as blind face restoration is trained: Gaussian or motion "
         "blur, downscaling, noise and JPEG, in a random order and strength drawn from the seed (GFPGAN's ranges for "

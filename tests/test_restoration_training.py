@@ -81,6 +81,15 @@ def test_guide_from_the_unet_copies_its_encoder_and_adds_nothing_before_training
         plain = unet_out(model, x, sigma, context, y)
     assert feed.extras[rt.CONTROL_KEY]["next"] == len(model.model.diffusion_model.output_blocks)
     assert torch.equal(with_guide, plain)  # zero convolutions zero: bit for bit the unpatched model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in target.module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        target.before_forward(feed, x, sigma, context, y)
+        assert not torch.equal(unet_out(patched, x, sigma, context, y), plain)
+        target.strength = 0.0  # strength 0: bit for bit the unpatched model again
+        target.before_forward(feed, x, sigma, context, y)
+        assert torch.equal(unet_out(patched, x, sigma, context, y), plain)
 
 
 def test_training_path_equals_the_hosts_controlnet_at_sampling_time(tmp_path, models):

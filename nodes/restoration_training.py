@@ -230,9 +230,10 @@ class RestorationGuideTarget(TrainingTarget):
 def personalized_prior(model_patcher, path: str, strength: float):
     """The fixed model with a LoRA applied (stage 1's personalized prior): a patched clone, the weights untouched."""
     import comfy.sd
-    import comfy.utils
 
-    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    from ..adapters.safe_load import read_weight_file
+
+    lora = read_weight_file(path).tensors  # safetensors, or a pickle read with weights_only
     model, _ = comfy.sd.load_lora_for_models(model_patcher, None, lora, strength, 0.0)
     return model
 

@@ -20,10 +20,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness.host import CACHE, host_label, prepare_instance  # noqa: E402
+from harness.host import CACHE, host_label, import_host_in_process, prepare_instance  # noqa: E402
 from harness.server import ComfyServer, PromptFailed  # noqa: E402
 from harness import tiny_swap, workflow  # noqa: E402
 import harness.provisioning  # noqa: E402,F401  (registers provisioners for the pack's loaders)
+
+import_host_in_process(cpu=True)  # provisioners that build tiny weights with the host's classes (the ControlNets) import comfy here
 
 
 def main() -> int:

@@ -110,7 +110,7 @@ def controlnet_from_unet(model_patcher, seed: int = 0) -> torch.nn.Module:
                 continue
             if k.startswith(("zero_convs.", "middle_block_out.")) or k.endswith(".bias"):
                 fresh[k] = torch.zeros(t.shape)
-            else:  # the hint encoder: He-uniform like a fresh torch conv (seeded)
+            else:  # the hint encoder: uniform in +-1/sqrt(fan_in), torch's default conv init (seeded)
                 fan_in = max(t[0].numel(), 1)
                 bound = (1.0 / fan_in) ** 0.5
                 fresh[k] = (torch.rand(t.shape, generator=g) * 2 - 1) * bound

@@ -33,6 +33,7 @@ from ..adapters.face_parsing import PARSE_SIZE, BiSeNet, background_mask, parse_
 from ..adapters.face_visuals import banner
 from ..adapters.pulid_face_image import align_face_512, face_features_image
 from ..adapters.safe_load import read_weight_file, resolve_in_folders
+from ..adapters.weight_dtypes import check_magnitude
 from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
 from .folders import folder_list
@@ -98,7 +99,10 @@ def resolve_choice(choice: str, folders: Sequence[str], node: str, input_name: s
 
 def read_tensors(path: str, node: str, input_name: str) -> dict:
     try:
-        return read_weight_file(path, roots=None).tensors
+        tensors = read_weight_file(path, roots=None).tensors
+        for key, t in tensors.items():  # |w| <= 65504, no NaN / inf (adapters/weight_dtypes.py)
+            check_magnitude(key, t, f"'{os.path.basename(path)}'")
+        return tensors
     except WeightError as err:
         raise IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix) from None
 

@@ -222,3 +222,41 @@ def test_ordinary_expanded_buffers_still_load(tmp_path):
         torch.save(tensors, path, _use_new_zipfile_serialization=(fmt == "zip"))
         loaded = safe_load.read_weight_file(str(path)).tensors
         assert torch.equal(loaded["position_ids"], tensors["position_ids"]) and torch.equal(loaded["w"], tensors["w"])
+
+
+# --- zip files whose records are compressed (torch.save stores them; a crafted file may deflate) ------
+
+
+def _deflated_torch_zip(path: Path, payload_bytes: int, lie: bool) -> Path:
+    import io
+    import re
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            data = b"\0" * payload_bytes if info.filename.endswith("data/0") else src.read(info.filename)
+            z.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    raw = bytearray(out.getvalue())
+    if lie:  # declare 16 bytes for the 20 MB record, in the central directory and the local header
+        for sig, name_at, size_at, name_len_at in ((b"PK\x01\x02", 46, 24, 28), (b"PK\x03\x04", 30, 22, 26)):
+            for m in re.finditer(re.escape(sig), bytes(raw)):
+                n = struct.unpack_from("<H", raw, m.start() + name_len_at)[0]
+                if bytes(raw[m.start() + name_at : m.start() + name_at + n]).endswith(b"data/0"):
+                    struct.pack_into("<I", raw, m.start() + size_at, 16)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_deflated_records_are_bounded_by_their_declared_size(tmp_path):
+    honest = _deflated_torch_zip(tmp_path / "deflated.pt", 20 * 1024**2, lie=False)
+    assert honest.stat().st_size < 1024**2
+    with pytest.raises(WeightError, match="would unpack to"):
+        safe_load.read_weight_file(str(honest))
+    # a header that under-declares: the reader inflates only the declared 16 bytes (the tensor's own)
+    liar = _deflated_torch_zip(tmp_path / "liar.pt", 20 * 1024**2, lie=True)
+    loaded = safe_load.read_weight_file(str(liar)).tensors
+    assert torch.equal(loaded["w"], torch.zeros(4))

@@ -3,7 +3,8 @@
 One :class:`TrainingConfigError` per problem, naming the setting (``train.learning_rate``),
 the value given and the fix. Numbers must be real numbers (``true`` is not 1, NaN and inf are
 not numbers) inside the ranges below; ``data.folder`` must be a folder with at least one image.
-The ranges are sanity bounds, far outside anything a run uses, so a typo (``1e6`` steps
+Every number anywhere in the config (a target's own ``token_lr``, ``strength``,
+``loss_weight``...) must be finite. The ranges are sanity bounds, far outside anything a run uses, so a typo (``1e6`` steps
 instead of ``1e4`` still passes; ``-1``, ``0``, ``1e400`` do not) fails in the first second,
 not after the models have loaded. Nothing here imports ComfyUI.
 """
@@ -67,6 +68,26 @@ def _has_image(folder: str) -> bool:
     return False
 
 
+MAX_CONFIG_DEPTH = 16  # a config nests 3 deep (targets.pva.setting); JSON can nest a million
+
+
+def _nonfinite_setting(config: Mapping) -> Optional[str]:
+    """The dotted name of the first number anywhere in ``config`` that is NaN or inf (JSON reads ``NaN``,
+    ``Infinity``; TOML ``nan``, ``inf``), e.g. ``targets.pva.token_lr``; None if all are finite."""
+    stack = [(config, "", 0)]
+    while stack:
+        item, name, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return name
+        if depth > MAX_CONFIG_DEPTH and isinstance(item, (Mapping, list, tuple)):
+            return name + " (nested more than 16 deep)"
+        if isinstance(item, Mapping):
+            stack.extend((v, f"{name}.{k}" if name else str(k), depth + 1) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{name}[{i}]", depth + 1) for i, v in enumerate(item))
+    return None
+
+
 def check_training_config(config: Any, config_dir: str = "") -> None:
     """Raise :class:`TrainingConfigError` for the first problem of ``config`` (the parsed JSON / TOML)."""
     if not isinstance(config, Mapping):
@@ -78,6 +99,9 @@ def check_training_config(config: Any, config_dir: str = "") -> None:
         raise TrainingConfigError("models", "is missing", 'name the base model, e.g. "models": {"checkpoint": "sd15.safetensors"}')
     if not config.get("targets"):
         raise TrainingConfigError("targets", "names no training target", 'add one, e.g. "targets": {"pva": {}}')
+    bad = _nonfinite_setting(config)
+    if bad:
+        raise TrainingConfigError(bad, "is not a finite number" if "nested" not in bad else "is not a setting", "write a finite number (NaN and Infinity are not settings)")
     for setting, (kind, low, high) in RANGES.items():
         section, key = setting.split(".")
         value = config.get(section, {}).get(key)

@@ -139,3 +139,27 @@ def test_a_cli_run_that_cannot_fit_is_refused_before_work_with_the_resolution_th
     text = str(info.value)
     assert info.value.setting == "data.resolution" and f'"resolution": {fits}' in text and f"{resolution} px" in text, text
     json.loads("{" + text.split("{", 1)[1].split("}", 1)[0] + "}")  # the fix is a config line that parses
+
+
+@pytest.mark.parametrize("where,value", [
+    ("targets.pva.token_lr", float("nan")), ("targets.pva.loss_weight", float("inf")), ("targets.router.hidden", float("-inf")),
+    ("train.condition_dropout.identity", float("nan")), ("output.scale", float("inf")),
+])
+def test_every_number_anywhere_in_the_config_must_be_finite(folder, where, value):
+    cfg = _config(folder)
+    section, *rest = where.split(".")
+    node = cfg.setdefault(section, {})
+    for key in rest[:-1]:
+        node = node.setdefault(key, {})
+    node[rest[-1]] = value
+    with pytest.raises(TrainingConfigError) as info:
+        checks.check_training_config(cfg)
+    assert info.value.setting == where and "finite" in str(info.value)
+
+
+def test_nan_written_in_json_is_refused_before_models_load(tmp_path, folder, monkeypatch):
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(_config(folder)).replace('"token_lr"', '"x"').replace('"tokens": 4', '"tokens": 4, "token_lr": NaN'))
+    monkeypatch.setattr(trainer_mod, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    with pytest.raises(TrainingConfigError, match="targets.pva.token_lr"):
+        trainer_mod.run(str(path))

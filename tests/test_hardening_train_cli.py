@@ -163,3 +163,22 @@ def test_nan_written_in_json_is_refused_before_models_load(tmp_path, folder, mon
     monkeypatch.setattr(trainer_mod, "load_models", lambda *a, **k: pytest.fail("models loaded"))
     with pytest.raises(TrainingConfigError, match="targets.pva.token_lr"):
         trainer_mod.run(str(path))
+
+
+@pytest.mark.parametrize("line", ["{not json", "[" * 100_000, '{"caption": "no file"}', "[1, 2]", '{"file": 5}', "9" * 5000, "\xff\xfe"])
+def test_bad_metadata_lines_are_one_error_naming_the_line(tmp_path, line):
+    data = pack("adapters.training_data")
+    folder = tdf.make_folder(tmp_path / "data")
+    (folder / "metadata.jsonl").write_bytes(b'{"file": "x.png", "caption": "ok"}\n' + line.encode("latin-1") + b"\n")
+    with pytest.raises(TrainingConfigError) as info:
+        data.ImageFolderIndex(str(folder))
+    assert info.value.setting == "data.folder" and "line 2" in str(info.value)
+
+
+def test_oversized_metadata_file_is_refused_unread(tmp_path, monkeypatch):
+    data = pack("adapters.training_data")
+    folder = tdf.make_folder(tmp_path / "data")
+    (folder / "metadata.jsonl").write_text('{"file": "x.png"}\n' * 100)
+    monkeypatch.setattr(data, "MAX_METADATA_BYTES", 100)
+    with pytest.raises(TrainingConfigError, match="over 100"):
+        data.ImageFolderIndex(str(folder))

@@ -27,7 +27,7 @@ import threading
 
 import torch
 
-from .malformed_nodes import DamagedIdentity, Tensor
+from .malformed_nodes import DamagedIdentity, Number, Tensor
 from .report_nodes import ImageList, Report
 
 _CACHE = {}
@@ -337,6 +337,6 @@ class SyntheticClipVision:
 
 from .clip_vision import TinyClipVision  # noqa: E402
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity, Number]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

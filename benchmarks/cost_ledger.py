@@ -12,14 +12,15 @@ reported next to it):
 
 - ``launches``: every op except views (``OpOverload.is_view``), allocations (``empty*``) and
   ``lift_fresh`` (a tensor made from Python data: counted as a copy, below);
-- ``syncs``: ops that make the host wait for the device: ``_local_scalar_dense`` (``.item()``,
+- ``syncs``: ops that make the host wait for the device: ``item`` / ``_local_scalar_dense`` (``.item()``,
   ``float(t)``, ``if t:``), ``nonzero``, ``equal``, ``is_nonzero``, and on a GPU any copy to the CPU;
 - ``h2d``: host-to-device copies: ``lift_fresh`` (``torch.tensor(...)``, indexing with a Python
   list: on a GPU both are a blocking copy of host data) and, on a GPU, copies from CPU tensors;
 - the same three counted again for what runs *inside* the cross-attention layers (each attn2
   replace, ``attn2_patch``, ``attn2_output_patch`` and ``middle_patch`` is wrapped while
   counting), and the number of attn2 replace calls in the counted step.
-- ``aten.item`` is neither a launch nor counted twice: the ``_local_scalar_dense`` it makes is the sync.
+- ``aten.item`` (``.item()``, ``float(t)``) is a sync, not a launch (the mode sees ``item`` or
+  ``_local_scalar_dense``, not both).
 
 ``extra per layer`` = (scenario launches - unpatched launches) / cross-attention layers of the
 model (16 for SD1.5). A budget with ``"per": "layer_read"`` (STFG, which reads the attention maps
@@ -49,8 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .host_setup import describe, prepare
 
 BUDGETS_FILE = Path(__file__).with_name("cost_budgets.json")
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero"}
-NOT_COUNTED = {"item"}  # composite: its _local_scalar_dense is the sync
+SYNC_OPS = {"item", "_local_scalar_dense", "nonzero", "equal", "is_nonzero"}
 LAYER_PATCHES = ("attn2_patch", "attn2_output_patch", "middle_patch")
 ALLOCATION_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"}
 COPY_OPS = {"_to_copy", "copy_"}
@@ -105,7 +105,7 @@ class OpCounter(TorchDispatchMode):
     def _kind(func, name, args, kwargs, out) -> Optional[str]:
         if name == "lift_fresh" or name == "lift_fresh_copy":
             return "h2d"
-        if getattr(func, "is_view", False) or name in ALLOCATION_OPS or name in NOT_COUNTED:
+        if getattr(func, "is_view", False) or name in ALLOCATION_OPS:
             return None
         if name in SYNC_OPS:
             return "sync"

@@ -92,6 +92,9 @@ def test_at_most_one_sigma_read_per_step(ledger, name):
     _, rows, _, _ = ledger
     row = rows[name]
     assert row.step.syncs - row.layers.syncs <= 1, dict(row.step.sync_ops)
+    # and the ledger sees that read: the step wrapper's float(sigma) is the step's one sync
+    assert row.step.syncs == 1, dict(row.step.sync_ops)
+    assert rows["unpatched"].step.syncs == 0
 
 
 def _rewindowed(patched: Patched, sigma_start: float, sigma_end: float) -> Patched:

@@ -23,6 +23,7 @@ constant factor the normalisations downstream (min-max, μ - σ) ignore.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List, Tuple
 
 import torch
@@ -42,10 +43,31 @@ def start_token_positions(tokens: int) -> List[int]:
     return [0]
 
 
+_INDICATORS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_INDICATOR_CACHE_SIZE = 16
+"""Bounded: a sampling sees a handful of (tokens, device, dtype) keys; the tensors are ``M`` floats each."""
+
+
 def content_indicator(tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``[M]``: 1 for content tokens, 0 for start tokens."""
-    ind = torch.ones(tokens, device=device, dtype=dtype)
-    ind[start_token_positions(tokens)] = 0
+    """``[M]``: 1 for content tokens, 0 for start tokens. Read-only (shared between calls).
+
+    Built on the device from an ``arange`` (indexing with a Python list of positions
+    would be a blocking host-to-device copy in every layer) and kept in a small
+    bounded cache, so a layer call launches nothing for it after the first.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    # inference-mode tensors cannot be saved for backward: a training step gets its own copy
+    key = (tokens, device, dtype, torch.is_inference_mode_enabled())
+    ind = _INDICATORS.get(key)
+    if ind is None:
+        pos = torch.arange(tokens, device=device)
+        chunk = CLIP_CHUNK if tokens >= CLIP_CHUNK and tokens % CLIP_CHUNK == 0 else max(tokens, 1)
+        ind = (pos % chunk != 0).to(dtype)  # same positions as start_token_positions
+        _INDICATORS[key] = ind
+        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
+            _INDICATORS.popitem(last=False)
+    else:
+        _INDICATORS.move_to_end(key)
     return ind
 
 

@@ -52,12 +52,64 @@ DitBlockKey = Tuple[str, int]  # ("double_block", i) / ("single_block", i): Comf
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", FLUX: "Flux.1"}
 
-# Which nodes work on which model family (the README "Model families" table is checked against it).
-# "yes": works; "unet-only": refuses a DiT MODEL with an error saying so.
+# Which nodes that patch a MODEL work on which family (the README "Model families" table is checked
+# against it, tests/test_dit_families.py). "yes" works; anything else is the reason the node refuses a
+# Flux MODEL (input_guard runs :func:`check_model_family` before the node's code).
+YES = "yes"
+UNET_ONLY = "UNet-only: "
+NOT_YET = "not yet on DiT: "
 DIT_NODES = {
-    "IdentityAttentionApplyParallelAttention": {"unet": "yes", FLUX: "yes (joint mode, layer projections)"},
-    "IdentityAttentionApplyFaceAdapter": {"unet": "yes", FLUX: "unet-only"},
+    "IdentityAttentionApplyParallelAttention": {"unet": YES, FLUX: YES},
+    "IdentityAttentionApplyFaceAdapter": {"unet": YES, FLUX: UNET_ONLY + "FACT's gated self-attention sits between a UNet block's self- and cross-attention; a joint DiT block has no such place"},
+    "IdentityAttentionApplyStageTokens": {"unet": YES, FLUX: UNET_ONLY + "the token sets are per UNet resolution stage (down / middle / up); a DiT has one resolution"},
+    "IdentityAttentionApplyInstantIDIdentityNet": {"unet": YES, FLUX: UNET_ONLY + "IdentityNet is a ControlNet of the SDXL UNet"},
+    "IdentityAttentionApplySTFG": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
+    "IdentityAttentionInspectSTFGBoundary": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
+    "IdentityAttentionApplyKVMixedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
+    "IdentityAttentionApplyNestedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
+    "IdentityAttentionApplyMixtureOfAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
+    "IdentityAttentionInspectRouter": {"unet": YES, FLUX: NOT_YET + "inspects the MoA router, which is not on the DiT path yet"},
+    "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: NOT_YET + "the CA\u00b2 gate is defined on attention and could carry over; not written for the DiT path yet"},
+    "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: NOT_YET + "inspects the CA\u00b2 gate, which is not on the DiT path yet"},
+    "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "the trainer's targets are UNet layers"},
 }
+
+# README "Model families" rows -> the nodes each row stands for
+README_ROWS = {
+    "Apply parallel visual attention": ("IdentityAttentionApplyParallelAttention",),
+    "Apply face adapter (FACT)": ("IdentityAttentionApplyFaceAdapter",),
+    "Apply per-stage identity tokens": ("IdentityAttentionApplyStageTokens",),
+    "Apply InstantID IdentityNet": ("IdentityAttentionApplyInstantIDIdentityNet",),
+    "Apply STFG guidance / Inspect STFG boundary": ("IdentityAttentionApplySTFG", "IdentityAttentionInspectSTFGBoundary"),
+    "Apply KV-mixed attention": ("IdentityAttentionApplyKVMixedAttention",),
+    "Apply nested attention": ("IdentityAttentionApplyNestedAttention",),
+    "Apply mixture-of-attention / Inspect router": ("IdentityAttentionApplyMixtureOfAttention", "IdentityAttentionInspectRouter"),
+    "Apply CA\u00b2 gate / Inspect CA\u00b2 scores": ("IdentityAttentionApplyCA2Gate", "IdentityAttentionInspectCA2Scores"),
+    "Personalize identity": ("IdentityAttentionPersonalizeIdentity",),
+}
+
+
+def check_model_family(node_id: str, model, node: str, input_name: str = "model") -> None:
+    """Refuse a DiT MODEL for a node :data:`DIT_NODES` does not mark as working on it (one clear error)."""
+    from .errors import IdentityAttentionError
+
+    entry = DIT_NODES.get(node_id)
+    if entry is None:
+        return  # nodes that only read a MODEL (model info, token tools) take any model
+    family = dit_family(model)
+    if family is None:
+        if is_unknown_dit(model):
+            raise IdentityAttentionError(
+                "this MODEL is a transformer (DiT) this pack has no layout for (only Flux.1 among DiTs so far)",
+                node=node, input_name=input_name, fix="use an SD1.5, SD2, SDXL or Flux.1 model",
+            )
+        return
+    status = entry.get(family, NOT_YET)
+    if status != YES:
+        raise IdentityAttentionError(
+            f"this node does not work on {FAMILY_NAMES[family]}: {status}",
+            node=node, input_name=input_name, fix="use an SD1.5, SD2 or SDXL model, or on Flux use Apply parallel visual attention (joint)",
+        )
 
 
 @dataclass(frozen=True)

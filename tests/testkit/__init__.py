@@ -16,6 +16,8 @@
 - ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
 - ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
   several sizes as one list; values handed back to a test through /history (report_nodes.py).
+- ``IdentityAttentionTestKit_TinyFlux`` / ``_TinyFluxClip`` / ``_TinyFluxVae``: the tiny Flux's
+  MODEL, CLIP and VAE (tiny_flux.py, flux_nodes.py); the harness swaps Flux loaders for them.
 - ``IdentityAttentionTestKit_Tensor`` / ``IdentityAttentionTestKit_DamagedIdentity``: wrong values
   (any shape / dtype / NaN, broken identities) for the bad-input tests (malformed_nodes.py).
 """
@@ -336,7 +338,8 @@ class SyntheticClipVision:
 
 
 from .clip_vision import TinyClipVision  # noqa: E402
+from .flux_nodes import FLUX_NODES  # noqa: E402
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity, *FLUX_NODES]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

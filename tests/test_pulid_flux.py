@@ -150,3 +150,124 @@ def test_release_layout_builds_at_full_size():
         ca = pulid_flux.PuLIDFluxCA()
     assert {k: tuple(v.shape) for k, v in ca.state_dict().items()} == ca_layout(3072, 2048, 2048)
     assert ca.heads == 16 and ca.dim_head == 128
+
+
+# --- on the tiny Flux (newer host only) ------------------------------------------------------------
+
+
+def _tiny_flux():
+    from testkit import tiny_flux
+
+    return tiny_flux
+
+
+def _flux_skip():
+    try:
+        tf = _tiny_flux()
+    except Exception as err:  # the legacy host's testkit may not import Flux helpers
+        return True, f"no Flux test kit here: {err}"
+    return not tf.flux_available(), tf.SKIP_REASON
+
+
+_SKIP, _REASON = _flux_skip()
+flux_only = pytest.mark.skipif(_SKIP, reason=_REASON)
+
+
+def id_tokens(seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    return IdentityTokens(cond=torch.randn(1, 8, 48, generator=gen), uncond=torch.randn(1, 8, 48, generator=gen))
+
+
+def foreign_recorder(records):
+    """A replace 'another pack' installed on every block: runs the block and records what it got and gave."""
+
+    def replace(args, extra):
+        seen = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}  # blocks may update their inputs in place
+        out = extra["original_block"](args)
+        records.append({"args": seen, "out": {k: v.clone() for k, v in out.items()}})
+        return out
+
+    return replace
+
+
+def run_flux(model, chunks=(0, 1), seed=0):
+    import copy
+
+    tf = _tiny_flux()
+    x, t, c, y, g = tf.flux_inputs(seed, batch=len(chunks), size=8)
+    options = copy.copy(model.model_options.get("transformer_options", {}))
+    options["cond_or_uncond"] = list(chunks)
+    options["wrappers"] = model.wrappers
+    with torch.no_grad():
+        return model.model.apply_model(x, t, c_crossattn=c, y=y, guidance=g, transformer_options=options)
+
+
+def pulid_on(flux, weight=1.0, apply_to="both", ident=None, foreign=None):
+    patch = pack("nodes.flux_identity_pulid_patch")
+    dispatcher = pack("nodes.dispatcher")
+    tf = _tiny_flux()
+    if foreign is not None:
+        flux = flux.clone()
+        for kind, n in (("double_block", tf.DEPTH), ("single_block", tf.DEPTH_SINGLE)):
+            for i in range(n):
+                flux.set_model_patch_replace(foreign, "dit", kind, i)
+    model = pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN))
+    model.check_model(tf.DEPTH, tf.DEPTH_SINGLE, tf.HIDDEN)
+    schedule = dispatcher.StageSchedule(weight=weight, apply_to=apply_to)
+    return patch.apply_pulid_flux(flux, model, ident or id_tokens(), schedule), model
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_model():
+    return _tiny_flux().build_flux(0)
+
+
+@flux_only
+def test_flux_weight_zero_is_unpatched_bit_for_bit_and_upstream_untouched(tiny_flux_model):
+    base = run_flux(tiny_flux_model)
+    patched, _ = pulid_on(tiny_flux_model, weight=0.0)
+    assert torch.equal(run_flux(patched), base)
+    patched, _ = pulid_on(tiny_flux_model, weight=1.0)
+    assert not torch.equal(run_flux(patched), base)
+    assert "dit" not in tiny_flux_model.model_options.get("transformer_options", {}).get("patches_replace", {})
+
+
+@flux_only
+@pytest.mark.parametrize("apply_to", ["both", "cond", "uncond"])
+def test_flux_blocks_get_the_official_residual_after_a_foreign_replace(tiny_flux_model, apply_to):
+    """After double block 0 and single block 0 (the tiny Flux's schedule), the next block sees
+    ``img + w * CA(id, img)`` (float64 reference) on the rows ``apply_to`` selects, the rest as the block gave it;
+    the foreign replace runs on every block."""
+    tf = _tiny_flux()
+    records = []
+    ident = id_tokens()
+    weight = 0.8
+    model, pulid = pulid_on(tiny_flux_model, weight=weight, apply_to=apply_to, ident=ident, foreign=foreign_recorder(records))
+    run_flux(model, (0, 1))
+    assert len(records) == tf.DEPTH + tf.DEPTH_SINGLE
+    rows = {"both": [True, True], "cond": [True, False], "uncond": [False, True]}[apply_to]
+    ids = torch.cat([ident.cond, ident.uncond]).double()
+    p0 = {k: v for k, v in pulid.ca[0].state_dict().items()}
+    p1 = {k: v for k, v in pulid.ca[1].state_dict().items()}
+    # double block 0 -> double block 1's input
+    img0 = records[0]["out"]["img"].double()
+    got = records[1]["args"]["img"].double()
+    txt_len = records[0]["out"]["txt"].shape[1]
+    for r, on in enumerate(rows):
+        expected = img0[r : r + 1] + weight * ca_reference(p0, ids[r : r + 1], img0[r : r + 1], 1) if on else img0[r : r + 1]
+        if on:
+            torch.testing.assert_close(got[r : r + 1], expected, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(got[r : r + 1], expected)
+    # single block 0 -> single block 1's input: text rows untouched
+    x0 = records[tf.DEPTH]["out"]["img"].double()
+    got = records[tf.DEPTH + 1]["args"]["img"].double()
+    assert torch.equal(got[:, :txt_len], x0[:, :txt_len])
+    for r, on in enumerate(rows):
+        img = x0[r : r + 1, txt_len:]
+        expected = img + weight * ca_reference(p1, ids[r : r + 1], img, 1) if on else img
+        if on:
+            torch.testing.assert_close(got[r : r + 1, txt_len:], expected, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(got[r : r + 1, txt_len:], expected)

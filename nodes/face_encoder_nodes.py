@@ -25,15 +25,15 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
 from ..adapters.face_crop_mask import warp_to_crop
-from ..adapters.safe_load import read_weight_file, resolve_in_folders
+from ..adapters.safe_load import read_weight_file
 from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
 from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
+from ..adapters.weights_guidance import damaged_file
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, resolve_weight_choice, weight_choices
 from .stage_inputs import CATEGORY
 
 FOLDER = "identity_attention"
@@ -50,17 +50,21 @@ class FaceEncoder:
         return self
 
 
-def read_state_dict(path: str, node: str) -> dict:
+def read_state_dict(path: str, node: str, entry=None) -> dict:
     """A weight file as a dict of tensors, through :func:`..adapters.safe_load.read_weight_file`: the
-    content (not the name) decides the format, with its size, inflation and nesting limits."""
+    content (not the name) decides the format, with its size, inflation and nesting limits. A file that
+    does not parse and differs from the released one (``entry``, its manifest entry) is a broken download."""
     try:
         return usable_weights(read_weight_file(path).tensors, what=os.path.basename(path))
     except WeightError as err:
+        damaged = damaged_file(err, path, entry)
+        if damaged is not err:  # differs from the released file: say so, with the re-download command
+            raise IdentityAttentionError(damaged.problem, node=node, input_name="encoder_name", fix=damaged.fix) from None
         raise IdentityAttentionError(f"could not read {os.path.basename(path)}: {err.problem}", node=node, input_name="encoder_name", fix=err.fix) from err
 
 
-def load_face_encoder(path: str, node: str = "Load face encoder (TransFace)") -> FaceEncoder:
-    sd = read_state_dict(path, node)
+def load_face_encoder(path: str, node: str = "Load face encoder (TransFace)", entry=None) -> FaceEncoder:
+    sd = read_state_dict(path, node, entry)
     try:
         model = TransFaceEncoder.from_state_dict(sd)
     except ValueError as err:
@@ -88,23 +92,22 @@ class LoadFaceEncoder:
         return {
             "required": {
                 "encoder_name": (
-                    folder_paths.get_filename_list(FOLDER),
-                    {"tooltip": "The TransFace weights in models/identity_attention/ (FACT uses ms1mv2_model_TransFace_S.pt)."},
+                    weight_choices((FOLDER,)),
+                    {"tooltip": "The TransFace weights in models/identity_attention/ (FACT uses ms1mv2_model_TransFace_S.pt). "
+                                "With none there, queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, encoder_name):
+        """A file that is not there is reported before anything runs: which file, where it goes, how to download it."""
+        return check_weight_choice(encoder_name, (FOLDER,), node=cls.DISPLAY_NAME, input_name="encoder_name", node_id=cls.NODE_ID)
+
     def load(self, encoder_name):
-        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-            path = resolve_in_folders(encoder_name, folder_list(FOLDER))
-        except WeightError as err:
-            raise IdentityAttentionError(
-                err.problem,
-                node=self.DISPLAY_NAME,
-                input_name="encoder_name",
-                fix=err.fix or f"put the file in one of: {', '.join(folder_list(FOLDER)) or 'models/identity_attention'}",
-            ) from None
-        return (load_face_encoder(path, self.DISPLAY_NAME),)
+        # the pack's path rules (no '..', no absolute names, no links out of the model folders) and the download guidance
+        path, entry = resolve_weight_choice(encoder_name, (FOLDER,), node=self.DISPLAY_NAME, input_name="encoder_name", node_id=self.NODE_ID)
+        return (load_face_encoder(path, self.DISPLAY_NAME, entry),)
 
 
 def head_masks_for(identity, mask: torch.Tensor, node: str) -> torch.Tensor:

@@ -21,21 +21,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
 import comfy.model_management
-import folder_paths
 
 from ..adapters.eva_clip_vision import EvaVisionTransformer, pulid_eva_features
 from ..adapters.face_parsing import PARSE_SIZE, BiSeNet, background_mask, parse_labels
 from ..adapters.face_visuals import banner
 from ..adapters.pulid_face_image import align_face_512, face_features_image
-from ..adapters.safe_load import read_weight_file, resolve_in_folders
+from ..adapters.safe_load import read_weight_file
 from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, damaged_weight_file, resolve_weight_choice, weight_choices
 from .stage_inputs import CATEGORY
 
 EVA_FOLDERS = ("clip_vision", "pulid")
@@ -74,33 +73,29 @@ class FaceParsing:
         return self
 
 
-def choices(folders: Sequence[str]) -> List[str]:
-    """``folder/file`` for every weight file in ``folders`` (folders the host does not know are skipped)."""
-    out = []
-    for folder in folders:
-        try:
-            out += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder)]
-        except KeyError:
-            continue
-    return out
+def load_pulid_weights(loader, value: str, folders: Sequence[str], input_name: str, build, wrong_file_fix: str):
+    """``(build(tensors), file name)`` for one of the PuLID loaders (``loader``: the node class).
 
-
-def resolve_choice(choice: str, folders: Sequence[str], node: str, input_name: str) -> str:
-    folder, _, name = str(choice).replace("\\", "/").partition("/")
-    where = ", ".join(f"models/{f}" for f in folders)
-    if folder not in folders or not name:
-        raise IdentityAttentionError(f"'{choice}' is not a file from {where}", node=node, input_name=input_name, fix="pick a file from the list")
-    try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-        return resolve_in_folders(name, folder_list(folder))
-    except WeightError as err:
-        raise IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix or f"put the file in one of: {where}") from None
-
-
-def read_tensors(path: str, node: str, input_name: str) -> dict:
+    One shape for both: the value is ``<folder>/<file>``; a file that is not there (or the placeholder of
+    empty folders) says what to download and where it goes; a file that does not parse and differs from
+    the released one is an incomplete or corrupt download with the command that fetches it again; a file
+    that parses but is another network (``build`` raises ValueError) gets ``wrong_file_fix``.
+    """
+    node = loader.DISPLAY_NAME
+    path, entry = resolve_weight_choice(value, folders, node=node, input_name=input_name, node_id=loader.NODE_ID, prefixed=True)
     try:
-        return read_weight_file(path, roots=None).tensors
+        state = read_weight_file(path, roots=None).tensors
     except WeightError as err:
-        raise IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix) from None
+        raise damaged_weight_file(err, path, entry, node=node, input_name=input_name) from None
+    try:
+        return build(state), os.path.basename(path)
+    except ValueError as err:
+        raise IdentityAttentionError(f"{os.path.basename(path)}: {err}", node=node, input_name=input_name, fix=wrong_file_fix) from None
+
+
+def check_pulid_weights(loader, value, folders: Sequence[str], input_name: str):
+    """``VALIDATE_INPUTS`` of the PuLID loaders: True, or the one error saying what to download."""
+    return check_weight_choice(value, folders, node=loader.DISPLAY_NAME, input_name=input_name, node_id=loader.NODE_ID, prefixed=True)
 
 
 class LoadEvaClip:
@@ -122,24 +117,23 @@ class LoadEvaClip:
         return {
             "required": {
                 "eva_clip_name": (
-                    choices(EVA_FOLDERS),
-                    {"tooltip": f"The EVA-CLIP weights in models/clip_vision or models/pulid ({EVA_FILE}, as PuLID uses)."},
+                    weight_choices(EVA_FOLDERS, prefixed=True),
+                    {"tooltip": f"The EVA-CLIP weights in models/clip_vision or models/pulid ({EVA_FILE}, as PuLID uses). "
+                                "With none there, queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, eva_clip_name):
+        return check_pulid_weights(cls, eva_clip_name, EVA_FOLDERS, "eva_clip_name")
+
     def load(self, eva_clip_name):
-        node = self.DISPLAY_NAME
-        path = resolve_choice(eva_clip_name, EVA_FOLDERS, node, "eva_clip_name")
-        state = read_tensors(path, node, "eva_clip_name")
-        try:
-            model = EvaVisionTransformer.from_state_dict(state)
-        except ValueError as err:
-            raise IdentityAttentionError(
-                f"{os.path.basename(path)}: {err}", node=node, input_name="eva_clip_name",
-                fix=f"choose {EVA_FILE} (EVA02-CLIP-L-14-336); ComfyUI's CLIP-vision files (ViT-H, ViT-bigG) are other networks",
-            ) from None
-        return (EvaClip(model, os.path.basename(path)),)
+        model, name = load_pulid_weights(
+            type(self), eva_clip_name, EVA_FOLDERS, "eva_clip_name", EvaVisionTransformer.from_state_dict,
+            f"choose {EVA_FILE} (EVA02-CLIP-L-14-336); ComfyUI's CLIP-vision files (ViT-H, ViT-bigG) are other networks",
+        )
+        return (EvaClip(model, name),)
 
 
 class LoadFaceParsing:
@@ -161,24 +155,23 @@ class LoadFaceParsing:
         return {
             "required": {
                 "parsing_name": (
-                    choices(PARSING_FOLDERS),
-                    {"tooltip": f"facexlib's {PARSING_FILE} in models/facexlib or models/pulid."},
+                    weight_choices(PARSING_FOLDERS, prefixed=True),
+                    {"tooltip": f"facexlib's {PARSING_FILE} in models/facexlib or models/pulid. "
+                                "With none there, queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, parsing_name):
+        return check_pulid_weights(cls, parsing_name, PARSING_FOLDERS, "parsing_name")
+
     def load(self, parsing_name):
-        node = self.DISPLAY_NAME
-        path = resolve_choice(parsing_name, PARSING_FOLDERS, node, "parsing_name")
-        state = read_tensors(path, node, "parsing_name")
-        try:
-            model = BiSeNet.from_state_dict(state)
-        except ValueError as err:
-            raise IdentityAttentionError(
-                f"{os.path.basename(path)}: {err}", node=node, input_name="parsing_name",
-                fix=f"choose facexlib's {PARSING_FILE} (not parsing_parsenet.pth, another network)",
-            ) from None
-        return (FaceParsing(model, os.path.basename(path)),)
+        model, name = load_pulid_weights(
+            type(self), parsing_name, PARSING_FOLDERS, "parsing_name", BiSeNet.from_state_dict,
+            f"choose facexlib's {PARSING_FILE} (not parsing_parsenet.pth, another network)",
+        )
+        return (FaceParsing(model, name),)
 
 
 def source_photo(images: torch.Tensor, face, node: str) -> torch.Tensor:

@@ -15,6 +15,8 @@ from conftest import pack
 weights_nodes = pack("nodes.weights_nodes")
 stage_token_nodes = pack("nodes.stage_token_nodes")
 folders_mod = pack("nodes.folders")
+encoder_nodes = pack("nodes.face_encoder_nodes")
+pulid_nodes = pack("nodes.pulid_nodes")
 node_errors = pack("nodes.errors")
 guidance = pack("adapters.weights_guidance")
 manifest_mod = pack("adapters.weights_manifest")
@@ -130,6 +132,76 @@ def test_guidance_for_a_face_pack_group():
     err = guidance.missing_file("antelopev2", ("insightface",), ["/x/models/insightface"], manifest)
     assert "the antelopev2 set of 5 files" in err.problem and "models/insightface/models/antelopev2/" in err.problem
     assert f"`{DOWNLOAD} antelopev2`" in err.fix and "save " not in err.fix  # five files: the command, not one URL
+
+
+# --- every other loader of the pack: face encoder, EVA-CLIP, face parsing ------------------------------------------
+
+# (loader, input, folders, manifest id of the file it wants, the value a workflow names, a tiny file of the real layout)
+OTHER_LOADERS = [
+    (encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", "ms1mv2_model_TransFace_S.pt",
+     lambda: wf.transface_state_dict(depth=2, heads=False, seed=2)),
+    (pulid_nodes.LoadEvaClip, "eva_clip_name", pulid_nodes.EVA_FOLDERS, "eva02-clip-l-336", "clip_vision/EVA02_CLIP_L_336_psz14_s6B.pt",
+     lambda: wf.tiny_eva_state(seed=2)),
+    (pulid_nodes.LoadFaceParsing, "parsing_name", pulid_nodes.PARSING_FOLDERS, "facexlib-parsing-bisenet", "facexlib/parsing_bisenet.pth",
+     lambda: wf.bisenet_state(seed=2)),
+]
+IDS = [row[0].__name__ for row in OTHER_LOADERS]
+
+
+@pytest.fixture()
+def empty_folders(tmp_path, monkeypatch):
+    """Every folder those loaders read, empty."""
+    out = {}
+    for name in {f for row in OTHER_LOADERS for f in row[2]}:
+        path = tmp_path / name
+        path.mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}))
+        out[name] = path
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {}, raising=False)
+    return out
+
+
+@pytest.mark.parametrize("loader,input_name,folders,entry_id,value,make", OTHER_LOADERS, ids=IDS)
+def test_other_loaders_list_a_placeholder_and_say_what_to_download(empty_folders, loader, input_name, folders, entry_id, value, make):
+    choices = loader.INPUT_TYPES()["required"][input_name][0]
+    assert choices == [guidance.placeholder(folders)]  # not an empty list (ComfyUI's "not in []")
+    message = loader.VALIDATE_INPUTS(**{input_name: choices[0]})
+    assert message.startswith(f"{loader.DISPLAY_NAME}: input '{input_name}': no weight file is in ")
+    assert all(str(empty_folders[f]) in message for f in folders) and f"{DOWNLOAD} ID" in message
+    assert "1 known files fit this loader" in message  # its manifest entry, found through the node id
+    assert _error(loader().load, choices[0]) == message  # the same one error when it runs
+
+
+@pytest.mark.parametrize("loader,input_name,folders,entry_id,value,make", OTHER_LOADERS, ids=IDS)
+def test_other_loaders_name_the_missing_file_its_place_id_and_command(empty_folders, loader, input_name, folders, entry_id, value, make):
+    entry = manifest_mod.load_manifest().by_id[entry_id]
+    message = loader.VALIDATE_INPUTS(**{input_name: value})
+    assert message is not True
+    unverified = "" if entry["sha256"] else " --allow-unverified"
+    for part in (f"{loader.DISPLAY_NAME}: input '{input_name}':", "not downloaded yet", f"{entry_id} in weights_manifest.json",
+                 f"models/{entry['folder']}/{entry['file']}", str(empty_folders[entry["folder"]]),
+                 f"`{DOWNLOAD} {entry_id}{unverified}`", entry["url"], "refresh the page"):
+        assert part in message, part
+    assert _error(loader().load, value) == message
+    assert loader.VALIDATE_INPUTS(**{input_name: None}) is True
+
+
+@pytest.mark.parametrize("loader,input_name,folders,entry_id,value,make", OTHER_LOADERS, ids=IDS)
+def test_other_loaders_call_a_cut_off_known_file_an_incomplete_download(empty_folders, monkeypatch, loader, input_name, folders, entry_id, value, make):
+    real = manifest_mod.load_manifest().by_id[entry_id]
+    name = value.rpartition("/")[2]
+    path = empty_folders[real["folder"]] / name
+    torch.save(make(), str(path))  # .pt / .pth, as released
+    whole = path.read_bytes()
+    entry = dict(real, bytes=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": [entry]})
+    monkeypatch.setattr(folders_mod, "manifest_or_none", lambda *_: manifest)
+    assert loader.VALIDATE_INPUTS(**{input_name: value}) is True
+    loader().load(value)  # the whole file loads
+    path.write_bytes(whole[: len(whole) // 2])
+    message = _error(loader().load, value)
+    assert f"'{name}' is an incomplete or corrupt download ({len(whole) // 2:,} bytes, the released file has {len(whole):,})" in message
+    assert f"`{DOWNLOAD} {entry_id} --force`" in message and f"save {entry['url']} as models/{entry['folder']}/{entry['file']} by hand" in message
 
 
 @pytest.mark.host

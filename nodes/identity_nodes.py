@@ -20,6 +20,8 @@ from ..adapters import face_analysis as fa
 from ..adapters import face_visuals as fv
 from ..adapters.identity import Identity
 from .errors import IdentityAttentionError, MissingDependencyError
+from ..adapters.weights_guidance import WHERE_TO_RUN, download_command, entries_for, missing_file
+from ..adapters.weights_manifest import manifest_or_none
 from .folders import folder_list
 from .input_checks import check_image
 from .stage_inputs import CATEGORY
@@ -34,6 +36,34 @@ def _error(err: fa.FaceAnalysisError, node: str) -> IdentityAttentionError:
     if isinstance(err, fa.FaceDependencyError):
         return MissingDependencyError(err.package, err.pip_command, node=node)
     return IdentityAttentionError(err.problem, node=node, input_name=err.input_name, fix=err.fix)
+
+
+def missing_pack_error(pack: str, roots: List[str]):
+    """``None`` when ``pack`` is in the insightface folders, else the one error saying what to download.
+
+    The placeholder (no packs at all) names both packs the pack's adapters need and their download
+    commands; a pack weights_manifest.json knows (antelopev2, buffalo_l) says where its files go and
+    the command; any other name keeps the search report of :func:`..adapters.face_analysis.find_face_pack`.
+    """
+    present = fa.list_face_packs(roots)
+    if pack in present:
+        return None
+    searched = [str(d) for d in fa.pack_search_dirs(roots)]
+    manifest = manifest_or_none()
+    if pack == NO_PACKS:
+        return fa.FaceAnalysisError(
+            "no face analysis pack was found (searched: " + ("; ".join(searched) or "no insightface folder is registered") + ")",
+            fix=f"download one {WHERE_TO_RUN}: `{download_command(['antelopev2'])}` (InstantID, PuLID) or "
+                f"`{download_command(['buffalo_l'])}` (IP-Adapter-FaceID); a pack is {fa.EXPECTED_LAYOUT}; then refresh the page",
+            input_name="pack")
+    if entries_for(manifest, pack, ("insightface",)):
+        err = missing_file(pack, ("insightface",), searched, manifest)
+        return fa.FaceAnalysisError(err.problem + (f"; packs present: {', '.join(present)}" if present else ""), fix=err.fix, input_name="pack")
+    try:
+        fa.find_face_pack(pack, roots)
+    except fa.FaceAnalysisError as err:
+        return err
+    return None  # found by find_face_pack's own rules
 
 
 def _progress(total: int):
@@ -162,15 +192,21 @@ class LoadFaceAnalysis:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, pack):
+        """A pack that is not there is reported before anything runs: which files, where they go, how to download them."""
+        if pack is None:  # fed by a link: checked when the node runs
+            return True
+        err = missing_pack_error(pack, folder_list("insightface"))
+        return True if err is None else str(_error(err, cls.DISPLAY_NAME))
+
     def load(self, pack, provider, det_size):
         node = self.DISPLAY_NAME
         roots = folder_list("insightface")
         try:
-            if pack == NO_PACKS:
-                raise fa.FaceAnalysisError(
-                    "no face analysis pack was found (searched: "
-                    + ("; ".join(str(d) for d in fa.pack_search_dirs(roots)) or "no insightface folder is registered") + ")",
-                    fix=f"put a pack in {fa.EXPECTED_LAYOUT}, then refresh the page", input_name="pack")
+            missing = missing_pack_error(pack, roots)
+            if missing is not None:
+                raise missing
             folder = fa.find_face_pack(pack, roots)
             model = fa.load_face_analysis(folder, provider, det_size, device_id=_torch_device_index(), name=pack,
                                           cpu_only=host_runs_on_cpu())

@@ -85,8 +85,10 @@ def test_load_node_without_packs_says_where_to_put_them(monkeypatch, tmp_path):
     text = str(err.value)
     assert text.startswith("Load face analysis model: input 'pack': no face analysis pack was found")
     assert str(tmp_path / "insightface" / "models") in text and "det_10g.onnx" in text and "glintr100.onnx" in text
-    with pytest.raises(errors.IdentityAttentionError, match="'antelopev2' not found"):
+    with pytest.raises(errors.IdentityAttentionError, match="'antelopev2' is not downloaded yet"):
         nodes.LoadFaceAnalysis().load("antelopev2", "auto", 640)
+    with pytest.raises(errors.IdentityAttentionError, match="'somepack' not found"):
+        nodes.LoadFaceAnalysis().load("somepack", "auto", 640)
 
 
 def test_encode_node_outputs(face_model):

@@ -14,6 +14,7 @@ from conftest import pack
 
 weights_nodes = pack("nodes.weights_nodes")
 stage_token_nodes = pack("nodes.stage_token_nodes")
+identity_nodes = pack("nodes.identity_nodes")
 folders_mod = pack("nodes.folders")
 encoder_nodes = pack("nodes.face_encoder_nodes")
 pulid_nodes = pack("nodes.pulid_nodes")
@@ -202,6 +203,27 @@ def test_other_loaders_call_a_cut_off_known_file_an_incomplete_download(empty_fo
     message = _error(loader().load, value)
     assert f"'{name}' is an incomplete or corrupt download ({len(whole) // 2:,} bytes, the released file has {len(whole):,})" in message
     assert f"`{DOWNLOAD} {entry_id} --force`" in message and f"save {entry['url']} as models/{entry['folder']}/{entry['file']} by hand" in message
+
+
+def test_face_analysis_loader_says_which_pack_to_download(tmp_path, monkeypatch):
+    loader = identity_nodes.LoadFaceAnalysis
+    monkeypatch.setattr(identity_nodes, "folder_list", lambda name: [str(tmp_path / "insightface")])
+    choices = loader.INPUT_TYPES()["required"]["pack"][0]
+    assert choices == [identity_nodes.NO_PACKS]
+    message = loader.VALIDATE_INPUTS(choices[0])
+    assert message.startswith("Load face analysis model: input 'pack': no face analysis pack was found")
+    assert str(tmp_path / "insightface" / "models") in message and "models/insightface/models/<pack>/" in message
+    assert f"`{DOWNLOAD} antelopev2`" in message and f"`{DOWNLOAD} buffalo_l`" in message
+    assert _error(loader().load, choices[0], "CPU", 640) == message  # the same one error when it runs
+    message = loader.VALIDATE_INPUTS("buffalo_l")
+    for part in ("Load face analysis model: input 'pack':", "'buffalo_l' is not downloaded yet", "the buffalo_l set of 5 files",
+                 "models/insightface/models/buffalo_l/", str(tmp_path / "insightface" / "models"), f"`{DOWNLOAD} buffalo_l`"):
+        assert part in message, part
+    assert _error(loader().load, "buffalo_l", "CPU", 640) == message
+    assert "'nobody' not found" in loader.VALIDATE_INPUTS("nobody") and loader.VALIDATE_INPUTS(None) is True
+    (tmp_path / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
+    (tmp_path / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx").write_bytes(b"\x00" * 8)
+    assert loader.VALIDATE_INPUTS("buffalo_l") is True  # there (whether it parses is the loader's business)
 
 
 @pytest.mark.host

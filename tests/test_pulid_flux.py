@@ -326,3 +326,18 @@ def test_apply_refuses_a_unet_model_with_the_fix(tiny):
     with pytest.raises(errors.IdentityAttentionError) as info:
         nodes.ApplyPuLIDFlux().apply(tiny.unet("sd15"), weights, eva_identity(), 1.0, 0.0, 1.0, "both")
     assert "Flux.1" in str(info.value) and "SDXL" in str(info.value)
+
+
+def test_unet_adapter_loader_names_flux_files_and_their_node():
+    """'Load identity adapter' (UNet formats) detects PuLID-Flux and XLabs' Flux IP-Adapter from content and says which node reads them."""
+    formats = pack("adapters.weight_formats")
+    with pytest.raises(weight_errors.WeightError) as info:
+        formats.detect_format(tiny_pulid_flux_state(n_ca=2))
+    assert "PuLID-Flux" in str(info.value) and "Load PuLID-Flux" in str(info.value)
+    xlabs = {
+        "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight": torch.zeros(8, 4),
+        "double_blocks.0.processor.ip_adapter_double_stream_v_proj.weight": torch.zeros(8, 4),
+        "ip_adapter_proj_model.proj.weight": torch.zeros(16, 4),
+    }
+    with pytest.raises(weight_errors.WeightError, match="XLabs"):
+        formats.detect_format(xlabs)

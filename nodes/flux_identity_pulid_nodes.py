@@ -78,7 +78,7 @@ class ApplyPuLIDFlux:
     NODE_ID = "IdentityAttentionApplyPuLIDFlux"
     DISPLAY_NAME = "Apply PuLID-Flux"
     PAPER = PULID_PAPER
-    CATEGORY = CATEGORY
+    CATEGORY = f"{CATEGORY}/attention"
     DESCRIPTION = (
         "Puts a person into a Flux.1 image with PuLID-Flux: its ID encoder turns the face (ArcFace + EVA-CLIP features) "
         "into 32 identity tokens, and after every 2nd double block and every 4th single block the image tokens attend "

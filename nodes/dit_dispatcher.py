@@ -79,11 +79,15 @@ class DitCall:
     def image_tokens(self) -> int:
         return self.q.shape[2] - self.text_tokens
 
-    def row_mask(self, keep: Sequence[bool]) -> torch.Tensor:
-        """``[B, 1, 1]`` bool: the rows of the kept chunks."""
+    def row_mask(self, keep: Sequence[bool], cache: dict) -> torch.Tensor:
+        """``[B, 1, 1]`` bool: the rows of the kept chunks (made once per batch layout: a host copy)."""
         n = self.batch // len(self.chunks)
-        rows = torch.tensor([kept for kept in keep for _ in range(n)], device=self.q.device)
-        return rows.view(-1, 1, 1)
+        key = (tuple(keep), n, self.q.device)
+        rows = cache.get(key)
+        if rows is None:
+            rows = torch.tensor([kept for kept in keep for _ in range(n)], device=self.q.device).view(-1, 1, 1)
+            cache[key] = rows
+        return rows
 
     def per_row(self, values: Dict[int, torch.Tensor]) -> torch.Tensor:
         """Chunk code -> ``[1, ...]`` tensors, stacked to ``[B, ...]`` in this call's row order."""
@@ -161,6 +165,7 @@ class DitDispatcher:
         self.stages = tuple(stages)
         self.fallbacks = dict(fallbacks)
         self.blocks = dict(blocks)
+        self._row_masks: dict = {}
 
     def __deepcopy__(self, memo):
         return self
@@ -226,7 +231,7 @@ class DitDispatcher:
                 continue
             new = stage.forward(call, out, stage.region(call))
             if not all(keep):
-                new = torch.where(call.row_mask(keep), new, out)  # other chunks' rows: exactly as before
+                new = torch.where(call.row_mask(keep, self._row_masks), new, out)  # other chunks' rows: exactly as before
             out = new if window is True else torch.where(window.reshape(1, 1, 1), new, out)
         return out
 

@@ -68,3 +68,20 @@ def test_unet_models_pass_the_family_check(tiny):
     for node_id in layout.DIT_NODES:
         layout.check_model_family(node_id, unet, node_id)
     assert layout.dit_family(unet) is None and not layout.is_unknown_dit(unet)
+
+
+@pytest.mark.skipif(not tiny_flux.flux_available(), reason=tiny_flux.SKIP_REASON)
+def test_model_report_on_flux_lists_blocks_effects_and_unet_only_nodes():
+    from testkit.synthetic import synthetic_adapter, synthetic_identity
+
+    inspect_nodes = pack("nodes.inspect_nodes")
+    pva = pack("nodes.parallel_attention_nodes").ApplyParallelAttention()
+    flux = tiny_flux.build_flux(0)
+    adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, mechanism="joint")
+    model, = pva.apply(flux, adapter, synthetic_identity(), 0.7, 0.0, 1.0, "both", "auto", "layer", "fused")
+    report, = inspect_nodes.ModelAttentionInfo().report(model)
+    assert f"{tiny_flux.DEPTH} double blocks, {tiny_flux.DEPTH_SINGLE} single blocks" in report
+    assert "1. Apply parallel visual attention (joint, Flux.1, layer projections): weight 0.7" in report
+    assert "ApplyFaceAdapter (UNet-only:" in report
+    plain, = inspect_nodes.ModelAttentionInfo().report(flux)
+    assert "joint-attention effects: none" in plain

@@ -259,6 +259,10 @@ class SyntheticAdapter:
 
         host = pack_module("nodes.host")
         layers = host.cross_attention_layers(model)
+        if not layers and pack_module("nodes.dit_layout").dit_family(model) is not None:
+            # Flux: no layers to give projections to; tokens as wide as its text context (training-free joint use)
+            width = pack_module("nodes.dit_layout").context_width(model)
+            return (synthetic_adapter([], "sd15", width, num_tokens=num_tokens, seed=seed, projector_input=projector_input, mechanism="joint"),)
         base = host.base_model_of(model)
         return (
             synthetic_adapter(

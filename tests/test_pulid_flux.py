@@ -341,3 +341,26 @@ def test_unet_adapter_loader_names_flux_files_and_their_node():
     }
     with pytest.raises(weight_errors.WeightError, match="XLabs"):
         formats.detect_format(xlabs)
+
+
+@flux_only
+def test_flux_window_outside_is_unpatched_bit_for_bit_inside_patched(tiny_flux_model):
+    """start/end as sigmas: a step outside [sigma_end, sigma_start] gives the unpatched output exactly."""
+    import copy
+
+    patch = pack("nodes.flux_identity_pulid_patch")
+    dispatcher = pack("nodes.dispatcher")
+    tf = _tiny_flux()
+    model = pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN))
+
+    def run_at(m, sigma):
+        x, t, c, y, g = tf.flux_inputs(0, batch=2, size=8)
+        options = copy.copy(m.model_options.get("transformer_options", {}))
+        options.update(cond_or_uncond=[0, 1], sigmas=torch.tensor([sigma]), wrappers=m.wrappers)
+        with torch.no_grad():
+            return m.model.apply_model(x, t, c_crossattn=c, y=y, guidance=g, transformer_options=options)
+
+    windowed = patch.apply_pulid_flux(tiny_flux_model, model, id_tokens(), dispatcher.StageSchedule(weight=1.0, sigma_start=0.5, sigma_end=0.2))
+    assert torch.equal(run_at(windowed, 0.9), run_at(tiny_flux_model, 0.9))
+    assert torch.equal(run_at(windowed, 0.1), run_at(tiny_flux_model, 0.1))
+    assert not torch.equal(run_at(windowed, 0.3), run_at(tiny_flux_model, 0.3))

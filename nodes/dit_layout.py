@@ -72,6 +72,7 @@ DIT_NODES = {
     "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: NOT_YET + "the CA\u00b2 gate is defined on attention and could carry over; not written for the DiT path yet"},
     "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: NOT_YET + "inspects the CA\u00b2 gate, which is not on the DiT path yet"},
     "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "the trainer's targets are UNet layers"},
+    "IdentityAttentionApplyPuLIDFlux": {"unet": "no: PuLID-Flux's modules are made for Flux.1's blocks (the node refuses UNets)", FLUX: YES},
 }
 
 # README "Model families" rows -> the nodes each row stands for
@@ -86,6 +87,7 @@ README_ROWS = {
     "Apply mixture-of-attention / Inspect router": ("IdentityAttentionApplyMixtureOfAttention", "IdentityAttentionInspectRouter"),
     "Apply CA\u00b2 gate / Inspect CA\u00b2 scores": ("IdentityAttentionApplyCA2Gate", "IdentityAttentionInspectCA2Scores"),
     "Personalize identity": ("IdentityAttentionPersonalizeIdentity",),
+    "Apply PuLID-Flux": ("IdentityAttentionApplyPuLIDFlux",),
 }
 
 

@@ -57,8 +57,9 @@ class PuLIDFluxReplace:
     def __deepcopy__(self, memo):
         return self
 
-    def _active_rows(self, options: dict, batch: int) -> Optional[torch.Tensor]:
-        """None when nothing applies this call, else a ``[B, 1, 1]`` bool row mask (all True when every row does)."""
+    def _active_rows(self, options: dict, batch: int, device):
+        """``None`` when nothing applies this call, ``True`` when every row does, else a ``[B, 1, 1]`` bool row
+        mask on ``device`` (a window on an accelerator stays a tensor there: no host sync)."""
         if self.schedule.weight == 0:
             return None
         window = self.schedule.window(options.get("sigmas"))
@@ -68,11 +69,11 @@ class PuLIDFluxReplace:
         keep = [self.schedule.applies_to_chunk(code) for code in chunks]
         if not any(keep):
             return None
+        if all(keep) and window is True:
+            return True
         per = batch // len(chunks)
-        rows = torch.tensor([k for k in keep for _ in range(per)]).reshape(batch, 1, 1)
-        if window is not True:
-            rows = rows & window.reshape(1, 1, 1).cpu()
-        return rows
+        rows = torch.tensor([k for k in keep for _ in range(per)], device=device).reshape(batch, 1, 1)
+        return rows if window is True else rows & window.reshape(1, 1, 1).to(device)
 
     def __call__(self, args, extra):
         options = args.get("transformer_options") or {}
@@ -80,7 +81,7 @@ class PuLIDFluxReplace:
             options[_TXT_LEN] = args["txt"].shape[1]
         out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
         img = out["img"]
-        rows = self._active_rows(options, img.shape[0])
+        rows = self._active_rows(options, img.shape[0], img.device)
         if rows is None:
             return out
         ids = row_tokens(self.tokens, options.get("cond_or_uncond") or [0], img.shape[0])
@@ -89,8 +90,8 @@ class PuLIDFluxReplace:
             new = add_identity(self._ca_for(img), img, ids, w)
         else:
             new = add_identity_single(self._ca_for(img), img, int(options[_TXT_LEN]), ids, w)
-        if not bool(rows.all()):
-            new = torch.where(rows.to(img.device), new, img)
+        if rows is not True:
+            new = torch.where(rows, new, img)
         out = dict(out)
         out["img"] = new
         return out

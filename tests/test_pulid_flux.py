@@ -271,3 +271,96 @@ def test_flux_blocks_get_the_official_residual_after_a_foreign_replace(tiny_flux
             torch.testing.assert_close(got[r : r + 1, txt_len:], expected, rtol=1e-4, atol=1e-5)
         else:
             assert torch.equal(got[r : r + 1, txt_len:], expected)
+
+
+# --- the nodes ------------------------------------------------------------------------------------
+
+
+def eva_identity(seed=11):
+    """An IDENTITY with the ArcFace + EVA-CLIP features the tiny PuLID-Flux encoder reads (EVA width 32)."""
+    identity_mod = pack("adapters.identity")
+    gen = torch.Generator().manual_seed(seed)
+    face = identity_mod.FaceRecord(0, (64, 64), torch.zeros(4), torch.zeros(5, 2), 0.9, torch.randn(512, generator=gen), torch.zeros(112, 112, 3))
+    return identity_mod.Identity(faces=(face,), eva_clip_embeds=torch.randn(1, 768, generator=gen), eva_clip_hidden=torch.randn(1, 5, 7, 32, generator=gen))
+
+
+@flux_only
+def test_nodes_load_detect_and_apply_on_flux(tiny_flux_model, tmp_path):
+    from safetensors.torch import save_file
+    from test_pulid_nodes import model_folders
+
+    tf = _tiny_flux()
+    nodes = pack("nodes.flux_identity_pulid_nodes")
+    errors = pack("nodes.errors")
+    with model_folders(tmp_path, "pulid") as where:
+        save_file(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN), str(where["pulid"] / "pulid_flux_tiny.safetensors"))
+        save_file(tiny_pulid_flux_state(n_ca=2, dim=32), str(where["pulid"] / "pulid_flux_narrow.safetensors"))
+        weights = nodes.LoadPuLIDFlux().load("pulid_flux_tiny.safetensors")[0]
+        narrow = nodes.LoadPuLIDFlux().load("pulid_flux_narrow.safetensors")[0]
+    assert weights.name == "pulid_flux_tiny.safetensors" and len(weights.model.ca) == 2
+    apply = nodes.ApplyPuLIDFlux()
+    ident = eva_identity()
+    base = run_flux(tiny_flux_model)
+    off = apply.apply(tiny_flux_model, weights, ident, 0.0, 0.0, 1.0, "both")[0]
+    assert torch.equal(run_flux(off), base)
+    on = apply.apply(tiny_flux_model, weights, ident, 1.0, 0.0, 1.0, "both")[0]
+    assert not torch.equal(run_flux(on), base)
+    # the tokens are the encoder's: face features for cond rows, all-zero inputs for uncond rows
+    replace = on.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    feats = ident.features(per_reference=False)
+    id_cond = torch.cat([feats.arcface.float(), feats.eva_clip_embeds.float()], dim=-1)
+    expected = weights.model.encoder.encode(id_cond, feats.eva_clip_hidden.float())
+    torch.testing.assert_close(replace.tokens.cond, expected)
+    torch.testing.assert_close(replace.tokens.uncond, weights.model.encoder.encode(torch.zeros_like(id_cond), torch.zeros_like(feats.eva_clip_hidden.float())))
+    # a file for another width: one error naming the node and the input
+    with pytest.raises(errors.IdentityAttentionError) as info:
+        apply.apply(tiny_flux_model, narrow, ident, 1.0, 0.0, 1.0, "both")
+    assert "Apply PuLID-Flux" in str(info.value) and "pulid_flux" in str(info.value)
+
+
+@flux_only
+def test_apply_refuses_a_unet_model_with_the_fix(tiny):
+    nodes = pack("nodes.flux_identity_pulid_nodes")
+    errors = pack("nodes.errors")
+    weights = nodes.PuLIDFluxWeights(pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2)), "x")
+    with pytest.raises(errors.IdentityAttentionError) as info:
+        nodes.ApplyPuLIDFlux().apply(tiny.unet("sd15"), weights, eva_identity(), 1.0, 0.0, 1.0, "both")
+    assert "Flux.1" in str(info.value) and "SDXL" in str(info.value)
+
+
+def test_unet_adapter_loader_names_flux_files_and_their_node():
+    """'Load identity adapter' (UNet formats) detects PuLID-Flux and XLabs' Flux IP-Adapter from content and says which node reads them."""
+    formats = pack("adapters.weight_formats")
+    with pytest.raises(weight_errors.WeightError) as info:
+        formats.detect_format(tiny_pulid_flux_state(n_ca=2))
+    assert "PuLID-Flux" in str(info.value) and "Load PuLID-Flux" in str(info.value)
+    xlabs = {
+        "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight": torch.zeros(8, 4),
+        "double_blocks.0.processor.ip_adapter_double_stream_v_proj.weight": torch.zeros(8, 4),
+        "ip_adapter_proj_model.proj.weight": torch.zeros(16, 4),
+    }
+    with pytest.raises(weight_errors.WeightError, match="XLabs"):
+        formats.detect_format(xlabs)
+
+
+@flux_only
+def test_flux_window_outside_is_unpatched_bit_for_bit_inside_patched(tiny_flux_model):
+    """start/end as sigmas: a step outside [sigma_end, sigma_start] gives the unpatched output exactly."""
+    import copy
+
+    patch = pack("nodes.flux_identity_pulid_patch")
+    dispatcher = pack("nodes.dispatcher")
+    tf = _tiny_flux()
+    model = pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN))
+
+    def run_at(m, sigma):
+        x, t, c, y, g = tf.flux_inputs(0, batch=2, size=8)
+        options = copy.copy(m.model_options.get("transformer_options", {}))
+        options.update(cond_or_uncond=[0, 1], sigmas=torch.tensor([sigma]), wrappers=m.wrappers)
+        with torch.no_grad():
+            return m.model.apply_model(x, t, c_crossattn=c, y=y, guidance=g, transformer_options=options)
+
+    windowed = patch.apply_pulid_flux(tiny_flux_model, model, id_tokens(), dispatcher.StageSchedule(weight=1.0, sigma_start=0.5, sigma_end=0.2))
+    assert torch.equal(run_at(windowed, 0.9), run_at(tiny_flux_model, 0.9))
+    assert torch.equal(run_at(windowed, 0.1), run_at(tiny_flux_model, 0.1))
+    assert not torch.equal(run_at(windowed, 0.3), run_at(tiny_flux_model, 0.3))

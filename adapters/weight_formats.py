@@ -378,7 +378,7 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
 
     ``hints``: settings that no tensor records (``faceid_plus_shortcut``, ``faceid_plus_reason``).
     """
-    tensors = usable_weights(tensors, what="the adapter file")  # float8 -> float32; complex, bool, integers refused by name
+    tensors = usable_weights(tensors, what=f"'{source}'" if source else "the adapter file")  # float8 -> float32; complex, bool, integers refused by name
     fmt = detect_format(tensors, metadata)
     hints = hints or {}
     try:

@@ -12,16 +12,23 @@ reported next to it):
 
 - ``launches``: every op except views (``OpOverload.is_view``), allocations (``empty*``) and
   ``lift_fresh`` (a tensor made from Python data: counted as a copy, below);
-- ``syncs``: ops that make the host wait for the device: ``_local_scalar_dense`` (``.item()``,
+- ``syncs``: ops that make the host wait for the device: ``item`` / ``_local_scalar_dense`` (``.item()``,
   ``float(t)``, ``if t:``), ``nonzero``, ``equal``, ``is_nonzero``, and on a GPU any copy to the CPU;
 - ``h2d``: host-to-device copies: ``lift_fresh`` (``torch.tensor(...)``, indexing with a Python
   list: on a GPU both are a blocking copy of host data) and, on a GPU, copies from CPU tensors;
 - the same three counted again for what runs *inside* the cross-attention layers (each attn2
-  replace is wrapped while counting), and the number of such calls.
+  replace, ``attn2_patch``, ``attn2_output_patch`` and ``middle_patch`` is wrapped while
+  counting), and the number of attn2 replace calls in the counted step.
+- ``aten.item`` (``.item()``, ``float(t)``) is a sync, not a launch (the mode sees ``item`` or
+  ``_local_scalar_dense``, not both).
 
 ``extra per layer`` = (scenario launches - unpatched launches) / cross-attention layers of the
-model (16 for SD1.5). :data:`BUDGETS` (``cost_budgets.json``) states each mechanism's allowance;
-``tests/test_cost_ledger.py`` fails when a change exceeds it. Counts do not depend on widths, so
+model (16 for SD1.5). A budget with ``"per": "layer_read"`` (STFG, which reads the attention maps
+of some layers only: ``layers`` = ``low_resolution`` reads 1/4-grid layers) divides by the layers
+read instead: the attn2 calls of the counted step where a stage that sets
+``reads_attention_maps`` is active (``stage.is_active(call)``), counted in the attn2 wrapper.
+:data:`BUDGETS` (``cost_budgets.json``) states each mechanism's allowance;
+``tests/test_cost_budgets.py`` fails when a change exceeds it. Counts do not depend on widths, so
 the micro models give the same numbers as full size.
 
     python -m benchmarks.cost_ledger [--configs sd15:16] [--scenarios pva_joint,moa] [--device cpu]
@@ -43,7 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .host_setup import describe, prepare
 
 BUDGETS_FILE = Path(__file__).with_name("cost_budgets.json")
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero"}
+SYNC_OPS = {"item", "_local_scalar_dense", "nonzero", "equal", "is_nonzero"}
+LAYER_PATCHES = ("attn2_patch", "attn2_output_patch", "middle_patch")
 ALLOCATION_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_"}
 COPY_OPS = {"_to_copy", "copy_"}
 
@@ -73,6 +81,7 @@ class OpCounter(TorchDispatchMode):
         self.step, self.layers = Counts(), Counts()
         self.inside_layer = 0
         self.layer_calls = 0
+        self.layers_read = 0  # attn2 calls where a stage that reads attention maps is active
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,9 +125,25 @@ class LedgerRow:
     layers: Optional[Counts] = None
     layer_calls: int = 0
     cuda_kernels: Optional[int] = None  # torch.profiler's kernel count on a GPU
+    layers_read: int = 0  # attn2 calls of the step where a stage reading attention maps is active
 
-    def extra_per_layer(self, reference: "LedgerRow", cross_attention_layers: int) -> float:
-        return (self.step.launches - reference.step.launches) / max(1, cross_attention_layers)
+    def extra_per_layer(self, reference: "LedgerRow", cross_attention_layers: int, per: str = "layer") -> float:
+        """Extra launches over ``reference`` per cross-attention layer, or per layer read (``per="layer_read"``)."""
+        divisor = self.layers_read if per == "layer_read" else cross_attention_layers
+        return (self.step.launches - reference.step.launches) / max(1, divisor)
+
+
+def _reads_layer(q, k, v, extra_options) -> bool:
+    """Whether a stage of our dispatcher that reads attention maps (STFG) is active in this attn2 call."""
+    from .host_setup import pack
+
+    dispatcher = pack("nodes.dispatcher")
+    installed = extra_options.get(dispatcher.PACK_KEY)
+    readers = [s for s in getattr(installed, "stages", ()) if getattr(s, "reads_attention_maps", False)]
+    if not readers:
+        return False
+    call = dispatcher.AttentionCall(q, k, v, extra_options, dispatcher.layer_key_of(extra_options))
+    return any(s.is_active(call) for s in readers)
 
 
 def _wrap_attn2(model, counter: OpCounter) -> None:
@@ -127,14 +152,32 @@ def _wrap_attn2(model, counter: OpCounter) -> None:
     for key, fn in list(replaces.items()):
 
         def wrapped(q, k, v, extra_options, fn=fn):
-            counter.inside_layer += 1
             counter.layer_calls += 1
+            counter.layers_read += _reads_layer(q, k, v, extra_options)
+            counter.inside_layer += 1
             try:
                 return fn(q, k, v, extra_options)
             finally:
                 counter.inside_layer -= 1
 
         replaces[key] = wrapped
+    patches = model.model_options.get("transformer_options", {}).get("patches", {})
+    for name in LAYER_PATCHES:
+        if patches.get(name):
+            patches[name] = [_inside(counter, fn) for fn in patches[name]]
+
+
+def _inside(counter: OpCounter, fn):
+    """``fn`` with what it runs counted as inside a layer."""
+
+    def wrapped(*args, **kwargs):
+        counter.inside_layer += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counter.inside_layer -= 1
+
+    return wrapped
 
 
 def count_step(patched, inputs, warmup: int = 2) -> tuple:
@@ -159,6 +202,7 @@ def count_step(patched, inputs, warmup: int = 2) -> tuple:
         for _ in range(warmup):
             denoiser(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
         sigma = sigmas[0] * x.new_ones([x.shape[0]])  # fresh, as every sampler step makes it
+        counter.layer_calls = counter.layers_read = 0  # the counted step's only
         if cuda:
             torch.cuda.synchronize(device)
             from torch.profiler import ProfilerActivity, profile
@@ -172,7 +216,8 @@ def count_step(patched, inputs, warmup: int = 2) -> tuple:
                 denoiser(x, sigma, **extra_args)
         return x
 
-    sigmas = torch.tensor([inputs.sigma, 0.0])
+    # a schedule that goes on after the counted sigma: the sampling (and its constants' cache) is not over yet
+    sigmas = torch.tensor([inputs.sigma, inputs.sigma / 2, 0.0])
     latent = inputs.latent if patched.latent is None else patched.latent
     with torch.inference_mode():
         comfy.sample.sample_custom(model, inputs.noise, inputs.cfg, comfy.samplers.KSAMPLER(counting_sampler), sigmas,
@@ -187,6 +232,7 @@ def _copy_options(options: dict) -> dict:
     to = dict(options.get("transformer_options", {}))
     pr = {k: dict(v) for k, v in to.get("patches_replace", {}).items()}
     to["patches_replace"] = pr
+    to["patches"] = {k: list(v) for k, v in to.get("patches", {}).items()}
     options["transformer_options"] = to
     return options
 
@@ -212,7 +258,7 @@ def measure(model, config, names: List[str], log=print) -> tuple:
         except Exception as exc:  # noqa: BLE001 - one scenario's failure is its row, not the run's end
             rows[name] = LedgerRow(name, f"failed: {type(exc).__name__}: {exc}")
             continue
-        rows[name] = LedgerRow(name, "ok", counter.step, counter.layers, counter.layer_calls, kernels)
+        rows[name] = LedgerRow(name, "ok", counter.step, counter.layers, counter.layer_calls, kernels, counter.layers_read)
         log(f"  {name}: {counter.step.launches} launches, {counter.step.syncs} syncs, {counter.step.h2d} h2d "
             f"({counter.layers.syncs} syncs / {counter.layers.h2d} h2d inside {counter.layer_calls} attn2 calls)")
     return len(table), rows
@@ -242,6 +288,9 @@ def table(title: str, layers: int, rows: Dict[str, LedgerRow]) -> str:
         ref = rows.get(reference_for(name))
         extra = "—" if ref is None or ref.status != "ok" or name == ref.scenario else f"{row.extra_per_layer(ref, layers):+.2f}"
         budget = budgets.get(name, {}).get("extra_launches_per_layer")
+        per = budgets.get(name, {}).get("per", "layer")
+        if per == "layer_read" and ref is not None and ref.status == "ok":
+            extra = f"{row.extra_per_layer(ref, layers, per):+.2f} per layer read ({row.layers_read})"
         extra += f" ({budget})" if budget is not None and extra != "—" else ""
         kernels = "—" if row.cuda_kernels is None else str(row.cuda_kernels)
         lines.append(f"| `{name}` | {row.step.launches} | {extra} | {row.step.syncs} ({row.layers.syncs}) | {row.step.h2d} ({row.layers.h2d}) | {kernels} |")
@@ -274,6 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(config.label, flush=True)
         layers, rows = measure(model, config, names)
         parts += [table(config.label, layers, rows), ""]
+    parts += __import__(f"{__package__}.dit_ledger", fromlist=["flux_parts"]).flux_parts(device, dtype)  # the DiT path (tiny Flux)
     text = "\n".join(parts)
     print("\n" + text)
     if args.out:

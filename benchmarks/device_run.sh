@@ -4,8 +4,10 @@
 # after benchmarks/prepare_device_wheels.sh filled .whl/ here. Installs the carried wheels
 # into /tmp/site, then benchmarks in two parts so that the first (SD1.5 512², SDXL 1024²: the
 # numbers the issues set goals for) survives if time runs out for the second (SD1.5 1024²,
-# SDXL 512²). Leaves in $OUT: RESULTS.md (the fragment to append to benchmarks/RESULTS.md),
-# primary.json / secondary.json (every timed step), bench.log, machine.txt.
+# SDXL 512²). First, the cost ledger on the device (real CUDA kernel counts next to the
+# dispatched-op counts; micro models, about a minute). Leaves in $OUT: RESULTS.md (the fragment to
+# append to benchmarks/RESULTS.md: ledger, then tables), primary.json / secondary.json (every
+# timed step), bench.log, machine.txt.
 # Extra arguments go to both parts, e.g. `--quick` or `--scenarios unpatched,pva_joint`.
 # A dry run on a workstation: PYTHON=.venv/legacy/bin/python BENCH_DEVICE=cpu OUT=/tmp/o bash benchmarks/device_run.sh --quick
 set -uo pipefail
@@ -51,6 +53,13 @@ run_part() {  # name, then arguments for benchmarks.run
     status=$rc
   fi
 }
+
+# the ledger: counts, not timings, so it fits anywhere; its failure does not stop the timed parts
+echo "== cost ledger on $DEVICE" | tee -a "$OUT/bench.log"
+timeout --signal=INT --kill-after=15 "${LEDGER_BUDGET_S:-150}" \
+  "$PY" -m benchmarks.cost_ledger --device "$DEVICE" --configs sd15:16 --out "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/bench.log"
+ledger_rc=${PIPESTATUS[0]}
+((ledger_rc == 0)) || { echo "the cost ledger exited with $ledger_rc" | tee -a "$OUT/bench.log"; status=$ledger_rc; }
 
 run_part primary --configs sd15:64,sdxl:128 "$@"
 run_part secondary --configs sd15:128,sdxl:64 --tasks none "$@"

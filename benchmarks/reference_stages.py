@@ -66,7 +66,7 @@ class MinimalDecoupledStage(_dispatcher.AttentionStage):
 
     def forward(self, call, out, region: Optional[torch.Tensor]):
         k, v = self._key_value(call)
-        identity = call.attention(call.q, k, v)
+        identity = call.branch_attention(call.q, k, v)
         if region is None:
             return torch.add(out, identity, alpha=self.schedule.weight)
         return _dispatcher.add_in_region(out, identity * self.schedule.weight, region)

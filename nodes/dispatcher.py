@@ -52,6 +52,7 @@ import torch
 from ..adapters.attention_core import fused_attention
 from ..adapters.spatial import mask_to_tokens, token_grid
 from .errors import IdentityAttentionError
+from .step_sigma import install_step_sigma, step_sigma
 from .host import (
     LayerInfo,
     LayerKey,
@@ -110,6 +111,15 @@ class StageSchedule:
         if sigma is None or self.full_window:
             return True
         return self.sigma_end <= sigma <= self.sigma_start
+
+    def window_in(self, extra_options: dict) -> Union[bool, torch.Tensor]:
+        """This step's window for an attn2 call: a Python bool, free, from the sigma the
+        :class:`~.step_sigma.StepSigmaWrapper` read once for the step; without that
+        wrapper (a foreign one replaced it), :meth:`window` of the call's sigmas."""
+        sigma = step_sigma(extra_options)
+        if sigma is not None:
+            return self.active_at(sigma)
+        return self.window(extra_options.get("sigmas"))
 
     def window(self, sigmas) -> Union[bool, torch.Tensor]:
         """Whether the current step is inside the window, without waiting for the GPU.
@@ -483,12 +493,11 @@ class AttentionDispatcher:
         layer = layer_key_of(extra_options)
         fallback = self.fallbacks.get(layer)
         call = AttentionCall(q, k, v, extra_options, layer, fallback=fallback, sigma_reader=lambda: self._sigma(extra_options))
-        sigmas = extra_options.get("sigmas")
         out = None
         for stage in self.stages:
             if not stage.is_active(call):
                 continue
-            window = stage.schedule.window(sigmas)
+            window = stage.schedule.window_in(extra_options)  # a bool once the step's sigma is published
             if window is False:
                 continue
             keep = [stage.schedule.applies_to_chunk(code) for code in call.chunks]
@@ -562,6 +571,7 @@ def apply_attention_stage(model_patcher, stage: AttentionStage):
     for info in layers:
         m.set_model_attn2_replace(dispatcher, info.key[0], info.key[1], info.key[2])
     m.model_options["transformer_options"][PACK_KEY] = dispatcher
+    install_step_sigma(m)  # windows decided once per step, constants once per sampling
     if any(s.needs_hidden_states for s in stages):
         _ensure_hidden_state_stash(m)
     return m

@@ -16,6 +16,7 @@ from typing import Dict, Iterable
 from ..adapters import gated_self_attention as gsa
 from .errors import IdentityAttentionError
 from .face_adapter_patch import FaceAdapterPatch
+from .step_sigma import install_step_sigma
 from .host import LayerInfo, cross_attention_layers
 from .identity_token_inputs import check_base, identity_tokens, references_input
 from .stage_inputs import CATEGORY, build_schedule, mask_input, schedule_inputs
@@ -111,6 +112,7 @@ class ApplyFaceAdapter:
         patch = FaceAdapterPatch(schedule, adapter, tokens, layers)
         patched = model.clone()
         patched.set_model_patch(patch, "middle_patch")
+        install_step_sigma(patched)  # the window decided once per step
         norms = block_norm_patches(adapter, infos) if weight != 0.0 else {}
         if norms:
             taken = patched.add_patches(norms, strength_patch=1.0, strength_model=0.0)

@@ -49,7 +49,7 @@ class FaceAdapterPatch(AttentionStage):
         call = AttentionCall(x, x, x, extra_options, layer, sigma_reader=lambda: self._sigma(extra_options))
         if not self.is_active(call):
             return x
-        window = self.schedule.window(extra_options.get("sigmas"))
+        window = self.schedule.window_in(extra_options)
         if window is False:
             return x
         keep = [self.schedule.applies_to_chunk(code) for code in call.chunks]

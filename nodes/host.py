@@ -22,6 +22,8 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 
+from .step_sigma import step_sigma
+
 
 LayerKey = Tuple[str, int, int]
 """A cross-attention layer: ``(block name, block id, depth index)``, e.g. ``("input", 1, 0)``."""
@@ -186,6 +188,9 @@ class SigmaReader:
         self._value = None
 
     def __call__(self, extra_options: dict) -> Optional[float]:
+        published = step_sigma(extra_options)  # read once for the whole step by StepSigmaWrapper
+        if published is not None:
+            return published
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return None

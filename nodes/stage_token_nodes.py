@@ -34,6 +34,7 @@ from . import prompt_encoding
 from .errors import IdentityAttentionError
 from .folders import check_weight_choice, folder_list, resolve_weight_choice, weight_choices
 from .host import base_model_of, context_dim_of, percent_to_sigma
+from .step_sigma import install_step_sigma
 from .input_checks import check_finite
 from .stage_inputs import CATEGORY, build_schedule, schedule_inputs
 from .stage_token_patch import StageTokenPatch
@@ -301,6 +302,7 @@ class ApplyStageTokens:
         sigmas = boundary_sigmas(fractions, lambda p: percent_to_sigma(model, p))
         patched = model.clone()
         patched.set_model_attn2_patch(StageTokenPatch(schedule, stage_contexts, sigmas, fractions))
+        install_step_sigma(patched)  # the window and stage decided once per step
         return (patched,)
 
 

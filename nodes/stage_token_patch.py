@@ -23,6 +23,7 @@ from ..adapters.stage_tokens import StageContexts, stage_at, swap_rows
 from .dispatcher import StageSchedule
 from .errors import IdentityAttentionError
 from .host import SigmaReader
+from .step_sigma import step_sigma
 
 
 class StageTokenPatch:
@@ -53,7 +54,8 @@ class StageTokenPatch:
         sigmas = extra_options.get("sigmas")
         if sigmas is None:
             return n, context, value
-        on_device = torch.is_tensor(sigmas) and sigmas.device.type != "cpu"
+        # the step's sigma published once per step (StepSigmaWrapper): decide in Python, no device work
+        on_device = step_sigma(extra_options) is None and torch.is_tensor(sigmas) and sigmas.device.type != "cpu"
         if on_device and self.contexts.keys.shape[1] == context.shape[1] == value.shape[1]:
             return self._on_device(n, context, value, extra_options, sigmas)
         sigma = self._sigma(extra_options)
@@ -96,7 +98,7 @@ class StageTokenPatch:
         weights = [self.schedule.weight if code == 0 else 0.0 for code in chunks]
         rows = context.shape[0] // len(chunks)
         new_context, new_value = swap_rows(context, keys, weights, rows), swap_rows(value, values, weights, rows)
-        window = self.schedule.window(sigmas)
+        window = self.schedule.window_in(extra_options)
         if window is not True:
             gate = window.reshape(1, 1, 1)
             new_context, new_value = torch.where(gate, new_context, context), torch.where(gate, new_value, value)

@@ -59,6 +59,8 @@ class STFGAttentionStage(AttentionStage):
     linear: the mean of upsampled maps equals the upsampled sums over the count).
     """
 
+    reads_attention_maps = True  # the cost ledger counts its budget per layer it reads
+
     label = "STFG text-attention map"
 
     def __init__(self, schedule: StageSchedule, layers: str = "all"):

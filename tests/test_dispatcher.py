@@ -296,3 +296,88 @@ def test_window_on_cpu_is_a_python_decision():
     assert dispatcher.StageSchedule().window(torch.tensor([3.0])) is True
     meta = s.window(torch.empty(1, device="meta"))
     assert torch.is_tensor(meta) and meta.dtype == torch.bool
+
+
+step_sigma_mod = pack("nodes.step_sigma")
+sampling_scope = pack("nodes.sampling_scope")
+
+
+class SigmaSeen(dispatcher.AttentionStage):
+    """Adds tanh(q) * weight and records the sigma the step wrapper published to the layer."""
+
+    label = "sigma seen"
+
+    def __init__(self, schedule, seen):
+        super().__init__(schedule)
+        self.seen = seen
+
+    def forward(self, call, out, region):
+        self.seen.append(step_sigma_mod.step_sigma(call.extra_options))
+        return dispatcher.blend_in_region(out, contribution("add_tanh_q", self.schedule.weight, call.q, out), region)
+
+
+def test_step_sigma_read_once_per_step_windows_exact_and_foreign_wrapper_chained(tiny):
+    """The wrapper publishes one float per model call to every layer; a foreign wrapper still runs;
+    the upstream MODEL keeps its own wrapper; the window decided from it gives the per-layer result bit for bit."""
+    model = tiny.unet("sd15")
+    calls = []
+
+    def foreign(apply_model, args):
+        calls.append(float(args["timestep"][0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = model.clone()
+    base.set_model_unet_function_wrapper(foreign)
+    sigmas = base.model.model_sampling.sigmas
+    window = dict(sigma_start=float(sigmas[-1]) * 0.9, sigma_end=float(sigmas[0]))  # excludes the first steps
+    seen = []
+    patched = dispatcher.apply_attention_stage(base, SigmaSeen(dispatcher.StageSchedule(weight=0.5, **window), seen))
+    wrapper = patched.model_options["model_function_wrapper"]
+    assert base.model_options["model_function_wrapper"] is foreign  # upstream untouched
+    assert isinstance(wrapper, step_sigma_mod.StepSigmaWrapper) and wrapper.inner is foreign
+    again = dispatcher.apply_attention_stage(patched, Dummy(dispatcher.StageSchedule(weight=0.0)))
+    assert again.model_options["model_function_wrapper"] is wrapper  # installed once, not stacked
+
+    got = sample(patched, "sd15", steps=4)
+    assert len(calls) == 4  # the foreign wrapper ran on every step
+    active = [s for s in calls if window["sigma_end"] <= s <= window["sigma_start"]]
+    assert 0 < len(active) < len(calls)  # the window really cuts
+    assert seen == [s for s in active for _ in range(16)]  # one published float per step, every layer
+
+    # the same stage deciding per layer (no step wrapper: a foreign wrapper replaced ours) gives the same bits
+    fallback = patched.clone()
+    fallback.set_model_unet_function_wrapper(foreign)
+    seen.clear()
+    assert torch.equal(sample(fallback, "sd15", steps=4), got)
+    assert seen == [None] * (16 * len(active))
+
+
+def test_sampling_cache_made_once_and_released_when_sampling_ends():
+    scope = sampling_scope.SamplingScope()
+    made = []
+    make = lambda: made.append(1) or torch.ones(2)  # noqa: E731
+    schedule = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    for sigma in (3.0, 2.0):
+        scope.begin_call(sigma, schedule)
+        first = scope.cache.get_or_make(("k", 1), make)
+        assert scope.cache.get_or_make(("k", 1), make) is first
+        scope.end_call(sigma)
+    assert len(made) == 1 and len(scope.cache) == 1  # reused across steps of one sampling
+    scope.begin_call(1.0, schedule)
+    scope.end_call(1.0)  # the last non-zero sigma: sampling over
+    assert len(scope.cache) == 0
+    # a new schedule object is a new sampling
+    scope.begin_call(3.0, schedule)
+    scope.cache.get_or_make(("k", 1), make)
+    scope.begin_call(3.0, torch.tensor([3.0, 1.5, 0.0]))
+    assert len(scope.cache) == 0
+    # the early-2024 host publishes no schedule: a higher sigma starts a new sampling
+    legacy = sampling_scope.SamplingScope()
+    for sigma in (3.0, 2.0):
+        legacy.begin_call(sigma)
+        legacy.cache.get_or_make(("k", 2), make)
+        legacy.end_call(sigma)
+    assert len(legacy.cache) == 1
+    legacy.begin_call(3.0)
+    assert len(legacy.cache) == 0
+    assert sampling_scope.get_or_make(None, ("x",), lambda: 7) == 7  # no scope: made each time

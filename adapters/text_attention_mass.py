@@ -71,6 +71,21 @@ def content_indicator(tokens: int, device=None, dtype=torch.float32) -> torch.Te
     return ind
 
 
+def indicator_channels(tokens: int, channels: int, device, dtype) -> torch.Tensor:
+    """``[1, 1, M, channels]``: the content indicator in channel 0, zeros after (cached, read-only).
+
+    Appended to the values in one ``cat`` (instead of a ``cat`` and a ``pad`` per layer call).
+    """
+    key = ("channels", tokens, channels, torch.device(device), dtype, torch.is_inference_mode_enabled())
+    block = _INDICATORS.get(key)
+    if block is None:
+        block = F.pad(content_indicator(tokens, device, dtype).reshape(1, 1, tokens, 1), (0, channels - 1))
+        _INDICATORS[key] = block
+        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
+            _INDICATORS.popitem(last=False)
+    return block
+
+
 def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """Per query pixel, the share of text attention on content tokens: ``[B, N]`` float32 in [0, 1].
 
@@ -106,8 +121,7 @@ def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pad = (0, width - d)
     qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     b, h, m, _ = vh.shape
-    indicator = content_indicator(m, device=v.device, dtype=v.dtype).reshape(1, 1, m, 1).expand(b, h, m, 1)
-    values = F.pad(torch.cat([vh, indicator], dim=-1), (0, width - d - 1))
+    values = torch.cat([vh, indicator_channels(m, width - d, v.device, v.dtype).expand(b, h, m, width - d)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(qh, pad), F.pad(kh, pad), values, scale=d**-0.5)
     text = rearrange(out[..., :d], "b h n d -> b n (h d)").to(dtype)
     return text, mass_from_heads(out[..., d])

@@ -67,7 +67,9 @@ class TrainableNestedStage(AttentionStage):
         w_k, w_v = self.projections.weights(call.layer)
         kn, vn = F.linear(tokens, w_k.to(dt)), F.linear(tokens, w_v.to(dt))
         new, nested, v_s = nested_attention_rows(out, call.q, call.k, call.v, kn, vn, hot, call.heads, attention_fn_for(call.extra_options))
-        if self.feed.recording:
+        if self.feed.recording or torch.is_grad_enabled():
+            # also when gradient checkpointing re-runs this forward in the backward pass (recording has stopped
+            # then): the recomputation must save the same tensors as the forward did; record() keeps nothing then
             self.feed.record(self.name, "value_gap", value_gap(nested, v_s, has))
         return new
 

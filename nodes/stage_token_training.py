@@ -81,8 +81,10 @@ class FaceAttentionRecorder(AttentionStage):
         self.name = name
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
-        if not self.feed.recording:
+        if not self.feed.recording and not torch.is_grad_enabled():
             return out
+        # with gradient checkpointing the backward pass re-runs this forward after recording stopped: the same
+        # maps are computed again (not recorded), so the recomputation saves the same tensors as the forward
         pos_t, pos_r = self.feed.extras["subject_position"], self.feed.extras["class_position"]
         ref = self.feed.extras["reference_context"].to(device=call.q.device, dtype=call.q.dtype).expand(call.batch, -1, -1)
         k_ref = self.to_k[call.layer](ref)

@@ -116,6 +116,8 @@ class StageSchedule:
         """This step's window for an attn2 call: a Python bool, free, from the sigma the
         :class:`~.step_sigma.StepSigmaWrapper` read once for the step; without that
         wrapper (a foreign one replaced it), :meth:`window` of the call's sigmas."""
+        if self.full_window:
+            return True  # never needs the sigma
         sigma = step_sigma(extra_options)
         if sigma is not None:
             return self.active_at(sigma)

@@ -188,7 +188,20 @@ def visual_gate(score: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tens
     """``1 - Score ⊙ M``: ``[B, N]`` score, ``[B, N, 1]`` mask (None = no mask, M = 0) -> ``[B, N, 1]``."""
     if mask is None:
         return torch.ones_like(score).unsqueeze(-1)
-    return 1.0 - score.unsqueeze(-1) * mask.to(score.dtype)
+    # one addcmul on a cached 0-dim one (broadcast) instead of a mul and an rsub per layer call
+    return torch.addcmul(_one(score.device, score.dtype), score.unsqueeze(-1), mask.to(score.dtype), value=-1.0)
+
+
+_ONES: Dict[tuple, torch.Tensor] = {}
+
+
+def _one(device, dtype) -> torch.Tensor:
+    """A 0-dim ``1`` on ``device`` (read-only; one per device/dtype/inference mode, so a handful at most)."""
+    key = (device, dtype, torch.is_inference_mode_enabled())
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), device=device, dtype=dtype)
+    return one
 
 
 def gated_visual_attention(
@@ -208,4 +221,5 @@ def gated_visual_attention(
     result equals ``text_out`` exactly.
     """
     visual = attention_fn(q, k_vis, v_vis, heads)
-    return torch.addcmul(text_out, (gate * weight).to(visual.dtype), visual)
+    # the weight rides in addcmul's scalar: one launch fewer than scaling the gate first
+    return torch.addcmul(text_out, gate.to(visual.dtype), visual, value=weight)

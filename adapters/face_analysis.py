@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from .face_alignment import align_face
-from .face_pack_files import damaged_file_problem, pack_file_entry, redownload_command
+from .face_pack_files import check_pack_manifest, damaged_file_problem, pack_file_entry, redownload_command
 from .identity import FaceRecord, Identity
 from .recognizer_identity import RecognizerId, identify_recognizer
 from .safe_load import onnx_file_problem
@@ -556,6 +556,12 @@ def _manifest_models(pack_dir: Path, providers, provider_options):
         from insightface.model_zoo.package_manifest import has_model_package_manifest
     except ImportError:
         return None
+    problem, model_files = check_pack_manifest(pack_dir, Path(pack_dir).name)  # sizes and paths before insightface reads any
+    for path in model_files:
+        problem = problem or external_data_problem(path)
+    if problem:
+        raise FaceAnalysisError(f"the face analysis pack in {pack_dir} was refused: {problem}",
+                                fix="delete the pack folder and download the pack again from its publisher", input_name="pack")
     if not has_model_package_manifest(pack_dir):
         return None
     from insightface.model_zoo import model_zoo

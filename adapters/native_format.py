@@ -125,13 +125,18 @@ def _int(header: Mapping[str, str], key: str) -> int:
         raise WeightError(f"the native file's header has no valid '{key}'", fix="save the adapter again") from None
 
 
+MAX_JSON_FIELD = 1024**2  # the pack writes a few hundred characters per field
+
+
 def _json(header: Mapping[str, str], key: str, default):
     text = header.get(key)
     if text is None:
         return default
+    if len(text) > MAX_JSON_FIELD:
+        raise WeightError(f"the native file's header field '{key}' is {len(text):,} characters, over {MAX_JSON_FIELD:,}", fix="save the adapter again")
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON, integers over Python's digit limit, nesting bombs
         raise WeightError(f"the native file's header field '{key}' is not valid JSON", fix="save the adapter again") from None
 
 

@@ -9,6 +9,11 @@
 - Size sanity: empty files, files too short to hold a header, files over
   :data:`MAX_BYTES`, and (with ``expected_bytes``) files smaller than the
   released file (an interrupted download) are refused before reading.
+- Declared sizes: a zip PyTorch file may not unpack to more than :data:`MAX_INFLATION`
+  times its size; a legacy (pre-1.6) one may not declare storages larger than the tensor
+  data it holds (:mod:`.legacy_torch_sizes`, read before ``torch.load`` allocates them);
+  tensors that repeat stored values (stride 0) may not expand past the file's size
+  (:func:`check_tensor_views`).
 - Paths: :func:`resolve_in_folders` turns a file name from a node's list into
   a path and refuses names that leave the registered model folders
   (absolute paths, drive letters, ``..``, NUL bytes); :func:`check_inside`
@@ -36,6 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .legacy_torch_sizes import legacy_storage_problem
 from .weight_errors import UnsafeFileError, WeightError
 
 MAX_BYTES = 8 * 1024**3  # the largest identity adapter known is 1.7 GB (InstantID); CLIP-vision bigG is 3.7 GB
@@ -221,8 +227,13 @@ def _check_archive(path: str, size: int) -> None:
 
 def _torch_load(path: str):
     """``torch.load(weights_only=True)`` of a file already size-checked; the result is bounds-checked."""
+    size = os.path.getsize(path)
     if path_is_zip(path):
-        _check_archive(path, os.path.getsize(path))
+        _check_archive(path, size)
+    else:
+        problem = legacy_storage_problem(path, size)
+        if problem:
+            raise WeightError(f"'{_name(path)}' was refused: {problem}", fix="use the .safetensors version of this file, or a copy from the original publisher")
     try:
         # an open file, not the path: torch.load would route a path ending in .safetensors by its name
         with open(path, "rb") as f:
@@ -241,9 +252,42 @@ def _torch_load(path: str):
         raise WeightError(f"'{_name(path)}' is a damaged PyTorch file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", fix="download the file again") from None
     try:
         check_object_bounds(obj)
+        check_tensor_views(obj, size)
     except WeightError as err:
         raise WeightError(f"'{_name(path)}': {err.problem}", fix=err.fix) from None
     return obj
+
+
+MAX_VIEW_SLACK = 16 * 1024**2  # bytes of expanded views allowed beyond the file's size (e.g. position_ids.expand)
+
+
+def check_tensor_views(obj, file_size: int) -> int:
+    """Refuse tensors whose elements, once copied, would take far more memory than the file.
+
+    A pickled tensor is (storage, offset, size, stride): a one-element storage with
+    stride 0 and size 100000 x 100000 is a valid tensor of 10^10 elements that costs
+    nothing until the first ``.to()``, ``.abs()`` or matmul copies it. The sum of every
+    distinct tensor's ``numel * element_size`` may exceed the file's size by at most
+    :data:`MAX_VIEW_SLACK` (times :data:`MAX_INFLATION`). Returns that sum.
+    """
+    limit = MAX_INFLATION * max(file_size, 1) + MAX_VIEW_SLACK
+    total, seen = 0, set()
+    stack = [obj]
+    while stack:  # containers were bounded by check_object_bounds; each visited once here too
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+            if total > limit:
+                raise _bomb(f"hold tensors that expand to more than {limit / 1024**2:,.0f} MB from a {file_size / 1024**2:,.1f} MB file "
+                            f"(the tensor of shape {list(item.shape)} repeats its stored values)")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return total
 
 
 def _read_pytorch(path: str):

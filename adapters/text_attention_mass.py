@@ -23,6 +23,7 @@ constant factor the normalisations downstream (min-max, μ - σ) ignore.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import List, Tuple
 
 import torch
@@ -42,11 +43,47 @@ def start_token_positions(tokens: int) -> List[int]:
     return [0]
 
 
+_INDICATORS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_INDICATOR_CACHE_SIZE = 16
+"""Bounded: a sampling sees a handful of (tokens, device, dtype) keys; the tensors are ``M`` floats each."""
+
+
 def content_indicator(tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``[M]``: 1 for content tokens, 0 for start tokens."""
-    ind = torch.ones(tokens, device=device, dtype=dtype)
-    ind[start_token_positions(tokens)] = 0
+    """``[M]``: 1 for content tokens, 0 for start tokens. Read-only (shared between calls).
+
+    Built on the device from an ``arange`` (indexing with a Python list of positions
+    would be a blocking host-to-device copy in every layer) and kept in a small
+    bounded cache, so a layer call launches nothing for it after the first.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    # inference-mode tensors cannot be saved for backward: a training step gets its own copy
+    key = (tokens, device, dtype, torch.is_inference_mode_enabled())
+    ind = _INDICATORS.get(key)
+    if ind is None:
+        pos = torch.arange(tokens, device=device)
+        chunk = CLIP_CHUNK if tokens >= CLIP_CHUNK and tokens % CLIP_CHUNK == 0 else max(tokens, 1)
+        ind = (pos % chunk != 0).to(dtype)  # same positions as start_token_positions
+        _INDICATORS[key] = ind
+        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
+            _INDICATORS.popitem(last=False)
+    else:
+        _INDICATORS.move_to_end(key)
     return ind
+
+
+def indicator_channels(tokens: int, channels: int, device, dtype) -> torch.Tensor:
+    """``[1, 1, M, channels]``: the content indicator in channel 0, zeros after (cached, read-only).
+
+    Appended to the values in one ``cat`` (instead of a ``cat`` and a ``pad`` per layer call).
+    """
+    key = ("channels", tokens, channels, torch.device(device), dtype, torch.is_inference_mode_enabled())
+    block = _INDICATORS.get(key)
+    if block is None:
+        block = F.pad(content_indicator(tokens, device, dtype).reshape(1, 1, tokens, 1), (0, channels - 1))
+        _INDICATORS[key] = block
+        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
+            _INDICATORS.popitem(last=False)
+    return block
 
 
 def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -84,8 +121,7 @@ def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pad = (0, width - d)
     qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     b, h, m, _ = vh.shape
-    indicator = content_indicator(m, device=v.device, dtype=v.dtype).reshape(1, 1, m, 1).expand(b, h, m, 1)
-    values = F.pad(torch.cat([vh, indicator], dim=-1), (0, width - d - 1))
+    values = torch.cat([vh, indicator_channels(m, width - d, v.device, v.dtype).expand(b, h, m, width - d)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(qh, pad), F.pad(kh, pad), values, scale=d**-0.5)
     text = rearrange(out[..., :d], "b h n d -> b n (h d)").to(dtype)
     return text, mass_from_heads(out[..., d])

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .training_schedule import step_generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_METADATA_BYTES = 64 * 1024**2  # metadata.jsonl: one short line per photo
 SIDECAR_SUFFIXES = (".mask.png", ".id.safetensors")
 
 
@@ -100,13 +101,27 @@ class ImageFolderIndex:
     def _metadata(self) -> Dict[str, dict]:
         path = os.path.join(self.folder, "metadata.jsonl")
         out: Dict[str, dict] = {}
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line:
-                        item = json.loads(line)
-                        out[str(item["file"]).replace("\\", "/")] = item
+        if not os.path.isfile(path):
+            return out
+        from .training_config_checks import TrainingConfigError
+
+        def refuse(problem: str):
+            return TrainingConfigError("data.folder", f"{path} {problem}", 'write one JSON object per line, e.g. {"file": "a.png", "caption": "..."}')
+
+        if os.path.getsize(path) > MAX_METADATA_BYTES:
+            raise refuse(f"is {os.path.getsize(path):,} bytes, over {MAX_METADATA_BYTES:,}")
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = raw.strip()
+                if not line:
+                    continue
+                try:
+                    item = json.loads(line.decode("utf-8"))
+                except (ValueError, RecursionError):  # bad JSON or UTF-8, integers over the digit limit, nesting bombs
+                    raise refuse(f"line {number} is not a JSON object") from None
+                if not isinstance(item, dict) or not isinstance(item.get("file"), str):
+                    raise refuse(f"line {number} has no \"file\" name")
+                out[item["file"].replace("\\", "/")] = item
         return out
 
     def __len__(self) -> int:

@@ -15,6 +15,14 @@ A file's tensors arrive in their stored dtype (``safe_load``). Before any conver
 - anything else (packed float4, quantized types): refused.
 
 Each refusal is a :class:`WeightError` naming the tensor and its dtype.
+
+Magnitudes: every float weight must satisfy ``|w| <= MAX_WEIGHT_MAGNITUDE`` (65504, the
+largest float16 value). A finite but absurd weight (1e30 in a projection) passes a NaN
+check yet overflows to inf in the first attention product (q @ k^T sums C products,
+and samplers often run attention in float16), giving a black or noise image with no
+error. Released weights are far below this (they are published in float16, or trained
+in float32 with values of order 1); the bound is checked on load and refused with the
+file and tensor named. NaN and inf are refused the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .weight_errors import WeightError
 KEPT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n))
 INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+MAX_WEIGHT_MAGNITUDE = 65504.0  # float16's largest finite value, see the module docstring
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -79,4 +88,25 @@ def usable_weights(tensors: Mapping[str, torch.Tensor], allow_integer: Optional[
                 f"{what}'s tensor '{name}' holds {dtype_name(t.dtype)} values: {_WHAT[kind]}",
                 fix="use the published float16 / bfloat16 / float32 (or float8) file; this one is damaged or is not a weight file",
             )
+    for name, t in out.items():
+        if isinstance(t, torch.Tensor):
+            check_magnitude(name, t, what)
     return out
+
+
+def check_magnitude(name: str, t: torch.Tensor, what: str = "the file", limit: float = MAX_WEIGHT_MAGNITUDE) -> None:
+    """:class:`WeightError` when a float tensor holds NaN, inf or a value beyond ``+-limit``."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    low, high = torch.aminmax(t.detach().reshape(-1))
+    low, high = float(low), float(high)
+    if low >= -limit and high <= limit:
+        return
+    if low != low or high != high or not torch.isfinite(t).all():
+        problem = "NaN or infinite values"
+    else:
+        problem = f"the value {high if abs(high) > abs(low) else low:.4g}, beyond +-{limit:g} (the float16 range), which overflows to inf inside attention"
+    raise WeightError(
+        f"{what}'s tensor '{name}' holds {problem}",
+        fix="use the published file (download it again); if it came from a training run, take an earlier checkpoint",
+    )

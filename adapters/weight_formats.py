@@ -131,6 +131,23 @@ def _pulid_in_ip_layout(tensors: Mapping[str, torch.Tensor]) -> bool:
     return has_encoder and any(_IP_LAYER.match(k) and k.endswith(".to_k_ip.weight") for k in tensors)
 
 
+def _refuse_flux_formats(keys) -> None:
+    """Flux identity files are not UNet adapters: name them and the node that reads them (wrong-family error)."""
+    from .pulid_flux import is_pulid_flux
+
+    if is_pulid_flux(keys):
+        raise WeightError(
+            "this is PuLID-Flux (pulid_encoder.* + pulid_ca.*), made for Flux.1 models, not an identity adapter for SD1.5/SD2/SDXL",
+            fix="load it with 'Load PuLID-Flux' and connect it to 'Apply PuLID-Flux' with a Flux.1 model",
+        )
+    if any(".processor.ip_adapter_double_stream_k_proj." in k for k in keys) and any(k.startswith("ip_adapter_proj_model.") for k in keys):
+        raise WeightError(
+            "this is XLabs' Flux IP-Adapter (double_blocks.N.processor.ip_adapter_double_stream_*), made for Flux.1; "
+            "this pack does not read it yet (issue #23)",
+            fix="on Flux use 'Apply PuLID-Flux' (pulid_flux_v0.9.1.safetensors) or 'Apply parallel visual attention' in joint mode",
+        )
+
+
 def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> str:
     """The format name (a key of :data:`KNOWN_FORMATS`), or :class:`WeightError` listing the known ones."""
     if is_native(metadata or {}):
@@ -148,6 +165,7 @@ def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mappin
         return "fact"
     if any(".attn2.to_visual_q.weight" in k for k in keys):
         return "pva"
+    _refuse_flux_formats(keys)
     sample = ", ".join(sorted(keys)[:4])
     raise WeightError(
         f"this file's tensors ({len(keys)}, e.g. {sample}) match none of the identity-adapter formats this pack reads; "
@@ -378,7 +396,7 @@ def convert(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str,
 
     ``hints``: settings that no tensor records (``faceid_plus_shortcut``, ``faceid_plus_reason``).
     """
-    tensors = usable_weights(tensors, what="the adapter file")  # float8 -> float32; complex, bool, integers refused by name
+    tensors = usable_weights(tensors, what=f"'{source}'" if source else "the adapter file")  # float8 -> float32; complex, bool, integers refused by name
     fmt = detect_format(tensors, metadata)
     hints = hints or {}
     try:

@@ -31,6 +31,7 @@ from .weight_errors import WeightError
 
 DOWNLOAD_COMMAND = "python -m comfyui-identity-attention.weights download"
 WHERE_TO_RUN = "from ComfyUI/custom_nodes"
+FEW_FITS = 3  # up to this many files fit a loader: the empty-folder message names each
 
 
 def download_command(ids: Sequence[str], force: bool = False) -> str:
@@ -105,6 +106,19 @@ def no_files(folders: Sequence[str], searched: Sequence[str], manifest, node_id:
     where = "; ".join(searched) or ", ".join(f"models/{f}/" for f in folders)
     fits = [e for e in (manifest.entries if manifest is not None else []) if e["folder"] in folders and (node_id is None or node_id in e["nodes"])]
     ids = list(dict.fromkeys(e.get("group") or e["id"] for e in fits))
+    if 1 <= len(ids) <= FEW_FITS:  # name them: which file, where it goes, the command
+        named = []
+        for i in ids:
+            group = [e for e in fits if (e.get("group") or e["id"]) == i]
+            goes = destination(group[0]) if len(group) == 1 else f"models/{group[0]['folder']}/{os.path.dirname(group[0]['file'])}/"
+            named.append(f"{i} (goes to {goes})")
+        if len(ids) == 1:
+            fix = _get_it(fits)
+        else:
+            commands = [f"`{download_command([i])}" + (" --allow-unverified" if any(e["sha256"] is None for e in fits if (e.get("group") or e["id"]) == i) else "") + "`"
+                        for i in ids]
+            fix = f"download the one your workflow uses {WHERE_TO_RUN}: {' or '.join(commands)}; then refresh the page"
+        return WeightError(f"no weight file is in {where} yet; this loader reads {' or '.join(named)}", fix=fix)
     known = f"; {len(ids)} known files fit this loader, `{DOWNLOAD_COMMAND.replace(' download', ' list')}` shows them" if ids else ""
     return WeightError(
         f"no weight file is in {where} yet",

@@ -53,10 +53,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 SCHEMA = "identity-attention-weights/1"
 FOLDERS = ("ipadapter", "instantid", "pulid", "identity_attention", "insightface", "clip_vision", "loras", "facexlib", "controlnet", "checkpoints")
-BASES = ("sd15", "sdxl", "sd2-inpaint", "any")
+BASES = ("sd15", "sdxl", "sd2-inpaint", "flux", "any")
 FILE_FORMATS = (
     "ip_adapter", "ip_adapter_plus", "ip_adapter_full_face", "faceid", "faceid_plus", "instantid", "pulid", "fact", "pva", "native",
-    "lora", "onnx", "clip_vision", "transface", "eva_clip", "face_parsing", "controlnet", "checkpoint",
+    "lora", "onnx", "clip_vision", "transface", "eva_clip", "face_parsing", "controlnet", "checkpoint", "pulid_flux",
 )
 REQUIRED = ("id", "file", "folder", "url", "sha256", "bytes", "verified", "format", "base", "license", "nodes", "description")
 OPTIONAL = ("source", "group", "variant", "requires", "note", "redirect_hosts")

@@ -327,6 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(config.label, flush=True)
         layers, rows = measure(model, config, names)
         parts += [table(config.label, layers, rows), ""]
+    parts += __import__(f"{__package__}.dit_ledger", fromlist=["flux_parts"]).flux_parts(device, dtype)  # the DiT path (tiny Flux)
     text = "\n".join(parts)
     print("\n" + text)
     if args.out:

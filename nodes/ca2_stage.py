@@ -93,6 +93,17 @@ class CA2GateStage(AttentionStage):
             lambda: visual_keys_values(tokens.float(), layer["to_k"].float(), layer["to_v"].float()),
         )
 
+    def _visual_kv_rows(self, call: AttentionCall):
+        """``([B, T, C], [B, T, C])`` visual K/V in ``call``'s row order, stacked once per chunk
+        pattern and reused (stacking them in every layer call was two launches per layer)."""
+
+        def stack():
+            kv = {code: self._visual_kv(call, code) for code in set(call.chunks)}
+            return tuple(call.per_row({code: pair[i] for code, pair in kv.items()}).contiguous() for i in (0, 1))
+
+        key = (call.layer, "rows", tuple(call.chunks), call.rows_per_chunk)
+        return self._cache.get(key, call.q.device, call.q.dtype, stack)
+
     def score(self, call: AttentionCall, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[b, N]`` float32 in [0, 1], after sharpening (``mass``: the content mass, if already known)."""
         if self.score_source == "native":
@@ -119,9 +130,7 @@ class CA2GateStage(AttentionStage):
 
     def _gated(self, call: AttentionCall, out: torch.Tensor, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``out + w (1 - Score ⊙ M) Attn(q, K_vis, V_vis)`` for ``call``'s rows; records the score."""
-        kv = {code: self._visual_kv(call, code) for code in set(call.chunks)}
-        k_vis = call.per_row({code: pair[0] for code, pair in kv.items()}).contiguous()
-        v_vis = call.per_row({code: pair[1] for code, pair in kv.items()}).contiguous()
+        k_vis, v_vis = self._visual_kv_rows(call)
         score = self.score(call, mass)
         mask = mask_rows(self.edit_mask, call, self._edit_cache, node=self.label, input_name="mask")
         gate = visual_gate(score, mask.float())

@@ -25,15 +25,14 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
 from ..adapters.face_crop_mask import warp_to_crop
-from ..adapters.safe_load import read_weight_file, resolve_in_folders
+from ..adapters.safe_load import read_weight_file
 from ..adapters.transface_encoder import CROP_SIZE, TransFaceEncoder, preprocess
 from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, load_weight_choice, weight_choices
 from .stage_inputs import CATEGORY
 
 FOLDER = "identity_attention"
@@ -50,6 +49,9 @@ class FaceEncoder:
         return self
 
 
+ENCODER_FIX = "choose ms1mv2_model_TransFace_S.pt (TransFace-S, the encoder FACT was trained with)"
+
+
 def read_state_dict(path: str, node: str) -> dict:
     """A weight file as a dict of tensors, through :func:`..adapters.safe_load.read_weight_file`: the
     content (not the name) decides the format, with its size, inflation and nesting limits."""
@@ -60,17 +62,18 @@ def read_state_dict(path: str, node: str) -> dict:
 
 
 def load_face_encoder(path: str, node: str = "Load face encoder (TransFace)") -> FaceEncoder:
+    """A face encoder from a file path (scripts and tests; the loader node goes through :func:`load_weight_choice`)."""
     sd = read_state_dict(path, node)
     try:
-        model = TransFaceEncoder.from_state_dict(sd)
+        model = build_face_encoder(sd)
     except ValueError as err:
-        raise IdentityAttentionError(
-            f"{os.path.basename(path)}: {err}",
-            node=node,
-            input_name="encoder_name",
-            fix="choose ms1mv2_model_TransFace_S.pt (TransFace-S, the encoder FACT was trained with)",
-        ) from err
+        raise IdentityAttentionError(f"{os.path.basename(path)}: {err}", node=node, input_name="encoder_name", fix=ENCODER_FIX) from err
     return FaceEncoder(model, os.path.basename(path))
+
+
+def build_face_encoder(state: dict) -> TransFaceEncoder:
+    """The TransFace network of a state dict (``ValueError`` for another network's keys or shapes)."""
+    return TransFaceEncoder.from_state_dict(state)
 
 
 class LoadFaceEncoder:
@@ -88,23 +91,23 @@ class LoadFaceEncoder:
         return {
             "required": {
                 "encoder_name": (
-                    folder_paths.get_filename_list(FOLDER),
-                    {"tooltip": "The TransFace weights in models/identity_attention/ (FACT uses ms1mv2_model_TransFace_S.pt)."},
+                    weight_choices((FOLDER,)),
+                    {"tooltip": "The TransFace weights in models/identity_attention/ (FACT uses ms1mv2_model_TransFace_S.pt). "
+                                "Nothing there yet? Queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, encoder_name):
+        return check_weight_choice(encoder_name, (FOLDER,), node=cls.DISPLAY_NAME, input_name="encoder_name", node_id=cls.NODE_ID)
+
     def load(self, encoder_name):
-        try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-            path = resolve_in_folders(encoder_name, folder_list(FOLDER))
-        except WeightError as err:
-            raise IdentityAttentionError(
-                err.problem,
-                node=self.DISPLAY_NAME,
-                input_name="encoder_name",
-                fix=err.fix or f"put the file in one of: {', '.join(folder_list(FOLDER)) or 'models/identity_attention'}",
-            ) from None
-        return (load_face_encoder(path, self.DISPLAY_NAME),)
+        # the pack's path rules (no '..', no absolute names, no links out of the model folders), the safe reader,
+        # and one error per failure: not downloaded, damaged download, another network's file
+        model, path = load_weight_choice(encoder_name, (FOLDER,), build_face_encoder, node=self.DISPLAY_NAME,
+                                         input_name="encoder_name", node_id=self.NODE_ID, wrong_file_fix=ENCODER_FIX)
+        return (FaceEncoder(model, os.path.basename(path)),)
 
 
 def head_masks_for(identity, mask: torch.Tensor, node: str) -> torch.Tensor:

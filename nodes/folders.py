@@ -14,17 +14,20 @@ placeholder entry while the folders are empty), :func:`check_weight_choice`
 (their ``VALIDATE_INPUTS``: a file that is not there is reported before the
 prompt runs, with what to download, instead of ComfyUI's bare "Value not in
 list") and :func:`resolve_weight_choice` (the path and its manifest entry);
-the wording comes from ``adapters/weights_guidance.py``.
+loaders that build a network from a plain state dict use
+:func:`load_weight_choice`, which also tells a damaged download from a wrong
+file; the wording comes from ``adapters/weights_guidance.py``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
 import folder_paths
 
-from ..adapters.safe_load import resolve_in_folders, safe_relative_name
+from ..adapters.safe_load import read_weight_file, resolve_in_folders, safe_relative_name
+from ..adapters.weight_dtypes import usable_weights
 from ..adapters.weight_errors import WeightError
 from ..adapters.weights_guidance import damaged_file, is_placeholder, missing_file, no_files, placeholder
 from ..adapters.weights_manifest import manifest_or_none
@@ -140,3 +143,31 @@ def damaged_weight_file(err: WeightError, path: str, entry: Optional[dict], *, n
     """A file that did not parse, as the node error: "incomplete or corrupt download" when it differs from the released file."""
     err = damaged_file(err, path, entry)
     return IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix)
+
+
+Built = TypeVar("Built")
+
+
+def load_weight_choice(value, folders: Sequence[str], build: Callable[[dict], Built], *, node: str, input_name: str,
+                       node_id: Optional[str] = None, prefixed: bool = False, wrong_file_fix: str) -> Tuple[Built, str]:
+    """``(build(state dict), path)`` for a loader's value, each failure as one node error that says what to do.
+
+    - not there / nothing downloaded: :func:`resolve_weight_choice`'s guidance (file, folder, id, command);
+    - the file does not parse (:class:`WeightError` from the safe reader or the dtype rules), or parses but
+      ``build`` refuses it (``ValueError``: other keys or shapes) while it differs from the released file:
+      "incomplete or corrupt download" with the command that replaces it;
+    - ``build`` refuses a file that is whole (or unknown to the manifest): ``wrong_file_fix`` (which file fits).
+    """
+    path, entry = resolve_weight_choice(value, folders, node=node, input_name=input_name, node_id=node_id, prefixed=prefixed)
+    try:
+        state = usable_weights(read_weight_file(path, roots=None).tensors, what=os.path.basename(path))
+    except WeightError as err:
+        raise damaged_weight_file(err, path, entry, node=node, input_name=input_name) from None
+    try:
+        return build(state), path
+    except ValueError as err:
+        wrong = WeightError(f"{os.path.basename(path)}: {err}", fix=wrong_file_fix)
+        if entry is None or (entry["bytes"] is None and entry["sha256"] is None):
+            # parsed but other keys/shapes, nothing to compare with: most likely another network's file
+            raise IdentityAttentionError(wrong.problem, node=node, input_name=input_name, fix=wrong.fix) from None
+        raise damaged_weight_file(wrong, path, entry, node=node, input_name=input_name) from None

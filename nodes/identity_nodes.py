@@ -20,6 +20,8 @@ from ..adapters import face_analysis as fa
 from ..adapters import face_visuals as fv
 from ..adapters.identity import Identity
 from .errors import IdentityAttentionError, MissingDependencyError
+from ..adapters.weights_guidance import entries_for, missing_file, no_files
+from ..adapters.weights_manifest import manifest_or_none
 from .folders import folder_list
 from .input_checks import check_image
 from .stage_inputs import CATEGORY
@@ -162,15 +164,45 @@ class LoadFaceAnalysis:
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, pack):
+        if pack is None:  # fed by a link: checked when the node runs
+            return True
+        try:
+            cls.check_pack_present(pack)
+        except IdentityAttentionError as err:
+            return str(err)
+        except fa.FaceAnalysisError as err:
+            return str(_error(err, cls.DISPLAY_NAME))
+        return True
+
+    @classmethod
+    def check_pack_present(cls, pack) -> None:
+        """A pack that is not there (or the empty-list placeholder): one error naming the pack's files in
+        weights_manifest.json, where they go and the command that downloads them (ComfyUI's "Value not in
+        list" would answer otherwise)."""
+        roots = folder_list("insightface")
+        if pack != NO_PACKS and pack in fa.list_face_packs(roots):
+            return
+        searched = [str(d) for d in fa.pack_search_dirs(roots)]
+        manifest = manifest_or_none()
+        if pack == NO_PACKS:
+            where = "; ".join(searched) or "no insightface folder is registered"
+            get = no_files(("insightface",), searched, manifest, cls.NODE_ID).fix
+            raise IdentityAttentionError(f"no face analysis pack was found (searched: {where})", node=cls.DISPLAY_NAME,
+                                         input_name="pack", fix=f"put a pack in {fa.EXPECTED_LAYOUT}; {get}")
+        err = missing_file(str(pack), ("insightface",), searched, manifest)
+        if not entries_for(manifest, str(pack), ("insightface",)):  # a pack the manifest does not know: the layout
+            fa.find_face_pack(str(pack), roots)
+        raise IdentityAttentionError(err.problem, node=cls.DISPLAY_NAME, input_name="pack", fix=err.fix)
+
     def load(self, pack, provider, det_size):
         node = self.DISPLAY_NAME
         roots = folder_list("insightface")
         try:
-            if pack == NO_PACKS:
-                raise fa.FaceAnalysisError(
-                    "no face analysis pack was found (searched: "
-                    + ("; ".join(str(d) for d in fa.pack_search_dirs(roots)) or "no insightface folder is registered") + ")",
-                    fix=f"put a pack in {fa.EXPECTED_LAYOUT}, then refresh the page", input_name="pack")
+            plain_name = not any(c in str(pack) for c in ("/", "\\", ":", "\x00")) and str(pack) not in (".", "..")
+            if pack == NO_PACKS or plain_name:  # other names get find_face_pack's own error ("not a pack name")
+                self.check_pack_present(pack)
             folder = fa.find_face_pack(pack, roots)
             model = fa.load_face_analysis(folder, provider, det_size, device_id=_torch_device_index(), name=pack,
                                           cpu_only=host_runs_on_cpu())

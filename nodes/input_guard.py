@@ -31,6 +31,7 @@ import inspect
 import threading
 from typing import Dict, Tuple
 
+from .dit_layout import check_model_family
 from .input_checks import check_float_input, check_identity_finite, check_range, check_image_batch, check_latent_batch, check_mask_batch, check_matching_batches
 
 GUARDED = "_identity_attention_guarded"
@@ -84,6 +85,8 @@ def check_inputs(cls, inputs: dict) -> None:
                 check_latent_batch(v, node, name)
             elif kind in ("IDENTITY", "ID_TOKENS"):
                 check_identity_finite(v, node, name)
+            elif kind == "MODEL":
+                check_model_family(getattr(cls, "NODE_ID", ""), v, node, name)
     for mask_name, image_name in (getattr(cls, "MATCHING_BATCHES", None) or {}).items():
         check_matching_batches(inputs.get(mask_name), inputs.get(image_name), node, mask_name, image_name)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .dispatcher import installed_dispatcher
+from .dit_report import dit_report_lines
 from .host import base_model_of, cross_attention_layers
 from .stage_inputs import CATEGORY
 
@@ -40,6 +41,7 @@ class ModelAttentionInfo:
             chained = len(dispatcher.fallbacks)
             if chained:
                 lines.append(f"patches from other packs kept underneath ours: {chained} layers")
+        lines.extend(dit_report_lines(model))  # Flux: blocks, joint-attention effects, UNet-only nodes
         hooks = _hook_effects(model)
         if hooks:
             lines.append("effects outside cross-attention (in the order they run within a block):")

@@ -16,6 +16,8 @@ from __future__ import annotations
 from ..adapters.id_adapter import IdentityTokens
 from ..adapters.parallel_attention import body_token_mask
 from .dispatcher import apply_attention_stage
+from .dit_layout import dit_family
+from .dit_parallel_attention import apply_parallel_attention_dit
 from .errors import IdentityAttentionError
 from .identity_inputs import (
     PROJECTION_CHOICES,
@@ -94,7 +96,7 @@ class ApplyParallelAttention:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "The model to add the identity to (SD1.5, SD2 or SDXL)."}),
+            "model": ("MODEL", {"tooltip": "The model to add the identity to (SD1.5, SD2, SDXL, or Flux.1: joint mode with layer projections)."}),
             "id_adapter": ("ID_ADAPTER", {"tooltip": "Identity adapter weights (IP-Adapter, FaceID, InstantID, PuLID, PVA...) from an adapter loader. They turn the identity into tokens the model can attend to."}),
             "identity": ("IDENTITY", {"tooltip": "The person, from an identity encoder node (one or more reference photos)."}),
         }
@@ -144,6 +146,10 @@ class ApplyParallelAttention:
         pulid_method="fidelity", negative_identity=NEGATIVE_IDENTITY_CHOICES[0],
     ):
         node = self.DISPLAY_NAME
+        if dit_family(model) is not None:  # Flux: identity tokens join the joint attention (nodes/dit_parallel_attention.py)
+            return (apply_parallel_attention_dit(
+                model, id_adapter, identity, weight, start_percent, end_percent, apply_to, mode, projections, references, mask, negative_identity, node
+            ),)
         check_types(node, id_adapter, identity)
         layers = model_layers(model, node)
         mode = resolve_mode(mode, id_adapter)

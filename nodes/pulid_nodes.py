@@ -21,21 +21,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 
 import comfy.model_management
-import folder_paths
 
 from ..adapters.eva_clip_vision import EvaVisionTransformer, pulid_eva_features
 from ..adapters.face_parsing import PARSE_SIZE, BiSeNet, background_mask, parse_labels
 from ..adapters.face_visuals import banner
 from ..adapters.pulid_face_image import align_face_512, face_features_image
-from ..adapters.safe_load import read_weight_file, resolve_in_folders
-from ..adapters.weight_errors import WeightError
 from .errors import IdentityAttentionError
-from .folders import folder_list
+from .folders import check_weight_choice, load_weight_choice, weight_choices
 from .stage_inputs import CATEGORY
 
 EVA_FOLDERS = ("clip_vision", "pulid")
@@ -74,33 +71,8 @@ class FaceParsing:
         return self
 
 
-def choices(folders: Sequence[str]) -> List[str]:
-    """``folder/file`` for every weight file in ``folders`` (folders the host does not know are skipped)."""
-    out = []
-    for folder in folders:
-        try:
-            out += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder)]
-        except KeyError:
-            continue
-    return out
-
-
-def resolve_choice(choice: str, folders: Sequence[str], node: str, input_name: str) -> str:
-    folder, _, name = str(choice).replace("\\", "/").partition("/")
-    where = ", ".join(f"models/{f}" for f in folders)
-    if folder not in folders or not name:
-        raise IdentityAttentionError(f"'{choice}' is not a file from {where}", node=node, input_name=input_name, fix="pick a file from the list")
-    try:  # the pack's path rules: no '..', no absolute names, no links out of the model folders
-        return resolve_in_folders(name, folder_list(folder))
-    except WeightError as err:
-        raise IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix or f"put the file in one of: {where}") from None
-
-
-def read_tensors(path: str, node: str, input_name: str) -> dict:
-    try:
-        return read_weight_file(path, roots=None).tensors
-    except WeightError as err:
-        raise IdentityAttentionError(err.problem, node=node, input_name=input_name, fix=err.fix) from None
+EVA_FIX = f"choose {EVA_FILE} (EVA02-CLIP-L-14-336); ComfyUI's CLIP-vision files (ViT-H, ViT-bigG) are other networks"
+PARSING_FIX = f"choose facexlib's {PARSING_FILE} (not parsing_parsenet.pth, another network)"
 
 
 class LoadEvaClip:
@@ -122,23 +94,20 @@ class LoadEvaClip:
         return {
             "required": {
                 "eva_clip_name": (
-                    choices(EVA_FOLDERS),
-                    {"tooltip": f"The EVA-CLIP weights in models/clip_vision or models/pulid ({EVA_FILE}, as PuLID uses)."},
+                    weight_choices(EVA_FOLDERS, prefixed=True),
+                    {"tooltip": f"The EVA-CLIP weights in models/clip_vision or models/pulid ({EVA_FILE}, as PuLID uses). "
+                                "Nothing there yet? Queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, eva_clip_name):
+        return check_weight_choice(eva_clip_name, EVA_FOLDERS, node=cls.DISPLAY_NAME, input_name="eva_clip_name", node_id=cls.NODE_ID, prefixed=True)
+
     def load(self, eva_clip_name):
-        node = self.DISPLAY_NAME
-        path = resolve_choice(eva_clip_name, EVA_FOLDERS, node, "eva_clip_name")
-        state = read_tensors(path, node, "eva_clip_name")
-        try:
-            model = EvaVisionTransformer.from_state_dict(state)
-        except ValueError as err:
-            raise IdentityAttentionError(
-                f"{os.path.basename(path)}: {err}", node=node, input_name="eva_clip_name",
-                fix=f"choose {EVA_FILE} (EVA02-CLIP-L-14-336); ComfyUI's CLIP-vision files (ViT-H, ViT-bigG) are other networks",
-            ) from None
+        model, path = load_weight_choice(eva_clip_name, EVA_FOLDERS, EvaVisionTransformer.from_state_dict, node=self.DISPLAY_NAME,
+                                         input_name="eva_clip_name", node_id=self.NODE_ID, prefixed=True, wrong_file_fix=EVA_FIX)
         return (EvaClip(model, os.path.basename(path)),)
 
 
@@ -161,23 +130,20 @@ class LoadFaceParsing:
         return {
             "required": {
                 "parsing_name": (
-                    choices(PARSING_FOLDERS),
-                    {"tooltip": f"facexlib's {PARSING_FILE} in models/facexlib or models/pulid."},
+                    weight_choices(PARSING_FOLDERS, prefixed=True),
+                    {"tooltip": f"facexlib's {PARSING_FILE} in models/facexlib or models/pulid. "
+                                "Nothing there yet? Queue the workflow: the error says what to download and where it goes."},
                 )
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, parsing_name):
+        return check_weight_choice(parsing_name, PARSING_FOLDERS, node=cls.DISPLAY_NAME, input_name="parsing_name", node_id=cls.NODE_ID, prefixed=True)
+
     def load(self, parsing_name):
-        node = self.DISPLAY_NAME
-        path = resolve_choice(parsing_name, PARSING_FOLDERS, node, "parsing_name")
-        state = read_tensors(path, node, "parsing_name")
-        try:
-            model = BiSeNet.from_state_dict(state)
-        except ValueError as err:
-            raise IdentityAttentionError(
-                f"{os.path.basename(path)}: {err}", node=node, input_name="parsing_name",
-                fix=f"choose facexlib's {PARSING_FILE} (not parsing_parsenet.pth, another network)",
-            ) from None
+        model, path = load_weight_choice(parsing_name, PARSING_FOLDERS, BiSeNet.from_state_dict, node=self.DISPLAY_NAME,
+                                         input_name="parsing_name", node_id=self.NODE_ID, prefixed=True, wrong_file_fix=PARSING_FIX)
         return (FaceParsing(model, os.path.basename(path)),)
 
 

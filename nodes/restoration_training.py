@@ -233,7 +233,11 @@ def personalized_prior(model_patcher, path: str, strength: float):
 
     from ..adapters.safe_load import read_weight_file
 
+    from ..adapters.weight_dtypes import check_magnitude
+
     lora = read_weight_file(path).tensors  # safetensors, or a pickle read with weights_only
+    for key, t in lora.items():  # |w| <= 65504, no NaN / inf (adapters/weight_dtypes.py)
+        check_magnitude(key, t, f"the LoRA '{os.path.basename(path)}'")
     model, _ = comfy.sd.load_lora_for_models(model_patcher, None, lora, strength, 0.0)
     return model
 

@@ -269,6 +269,7 @@ class Trainer:
             unet = t.install(unet, self.feed)
         checkpointing = tcfg["gradient_checkpointing"]
         checkpointing = self.device.type != "cpu" if checkpointing == "auto" else bool(checkpointing)
+        self._check_memory(checkpointing)
         self.unet = differentiable_clone(unet, checkpoint=checkpointing)
         # one token CLIP per run (two clones of one text encoder cannot be loaded at once): its word is
         # the PVA token, or the vectors a target asks for through feed.extras["encode_with"]
@@ -316,6 +317,21 @@ class Trainer:
         self.history: Dict[str, List[float]] = {}
 
     # --- setup -------------------------------------------------------------------------------------
+    def _check_memory(self, checkpointing: bool) -> None:
+        """Personalize identity's activation estimate for this run's micro-batch; refused before any work with the resolution that fits."""
+        from ..adapters.training_config_checks import TrainingConfigError
+        from .errors import IdentityAttentionError
+        from .personalization import check_training_memory
+
+        try:
+            check_training_memory(self.model, self.batch_size * self.repeat, self.resolution, checkpointing, self.device, node="train.py")
+        except IdentityAttentionError as err:
+            import re
+
+            fits = re.search(r"use resolution (\d+)", err.fix or "")
+            fix = (f'set "data": {{"resolution": {fits.group(1)}}} (or lower)' if fits else "train on a device with more memory") + ", or a smaller train.batch_size / train.time_resample"
+            raise TrainingConfigError("data.resolution", f"{self.resolution} px: {err.problem}", fix) from None
+
     def _path(self, path: str) -> str:
         return path if os.path.isabs(path) else os.path.join(self.config_dir, path)
 
@@ -649,8 +665,17 @@ def distributed() -> Tuple[int, int, int]:
 
 def run(config_path: str, resume: Optional[str] = None, stop_at: Optional[int] = None, models: Optional[Tuple] = None, log=None) -> Trainer:
     """Train from a config file (the CLI's work; ``models`` skips loading, for tests)."""
-    config = load_config(config_path)
+    from ..adapters.training_config_checks import check_training_config
+
+    from ..adapters.training_config_checks import TrainingConfigError
+
+    try:
+        config = load_config(config_path)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise TrainingConfigError("config", f"{config_path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+                                  "write valid JSON (or TOML for a .toml file); see the example in nodes/trainer.py") from None
     config_dir = os.path.dirname(os.path.abspath(config_path))
+    check_training_config(config, config_dir)  # one clear error per bad value, before any model loads
     rank, world, _ = distributed()
     if models is None:
         models = load_models(config["models"], config_dir)
@@ -692,8 +717,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    from ..adapters.training_config_checks import TrainingConfigError
+
     try:
         run(args.config, resume=args.resume, stop_at=args.stop_at)
+    except TrainingConfigError as err:
+        print(f"error in {args.config}: {err}", file=sys.stderr)
+        return 2
     finally:
         if world > 1:
             import torch.distributed as dist

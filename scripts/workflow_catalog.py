@@ -22,6 +22,7 @@ ORDER = [
     START_HERE,
     "identity_encode_and_similarity",
     "identity_adapter_load",
+    "identity_from_many_photos",
     "identity_portrait_sdxl",
     "instantid_identitynet_sdxl",
     "identity_portrait_pulid",

@@ -6,6 +6,9 @@
   trainer made for one person (Load identity tokens) -> the prompt encoded once per stage with each
   stage's key and value token -> Apply per-stage identity tokens -> two pictures side by side,
   scored against the person's photo.
+- ``identity_from_many_photos``: three reference photos of one person (one batch) -> Encode identity ->
+  FaceID-PlusV2 wrapped by Pool reference photos (attention; Omni-ID style, training-free) -> parallel
+  identity attention -> sample -> score against the pooled identity.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from workflow_specs import (
     MODEL_BLUE,
     SD15_CHECKPOINT,
     download_note,
+    face_analysis,
     identity_from_photo,
     manifest_file,
     similarity_check,
     text_to_image,
 )
+
+REFERENCE_PHOTOS = ("person_photo_1.png", "person_photo_2.png", "person_photo_3.png")
 
 TRAIN_COMMAND = "python -m comfyui-identity-attention.train my_person.json"
 
@@ -150,7 +156,50 @@ def per_stage_identity_tokens(wb) -> str:
     return "Per-stage K/V identity tokens (SeFi-IDE): untrained tokens from a word next to tokens trained on one person, same seed."
 
 
+def identity_from_many_photos(wb) -> str:
+    photos = [wb.node("LoadImage", title=f"Reference photo {i + 1} (same person)", image=name) for i, name in enumerate(REFERENCE_PHOTOS)]
+    batch = wb.node("ImageBatch", title="Photos 1 + 2", image1=photos[0][0], image2=photos[1][0])
+    batch_all = wb.node("ImageBatch", title="Photos 1 + 2 + 3", image1=batch[0], image2=photos[2][0])
+    faces = face_analysis(wb, "buffalo_l")
+    vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-H (FaceID-Plus reads it)", clip_name=manifest_file("clip-vit-h"))
+    encode = wb.node("IdentityAttentionEncodeIdentity", title="Encode identity (one face per photo)", face="largest", flip_augment=False,
+                     face_analysis=faces[0], images=batch_all[0], clip_vision=vision[0])
+    crops = wb.node("PreviewImage", title="Aligned faces used (one per photo)", images=encode[1])
+    found = wb.node("PreviewImage", title="Faces found (green = used)", images=encode[3])
+    ckpt = wb.node("CheckpointLoaderSimple", title="Load checkpoint (SD1.5)", ckpt_name=SD15_CHECKPOINT)
+    lora = wb.node("LoraLoaderModelOnly", title="FaceID-PlusV2 LoRA (comes with the adapter)", model=ckpt[0],
+                   lora_name=manifest_file("ip-adapter-faceid-plusv2_sd15_lora"), strength_model=0.6)
+    adapter = wb.node("IdentityAttentionLoadIdentityAdapter", title="IP-Adapter FaceID-PlusV2 (SD1.5)",
+                      adapter="ipadapter/" + manifest_file("ip-adapter-faceid-plusv2_sd15"), model=lora[0])
+    pooled = wb.node("IdentityAttentionPoolReferencePhotos", title="Pool reference photos (attention over all photos)", id_adapter=adapter[0])
+    parallel = wb.node("IdentityAttentionApplyParallelAttention", title="Identity attention (parallel, decoupled)",
+                       model=lora[0], id_adapter=pooled[0], identity=encode[0], weight=0.8)
+    report = wb.node("IdentityAttentionModelInfo", title="What is applied", model=parallel[0])
+    shown = wb.node("IdentityAttentionShowText", title="Applied effects", text=report[0])
+    gen = text_to_image(wb, SD15_CHECKPOINT, model_patch=lambda _: parallel[0], ckpt=ckpt, title="Sample",
+                        prompt="a photo of a man hiking on a mountain ridge at sunrise, backpack, wind in the hair, 35mm")
+    score, scored = similarity_check(wb, gen["decode"][0], encode[0], faces[0])
+    wb.group("1. Who: several photos of one person become one identity", [*photos, batch, batch_all, faces, vision, encode, crops, found], IDENTITY_GREEN)
+    wb.group("2. The model learns the identity: adapter + LoRA, photos pooled by attention, parallel attention",
+             [ckpt, lora, adapter, pooled, parallel, report, shown], ADAPTER_BLUE)
+    wb.group("3. Generate", [gen[k] for k in ("pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
+    wb.group("4. Check: how close is it to the person (all photos)?", [score, scored], CHECK_YELLOW)
+    wb.note(download_note(["buffalo_l", "clip-vit-h", "ip-adapter-faceid-plusv2_sd15", "ip-adapter-faceid-plusv2_sd15_lora"], extra=(
+        "Same files as the first portrait workflow (identity_portrait_faceid_moa): only your photos change.")), title="Download first")
+    wb.note(
+        "Put 3-10 photos of the same person in the Load image nodes (different light, angles and expressions help; one "
+        "face per photo, or the largest face is used). Image batch needs photos of the same size: it stretches the second "
+        "one to the first one's size, so crop them to one size first (or add more Load image + Image batch pairs).\n\n"
+        "Pool reference photos makes the adapter read every photo separately and combine their tokens by attention: photos "
+        "that agree with the others count more, an odd photo (a bad angle, a shadow) counts less. Without it the adapter "
+        "averages the photos' features. It is training-free (Omni-ID's idea without its trained encoder) and works with any "
+        "adapter that has a token projector.\n\nThe similarity score is against the identity of all photos together.",
+        title="How to read this workflow", near=pooled)
+    return "A portrait from several photos of one person: their FaceID-PlusV2 tokens pooled by attention (Omni-ID style), then parallel attention."
+
+
 SPECS = {
     "face_adapter_fact": face_adapter_fact,
+    "identity_from_many_photos": identity_from_many_photos,
     "per_stage_identity_tokens": per_stage_identity_tokens,
 }

@@ -83,6 +83,16 @@ def set_inputs(prompt: dict, node: str, **inputs) -> None:
     prompt[node]["inputs"].update(inputs)
 
 
+def linked_number(node: str, input_name: str, value: str, output: int = 0):
+    """Link a test-kit number (output 0 FLOAT, 1 INT) into ``node``'s ``input_name``: ComfyUI checks no range on it."""
+
+    def edit(prompt: dict) -> None:
+        prompt[f"number_{input_name}"] = {"class_type": "IdentityAttentionTestKit_Number", "inputs": {"value": value}}
+        set_inputs(prompt, node, **{input_name: [f"number_{input_name}", output]})
+
+    return edit
+
+
 def latent_batch(prompt: dict, n: int) -> None:
     """Sample ``n`` images (an empty latent, or an inpainting one from a photo batch of n)."""
     if prompt["latent"]["class_type"] == "EmptyLatentImage":
@@ -261,6 +271,27 @@ BAD = (
     Row("ca2-image-of-mask-shape", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,32,32"), set_inputs(p, "ca2", image=["bad", 0])))),
     Row("ca2-image-batch-3-latent-2", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "3,32,32,3"), set_inputs(p, "ca2", image=["bad", 0]), latent_batch(p, 2)))),
     Row("ca2-no-visual-condition", CA2, "clip_vision_output", mech(C(mechanism="ca2", **SD15), lambda p: p["ca2"]["inputs"].pop("clip_vision"))),
+    Row("photo-1x1", ENCODE, "images", graph(encode_graph, "1,1,1,3")),
+    Row("photo-1x96", ENCODE, "images", graph(encode_graph, "1,1,96,3")),
+    Row("similarity-1x1", SIMILARITY, "images", graph(similarity_graph, "1,1,1,3")),
+    Row("ca2-image-1x1", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,1,1,3"), set_inputs(p, "ca2", image=["bad", 0])))),
+    Row("ca2-image-7x7", CA2, "image", mech(C(mechanism="ca2", **SD15), lambda p: (tensor(p, "bad", "1,7,7,3"), set_inputs(p, "ca2", image=["bad", 0])))),
+    Row("kv-mask-empty-batch", KV, "mask", mech(C(mechanism="kv_mixed", **SD15), mask_into("kv_mixed", "0,32,32"))),
+    Row("fact-mask-empty-batch", FACT, "mask", mech(C(mechanism="face_adapter", **SD15), mask_into("face_adapter", "0,16,16"))),
+    Row("ca2-mask-empty-batch", CA2, "mask", mech(C(mechanism="ca2", **SD15), mask_into("ca2", "0,32,32"))),
+    Row("kv-mask-batch-3-latent-2", KV, "mask", mech(C(mechanism="kv_mixed", **SD15), mask_into("kv_mixed", "3,32,32", batch=2))),
+    # --- numbers through links (ComfyUI checks neither NaN nor ranges on linked values)
+    Row("pva-weight-nan-linked", PVA, "weight", mech(C(mechanism="pva_joint", **SD15), linked_number("pva_joint", "weight", "nan"))),
+    Row("pva-weight-inf-linked", PVA, "weight", mech(C(mechanism="pva_decoupled", **SD15), linked_number("pva_decoupled", "weight", "inf"))),
+    Row("kv-weight-minus-inf-linked", KV, "weight", mech(C(mechanism="kv_mixed", **SD15), linked_number("kv_mixed", "weight", "-inf"))),
+    Row("nested-weight-1e30-linked", NESTED, "weight", mech(C(mechanism="nested", **SD15), linked_number("nested", "weight", "1e30"))),
+    Row("fact-start-percent-1.5-linked", FACT, "start_percent", mech(C(mechanism="face_adapter", **SD15), linked_number("face_adapter", "start_percent", "1.5"))),
+    Row("moa-end-percent-nan-linked", MOA, "end_percent", mech(C(mechanism="moa", **SD15), linked_number("moa", "end_percent", "nan"))),
+    Row("ca2-sharpness-nan-linked", CA2, "sharpness", mech(C(mechanism="ca2", **SD15), linked_number("ca2", "sharpness", "nan"))),
+    Row("stfg-strength-inf-linked", STFG, "strength", mech(C(mechanism="stfg", **SD15), linked_number("stfg", "strength", "inf"))),
+    Row("stfg-band-minus-1-linked", STFG, "band", mech(C(mechanism="stfg", **SD15), linked_number("stfg", "band", "-1"))),
+    Row("nested-token-index-minus-5-linked", NESTED, "token_index", mech(C(mechanism="nested", **SD15), linked_number("nested", "token_index", "-5", output=1))),
+    Row("nested-token-index-huge-linked", NESTED, "token_index", mech(C(mechanism="nested", **SD15), linked_number("nested", "token_index", "inf", output=1))),
     # --- latents
     Row("stfg-original-nan", STFG, "original_latent", mech(C(mechanism="stfg", **SD15), lambda p: (tensor(p, "bad", "1,4,4,4", fill="one_nan"), set_inputs(p, "stfg", original_latent=["bad", 2])))),
     Row("stfg-original-empty-batch", STFG, "original_latent", mech(C(mechanism="stfg", **SD15), lambda p: (tensor(p, "bad", "0,4,4,4"), set_inputs(p, "stfg", original_latent=["bad", 2])))),

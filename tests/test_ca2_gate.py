@@ -149,3 +149,22 @@ def test_text_attention_score_is_normalised_content_mass(tokens):
     torch.testing.assert_close(mass_mod.minmax_per_image(flat), (flat - 0.7) / 0.05)
     torch.testing.assert_close(ca2.sharpen(got, 2.0), got.pow(2))
     assert ca2.sharpen(got, 1.0) is got
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 76, 77, 78, 154, 231, 300])
+def test_content_indicator_marks_clip_start_tokens_without_host_copies(tokens):
+    """The indicator is built on the device (no Python-list index: a blocking host-to-device
+    copy in every layer on a GPU) and reused: same positions as the written-out start list."""
+    starts = list(range(0, tokens, 77)) if tokens >= 77 and tokens % 77 == 0 else [0]
+    expected = torch.ones(tokens, dtype=F64)
+    expected[starts] = 0
+    got = mass_mod.content_indicator(tokens, dtype=F64)
+    assert got.dtype == F64 and torch.equal(got, expected)
+    assert mass_mod.content_indicator(tokens, dtype=F64) is got  # cached: no launches after the first call
+    from torch.profiler import ProfilerActivity, profile
+
+    mass_mod._INDICATORS.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        mass_mod.content_indicator(tokens, dtype=torch.float32)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::index_put_", "aten::index_put", "aten::lift_fresh", "aten::_to_copy_from_list"}, names

@@ -33,15 +33,11 @@ BUDGETED = list(load_budgets()["scenarios"])
 OVER_BUDGET = {  # scenario -> why it is still over (issue #22 item 4, branch `fusion`)
     "pva_joint": "positive-rows joint call: pads and concatenates the text K/V per layer next to the whole batch's text attention (+8)",
     "moa": "router and prior not fused yet (item 4, branch fusion)",
-    "ca2": "gate not fused yet (item 4, branch fusion)",
     "nested": "subject attention not fused yet (item 4, branch fusion)",
     "face_adapter": "gated attention and feed-forward not fused yet (item 4, branch fusion)",
     "stfg_fast": "boundary map not fused yet (item 4, branch fusion)",
 }
 COPIES_IN_LAYERS = {  # scenario -> why it still copies host data inside a layer
-    "ca2": "Python-list token index in the text attention mass (branch fusion clears it)",
-    "stfg_fast": "Python-list token index in the boundary map (branch fusion clears it)",
-    "full_stack": "holds ca2 (branch fusion clears it)",
 }
 LAYER_PATCH_ONLY = ("face_adapter", "stage_tokens")  # no attn2 replace: counted through their layer patches
 READS_SIGMA = ("stage_tokens", "stfg_fast", "moa", "ca2", "full_stack")  # pick by sigma / MoA and CA² recorders

@@ -85,8 +85,16 @@ def test_load_node_without_packs_says_where_to_put_them(monkeypatch, tmp_path):
     text = str(err.value)
     assert text.startswith("Load face analysis model: input 'pack': no face analysis pack was found")
     assert str(tmp_path / "insightface" / "models") in text and "det_10g.onnx" in text and "glintr100.onnx" in text
-    with pytest.raises(errors.IdentityAttentionError, match="'antelopev2' not found"):
+    assert "weights download buffalo_l" in text and "weights download antelopev2" in text  # the manifest's packs, with commands
+    assert nodes.LoadFaceAnalysis.VALIDATE_INPUTS(nodes.NO_PACKS) == text  # before the prompt runs: the same one error
+    with pytest.raises(errors.IdentityAttentionError) as err:
         nodes.LoadFaceAnalysis().load("antelopev2", "auto", 640)
+    text = str(err.value)
+    assert "'antelopev2' is not downloaded yet: it is the antelopev2 set of 5 files" in text and "models/insightface/models/antelopev2/" in text
+    assert "weights download antelopev2`" in text and nodes.LoadFaceAnalysis.VALIDATE_INPUTS("antelopev2") == text
+    with pytest.raises(errors.IdentityAttentionError, match="'mypack' not found"):  # a pack the manifest does not know: the layout
+        nodes.LoadFaceAnalysis().load("mypack", "auto", 640)
+    assert nodes.LoadFaceAnalysis.VALIDATE_INPUTS(None) is True
 
 
 def test_encode_node_outputs(face_model):

@@ -14,7 +14,10 @@ from conftest import pack
 
 weights_nodes = pack("nodes.weights_nodes")
 stage_token_nodes = pack("nodes.stage_token_nodes")
+identity_nodes = pack("nodes.identity_nodes")
 folders_mod = pack("nodes.folders")
+encoder_nodes = pack("nodes.face_encoder_nodes")
+pulid_nodes = pack("nodes.pulid_nodes")
 node_errors = pack("nodes.errors")
 guidance = pack("adapters.weights_guidance")
 manifest_mod = pack("adapters.weights_manifest")
@@ -132,6 +135,86 @@ def test_guidance_for_a_face_pack_group():
     assert f"`{DOWNLOAD} antelopev2`" in err.fix and "save " not in err.fix  # five files: the command, not one URL
 
 
+# --- every other loader of the pack: face encoder, EVA-CLIP, face parsing ------------------------------------------
+
+# (loader, input, folders, manifest id of the file it wants, the value a workflow names, a tiny file of the real layout)
+GUIDED_LOADERS = [
+    (encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", "ms1mv2_model_TransFace_S.pt",
+     lambda: wf.transface_state_dict(depth=2, heads=False, seed=2)),
+    (pulid_nodes.LoadEvaClip, "eva_clip_name", pulid_nodes.EVA_FOLDERS, "eva02-clip-l-336", "clip_vision/EVA02_CLIP_L_336_psz14_s6B.pt",
+     lambda: wf.tiny_eva_state(seed=2)),
+    (pulid_nodes.LoadFaceParsing, "parsing_name", pulid_nodes.PARSING_FOLDERS, "facexlib-parsing-bisenet", "facexlib/parsing_bisenet.pth",
+     lambda: wf.bisenet_state(seed=2)),
+]
+IDS = [row[0].__name__ for row in GUIDED_LOADERS]
+
+
+@pytest.fixture()
+def empty_folders(tmp_path, monkeypatch):
+    """Every folder those loaders read, empty."""
+    out = {}
+    for name in {f for row in GUIDED_LOADERS for f in row[2]}:
+        path = tmp_path / name
+        path.mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}))
+        out[name] = path
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {}, raising=False)
+    return out
+
+
+@pytest.mark.parametrize("loader,input_name,folders,entry_id,value,make", GUIDED_LOADERS, ids=IDS)
+def test_other_loaders_name_the_missing_file_its_place_id_and_command(empty_folders, loader, input_name, folders, entry_id, value, make):
+    entry = manifest_mod.load_manifest().by_id[entry_id]
+    message = loader.VALIDATE_INPUTS(**{input_name: value})
+    assert message is not True
+    unverified = "" if entry["sha256"] else " --allow-unverified"
+    for part in (f"{loader.DISPLAY_NAME}: input '{input_name}':", "not downloaded yet", f"{entry_id} in weights_manifest.json",
+                 f"models/{entry['folder']}/{entry['file']}", str(empty_folders[entry["folder"]]),
+                 f"`{DOWNLOAD} {entry_id}{unverified}`", entry["url"], "refresh the page"):
+        assert part in message, part
+    assert _error(loader().load, value) == message
+    assert loader.VALIDATE_INPUTS(**{input_name: None}) is True
+
+
+@pytest.mark.parametrize("loader,input_name,folders,entry_id,value,make", GUIDED_LOADERS, ids=IDS)
+def test_other_loaders_call_a_cut_off_known_file_an_incomplete_download(empty_folders, monkeypatch, loader, input_name, folders, entry_id, value, make):
+    real = manifest_mod.load_manifest().by_id[entry_id]
+    name = value.rpartition("/")[2]
+    path = empty_folders[real["folder"]] / name
+    torch.save(make(), str(path))  # .pt / .pth, as released
+    whole = path.read_bytes()
+    entry = dict(real, bytes=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": [entry]})
+    monkeypatch.setattr(folders_mod, "manifest_or_none", lambda *_: manifest)
+    assert loader.VALIDATE_INPUTS(**{input_name: value}) is True
+    loader().load(value)  # the whole file loads
+    path.write_bytes(whole[: len(whole) // 2])
+    message = _error(loader().load, value)
+    assert f"'{name}' is an incomplete or corrupt download ({len(whole) // 2:,} bytes, the released file has {len(whole):,})" in message
+    assert f"`{DOWNLOAD} {entry_id} --force`" in message and f"save {entry['url']} as models/{entry['folder']}/{entry['file']} by hand" in message
+
+
+def test_face_analysis_loader_says_which_pack_to_download(tmp_path, monkeypatch):
+    loader = identity_nodes.LoadFaceAnalysis
+    monkeypatch.setattr(identity_nodes, "folder_list", lambda name: [str(tmp_path / "insightface")])
+    choices = loader.INPUT_TYPES()["required"]["pack"][0]
+    assert choices == [identity_nodes.NO_PACKS]
+    message = loader.VALIDATE_INPUTS(choices[0])
+    assert message.startswith("Load face analysis model: input 'pack': no face analysis pack was found")
+    assert str(tmp_path / "insightface" / "models") in message and "models/insightface/models/<pack>/" in message
+    assert f"`{DOWNLOAD} antelopev2`" in message and f"`{DOWNLOAD} buffalo_l`" in message
+    assert _error(loader().load, choices[0], "CPU", 640) == message  # the same one error when it runs
+    message = loader.VALIDATE_INPUTS("buffalo_l")
+    for part in ("Load face analysis model: input 'pack':", "'buffalo_l' is not downloaded yet", "the buffalo_l set of 5 files",
+                 "models/insightface/models/buffalo_l/", str(tmp_path / "insightface" / "models"), f"`{DOWNLOAD} buffalo_l`"):
+        assert part in message, part
+    assert _error(loader().load, "buffalo_l", "CPU", 640) == message
+    assert "'nobody' not found" in loader.VALIDATE_INPUTS("nobody") and loader.VALIDATE_INPUTS(None) is True
+    (tmp_path / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
+    (tmp_path / "insightface" / "models" / "buffalo_l" / "w600k_r50.onnx").write_bytes(b"\x00" * 8)
+    assert loader.VALIDATE_INPUTS("buffalo_l") is True  # there (whether it parses is the loader's business)
+
+
 @pytest.mark.host
 def test_the_page_gets_the_message_before_the_prompt_runs(server):
     """Queued with its file missing, the loader is refused by /prompt with the guidance, not "Value not in list"."""
@@ -150,3 +233,106 @@ def test_the_page_gets_the_message_before_the_prompt_runs(server):
     text = str(err.value.node_errors)
     assert "Value not in list" not in text
     assert "not downloaded yet" in text and f"{DOWNLOAD} {entry['id']}" in text and f"models/ipadapter/{entry['file']}" in text
+
+
+# --- every other loader of the pack: TransFace, EVA-CLIP, face parsing, face analysis -----------------------------
+
+pulid_nodes = pack("nodes.pulid_nodes")
+face_encoder_nodes = pack("nodes.face_encoder_nodes")
+
+# (loader class, input name, its folders, the manifest id it reads, whether the value is <folder>/<file>)
+GUIDED_LOADERS = [
+    (face_encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", False),
+    (pulid_nodes.LoadEvaClip, "eva_clip_name", ("clip_vision", "pulid"), "eva02-clip-l-336", True),
+    (pulid_nodes.LoadFaceParsing, "parsing_name", ("facexlib", "pulid"), "facexlib-parsing-bisenet", True),
+]
+
+
+@pytest.fixture()
+def empty_model_folders(tmp_path, monkeypatch):
+    out = {}
+    for name in ("identity_attention", "clip_vision", "pulid", "facexlib"):
+        path = tmp_path / name
+        path.mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}))
+        out[name] = path
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {}, raising=False)
+    return out
+
+
+def _value(entry: dict, prefixed: bool) -> str:
+    return f"{entry['folder']}/{entry['file']}" if prefixed else entry["file"]
+
+
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
+def test_every_loader_lists_a_placeholder_and_names_its_file_when_nothing_is_downloaded(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+    entry = manifest_mod.load_manifest().by_id[entry_id]
+    choices = loader.INPUT_TYPES()["required"][input_name][0]
+    assert len(choices) == 1 and guidance.is_placeholder(choices[0])
+    message = loader.VALIDATE_INPUTS(choices[0])
+    assert message.startswith(f"{loader.DISPLAY_NAME}: input '{input_name}': no weight file is in ")
+    for part in (str(empty_model_folders[folders[0]]), f"this loader reads {entry_id} (goes to models/{entry['folder']}/{entry['file']})",
+                 f"`{DOWNLOAD} {entry_id}", entry["url"], "refresh the page"):
+        assert part in message, part
+    assert ("--allow-unverified" in message) == (entry["sha256"] is None)
+    assert _error(loader().load, choices[0]) == message  # the same one error when it runs
+    assert loader.VALIDATE_INPUTS(None) is True  # fed by a link: checked when it runs
+
+
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
+def test_every_loader_names_id_destination_and_command_for_a_missing_known_file(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+    entry = manifest_mod.load_manifest().by_id[entry_id]
+    value = _value(entry, prefixed)
+    message = loader.VALIDATE_INPUTS(value)
+    for part in (f"input '{input_name}'", "not downloaded yet", f"{entry_id} in weights_manifest.json", f"models/{entry['folder']}/{entry['file']}",
+                 f"`{DOWNLOAD} {entry_id}", entry["url"]):
+        assert part in message, part
+    assert "Value not in list" not in message and _error(loader().load, value) == message
+
+
+def _fake_entry(monkeypatch, entry_id: str, data: bytes, **change) -> dict:
+    """The real manifest with ``entry_id``'s size and sha256 replaced by those of ``data`` (the file 'as released')."""
+    real = manifest_mod.load_manifest()
+    entries = []
+    for e in real.entries:
+        e = dict(e)
+        if e["id"] == entry_id:
+            e.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), verified=True, source="test", **change)
+        entries.append(e)
+    manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": entries})
+    monkeypatch.setattr(folders_mod, "manifest_or_none", lambda *_: manifest)
+    return next(e for e in entries if e["id"] == entry_id)
+
+
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
+def test_every_loader_calls_a_cut_off_known_file_an_incomplete_download(empty_model_folders, monkeypatch, loader, input_name, folders, entry_id, prefixed):
+    entry = manifest_mod.load_manifest().by_id[entry_id]
+    path = empty_model_folders[entry["folder"]] / entry["file"]
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    whole = path.read_bytes()
+    _fake_entry(monkeypatch, entry_id, whole)
+    path.write_bytes(whole[: len(whole) // 3])  # cut off mid-download
+    assert loader.VALIDATE_INPUTS(_value(entry, prefixed)) is True  # present: the check before the prompt passes
+    message = _error(loader().load, _value(entry, prefixed))
+    assert f"'{entry['file']}' is an incomplete or corrupt download" in message and f"has {len(whole):,}" in message
+    assert f"`{DOWNLOAD} {entry_id} --force`" in message and f"input '{input_name}'" in message
+
+
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
+def test_every_loader_says_which_file_fits_for_another_networks_whole_file(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+    """A whole file of another network (parses, other keys): not called a broken download, the fix names the right file."""
+    folder = folders[0]
+    save_file({"some.other.network.weight": torch.randn(8, 8)}, str(empty_model_folders[folder] / "other.safetensors"))
+    value = f"{folder}/other.safetensors" if prefixed else "other.safetensors"
+    assert loader.VALIDATE_INPUTS(value) is True
+    message = _error(loader().load, value)
+    assert "incomplete or corrupt" not in message and f"input '{input_name}'" in message and "choose " in message
+
+
+def test_an_empty_folder_for_a_loader_with_many_fitting_files_keeps_the_short_message():
+    manifest = manifest_mod.load_manifest()
+    err = guidance.no_files(("ipadapter",), ["/x"], manifest, "IdentityAttentionLoadIdentityAdapter")
+    assert "weights list` shows them" in err.fix and "this loader reads" not in err.problem
+    two = guidance.no_files(("insightface",), ["/x"], manifest, "IdentityAttentionLoadFaceAnalysis")
+    assert "this loader reads antelopev2" in two.problem or "this loader reads buffalo_l" in two.problem
+    assert f"`{DOWNLOAD} antelopev2`" in two.fix and f"`{DOWNLOAD} buffalo_l`" in two.fix

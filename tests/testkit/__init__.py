@@ -16,6 +16,8 @@
 - ``IdentityAttentionTestKit_AdapterReport``: a loaded ID_ADAPTER summarised into /history.
 - ``IdentityAttentionTestKit_ImageList`` / ``IdentityAttentionTestKit_Report``: images of
   several sizes as one list; values handed back to a test through /history (report_nodes.py).
+- ``IdentityAttentionTestKit_TinyFlux`` / ``_TinyFluxClip`` / ``_TinyFluxVae``: the tiny Flux's
+  MODEL, CLIP and VAE (tiny_flux.py, flux_nodes.py); the harness swaps Flux loaders for them.
 - ``IdentityAttentionTestKit_Tensor`` / ``IdentityAttentionTestKit_DamagedIdentity``: wrong values
   (any shape / dtype / NaN, broken identities) for the bad-input tests (malformed_nodes.py).
 """
@@ -27,7 +29,7 @@ import threading
 
 import torch
 
-from .malformed_nodes import DamagedIdentity, Tensor
+from .malformed_nodes import DamagedIdentity, Number, Tensor
 from .report_nodes import ImageList, Report
 
 _CACHE = {}
@@ -257,6 +259,10 @@ class SyntheticAdapter:
 
         host = pack_module("nodes.host")
         layers = host.cross_attention_layers(model)
+        if not layers and pack_module("nodes.dit_layout").dit_family(model) is not None:
+            # Flux: no layers to give projections to; tokens as wide as its text context (training-free joint use)
+            width = pack_module("nodes.dit_layout").context_width(model)
+            return (synthetic_adapter([], "sd15", width, num_tokens=num_tokens, seed=seed, projector_input=projector_input, mechanism="joint"),)
         base = host.base_model_of(model)
         return (
             synthetic_adapter(
@@ -336,7 +342,8 @@ class SyntheticClipVision:
 
 
 from .clip_vision import TinyClipVision  # noqa: E402
+from .flux_nodes import FLUX_NODES  # noqa: E402
 
-NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity]
+NODES = [TinyModels, DummyStage, HandPatch, ForeignReplace, SyntheticIdentity, SyntheticAdapter, AdapterReport, SyntheticFactAdapter, ImageList, Report, SyntheticClipVision, TinyClipVision, Tensor, DamagedIdentity, Number, *FLUX_NODES]
 NODE_CLASS_MAPPINGS = {cls.NODE_ID: cls for cls in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.NODE_ID: cls.DISPLAY_NAME for cls in NODES}

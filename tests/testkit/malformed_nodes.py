@@ -6,6 +6,9 @@
 - ``IdentityAttentionTestKit_DamagedIdentity``: an IDENTITY with one field replaced by something
   another encoder (or a wrong CLIP vision model) would give: NaN embeddings, features of another
   width.
+- ``IdentityAttentionTestKit_Number``: a FLOAT and an INT from text (``nan``, ``inf``, ``1e30``,
+  ``-5``), linked into a node's number input: ComfyUI checks ranges (and never NaN) only for
+  values typed into a widget, so a linked value reaches the node as sent.
 """
 
 from __future__ import annotations
@@ -95,3 +98,21 @@ class DamagedIdentity:
         if damage == "empty_face_tokens":
             return (dataclasses.replace(identity, face_tokens=torch.zeros(r, 0, 512)),)
         raise ValueError(damage)
+
+
+class Number:
+    NODE_ID = "IdentityAttentionTestKit_Number"
+    DISPLAY_NAME = "Any number (test kit)"
+    CATEGORY = "identity_attention/testkit"
+    DESCRIPTION = "A FLOAT and an INT from text (nan, inf, -inf, 1e30, -5...), to link into number inputs. Test hosts only."
+    RETURN_TYPES = ("FLOAT", "INT")
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("STRING", {"default": "nan", "tooltip": "Any float Python reads: nan, inf, -inf, 1e30, -5. The INT output is its whole part (10**40 for non-finite values)."})}}
+
+    def make(self, value):
+        number = float(value)
+        whole = int(number) if number == number and abs(number) != float("inf") else 10**40
+        return (number, whole)

@@ -1,0 +1,24 @@
+"""The cost ledger's DiT part (benchmarks/dit_ledger.py) on the tiny Flux: deterministic counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from testkit import tiny_flux
+
+pytestmark = pytest.mark.skipif(not tiny_flux.flux_available(), reason=tiny_flux.SKIP_REASON)
+
+
+def test_flux_ledger_counts_the_dit_path():
+    from benchmarks.dit_ledger import flux_table, measure_flux
+
+    blocks, rows = measure_flux()
+    assert blocks == tiny_flux.DEPTH + tiny_flux.DEPTH_SINGLE
+    base = rows["flux_unpatched"].step
+    assert rows["flux_weight0"].step.launches == base.launches  # weight 0 runs nothing of ours
+    joint = rows["flux_joint_identity"].step
+    assert joint.launches > base.launches
+    assert joint.syncs == base.syncs and joint.h2d == base.h2d  # no host sync, no host copy per block
+    cond = rows["flux_joint_identity_cond"].step
+    assert cond.syncs == base.syncs and cond.h2d == base.h2d  # the cond-row mask is made once, not per block
+    assert "flux_joint_identity" in flux_table(blocks, rows)

@@ -177,6 +177,10 @@ def _inside(counter: OpCounter, fn):
         finally:
             counter.inside_layer -= 1
 
+    # what the step-sigma wrapper looks at to decide whether the step needs its sigma
+    wrapped.schedule = getattr(fn, "schedule", None)
+    wrapped.needs_step_sigma = getattr(fn, "needs_step_sigma", False)
+    wrapped.recorder = getattr(fn, "recorder", None)
     return wrapped
 
 

@@ -52,6 +52,7 @@ import torch
 from ..adapters.attention_core import fused_attention
 from ..adapters.spatial import mask_to_tokens, token_grid
 from .errors import IdentityAttentionError
+from .sampling_scope import sampling_cache
 from .step_sigma import install_step_sigma, step_sigma
 from .host import (
     LayerInfo,
@@ -116,6 +117,8 @@ class StageSchedule:
         """This step's window for an attn2 call: a Python bool, free, from the sigma the
         :class:`~.step_sigma.StepSigmaWrapper` read once for the step; without that
         wrapper (a foreign one replaced it), :meth:`window` of the call's sigmas."""
+        if self.full_window:
+            return True  # never needs the sigma
         sigma = step_sigma(extra_options)
         if sigma is not None:
             return self.active_at(sigma)
@@ -425,16 +428,22 @@ def autograd_safe(t: torch.Tensor) -> torch.Tensor:
 def mask_rows(mask: torch.Tensor, call: AttentionCall, cache: dict, node: str = "", input_name: str = "mask") -> torch.Tensor:
     """A ``[Bm, H, W]`` MASK at ``call``'s layer grid, one row per batch row: ``[b, N, 1]``.
 
-    ``cache`` keeps the resized mask per (mask, grid, device, dtype), so a stage
-    with several masks resizes each once. ``Bm`` must be 1 or the number of
+    The resized mask is kept per (mask, grid, device, dtype) in the sampling's
+    :class:`~.sampling_scope.SamplingCache` (released when sampling ends), or in
+    ``cache`` where no sampling scope runs (a stage called directly). ``Bm`` must be 1 or the number of
     images per cond/uncond chunk.
     """
     grid = call.token_grid()
     key = (id(mask), grid, call.q.device, call.q.dtype)
-    tokens = cache.get(key)
-    if tokens is None:
-        tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
-        cache[key] = tokens
+    scope = sampling_cache(call.extra_options)
+    if scope is not None:
+        # made on first use in this sampling, released when it ends (the mask is held by the stage)
+        tokens = scope.get_or_make(("mask_rows",) + key, lambda: mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype))
+    else:
+        tokens = cache.get(key)
+        if tokens is None:
+            tokens = mask_to_tokens(mask, grid).to(device=call.q.device, dtype=call.q.dtype)
+            cache[key] = tokens
     tokens = autograd_safe(tokens)
     per_chunk = call.rows_per_chunk
     if tokens.shape[0] == 1:

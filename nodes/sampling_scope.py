@@ -13,13 +13,16 @@ Keys are the caller's: include the owner (``id(stage)``) and everything the
 value depends on (layer, shape, device, dtype). Values are made on first use and
 reused until the sampling ends.
 
-Lifetime (owned by :class:`~.step_sigma.StepSigmaWrapper`, one per patched MODEL):
-the host of 2025 publishes the sampling's sigma schedule (``sample_sigmas``), so a
-new schedule object starts a new sampling and the call at its last non-zero sigma
-ends it (the cache is released right after that call). The host of early 2024 does
-not: there a sigma higher than the previous call's starts a new sampling (every
-schedule descends), releasing the last sampling's tensors then. A cache never
-holds more than :data:`MAX_ENTRIES` tensors (a full one is emptied, not grown).
+Lifetime (owned by :class:`~.step_sigma.StepSigmaWrapper`, one per patched MODEL),
+decided without reading the sigma from the device (that read is left to stages
+that need it): the host of 2025 publishes the sampling's sigma schedule
+(``sample_sigmas``, one tensor object per sampling), so a new schedule object starts
+a new sampling and releases the last one's tensors; where a stage read the step's
+sigma, the call at the schedule's last non-zero sigma ends the sampling (released
+right after it). The host of early 2024 publishes no schedule: there a read sigma
+higher than the previous one starts a new sampling (every schedule descends). A
+cache never holds more than :data:`MAX_ENTRIES` tensors (a full one is emptied,
+not grown).
 """
 
 from __future__ import annotations
@@ -74,18 +77,22 @@ class SamplingScope:
         self._last_sigma: Optional[float] = None  # its last non-zero sigma
         self._previous: Optional[float] = None
 
-    def begin_call(self, sigma: float, schedule=None) -> None:
-        if schedule is not None:
-            if schedule is not self._schedule:
-                self.cache.release()
-                self._schedule = schedule
-                positive = [float(s) for s in schedule.detach().reshape(-1).cpu().tolist() if float(s) > 0.0]
-                self._last_sigma = min(positive) if positive else None
-        elif self._previous is not None and sigma > self._previous:
+    def begin_call(self, schedule=None) -> None:
+        """Before a model call; ``schedule``: the host's ``sample_sigmas`` (None on the early-2024 host)."""
+        if schedule is not None and schedule is not self._schedule:
+            self.cache.release()
+            self._schedule = schedule
+            # once per sampling; the schedule is a CPU tensor on both hosts' samplers
+            positive = [s for s in schedule.detach().reshape(-1).cpu().tolist() if s > 0.0]
+            self._last_sigma = min(positive) if positive else None
+
+    def end_call(self, sigma: Optional[float]) -> None:
+        """After a model call; ``sigma``: its sigma if a stage read it, else None."""
+        if sigma is None:
+            return
+        if self._schedule is None and self._previous is not None and sigma > self._previous:
             self.cache.release()  # early-2024 host: a new descent is a new sampling
         self._previous = sigma
-
-    def end_call(self, sigma: float) -> None:
         if self._last_sigma is not None and sigma <= self._last_sigma:
             self.cache.release()
             self._schedule, self._last_sigma, self._previous = None, None, None

@@ -23,12 +23,13 @@ from ..adapters.stage_tokens import StageContexts, stage_at, swap_rows
 from .dispatcher import StageSchedule
 from .errors import IdentityAttentionError
 from .host import SigmaReader
-from .step_sigma import step_sigma
+from .step_sigma import has_step_sigma
 
 
 class StageTokenPatch:
     label = "Apply per-stage identity tokens"
     identity_attention_stage_tokens = True
+    needs_step_sigma = True  # picks its stage by sigma: StepSigmaWrapper reads it once per step, before the layers
 
     def __init__(self, schedule: StageSchedule, contexts: StageContexts, boundary_sigmas: Sequence[float], boundaries: Sequence[float]):
         self.schedule = schedule
@@ -55,7 +56,7 @@ class StageTokenPatch:
         if sigmas is None:
             return n, context, value
         # the step's sigma published once per step (StepSigmaWrapper): decide in Python, no device work
-        on_device = step_sigma(extra_options) is None and torch.is_tensor(sigmas) and sigmas.device.type != "cpu"
+        on_device = not has_step_sigma(extra_options) and torch.is_tensor(sigmas) and sigmas.device.type != "cpu"
         if on_device and self.contexts.keys.shape[1] == context.shape[1] == value.shape[1]:
             return self._on_device(n, context, value, extra_options, sigmas)
         sigma = self._sigma(extra_options)

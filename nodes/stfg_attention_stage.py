@@ -60,6 +60,7 @@ class STFGAttentionStage(AttentionStage):
     """
 
     reads_attention_maps = True  # the cost ledger counts its budget per layer it reads
+    needs_step_sigma = True  # its per-step sums are keyed by sigma: read once per step, before the layers
 
     label = "STFG text-attention map"
 

@@ -358,26 +358,30 @@ def test_sampling_cache_made_once_and_released_when_sampling_ends():
     make = lambda: made.append(1) or torch.ones(2)  # noqa: E731
     schedule = torch.tensor([3.0, 2.0, 1.0, 0.0])
     for sigma in (3.0, 2.0):
-        scope.begin_call(sigma, schedule)
+        scope.begin_call(schedule)
         first = scope.cache.get_or_make(("k", 1), make)
         assert scope.cache.get_or_make(("k", 1), make) is first
         scope.end_call(sigma)
     assert len(made) == 1 and len(scope.cache) == 1  # reused across steps of one sampling
-    scope.begin_call(1.0, schedule)
+    scope.begin_call(schedule)
+    scope.end_call(None)  # no stage read the sigma: nothing decided
+    assert len(scope.cache) == 1
+    scope.begin_call(schedule)
     scope.end_call(1.0)  # the last non-zero sigma: sampling over
     assert len(scope.cache) == 0
     # a new schedule object is a new sampling
-    scope.begin_call(3.0, schedule)
+    scope.begin_call(schedule)
     scope.cache.get_or_make(("k", 1), make)
-    scope.begin_call(3.0, torch.tensor([3.0, 1.5, 0.0]))
+    scope.begin_call(torch.tensor([3.0, 1.5, 0.0]))
     assert len(scope.cache) == 0
     # the early-2024 host publishes no schedule: a higher sigma starts a new sampling
     legacy = sampling_scope.SamplingScope()
     for sigma in (3.0, 2.0):
-        legacy.begin_call(sigma)
+        legacy.begin_call()
         legacy.cache.get_or_make(("k", 2), make)
         legacy.end_call(sigma)
     assert len(legacy.cache) == 1
-    legacy.begin_call(3.0)
+    legacy.begin_call()
+    legacy.end_call(3.0)
     assert len(legacy.cache) == 0
     assert sampling_scope.get_or_make(None, ("x",), lambda: 7) == 7  # no scope: made each time

@@ -110,15 +110,20 @@ def test_face_encoder_refuses_huge_weights(tmp_path, value):
 
 
 @pytest.mark.parametrize("value", [1e30, float("-inf")])
-def test_pulid_reader_refuses_huge_weights_in_eva_clip_and_parsing_files(tmp_path, value):
+def test_pulid_loaders_refuse_huge_weights_in_eva_clip_and_parsing_files(tmp_path, monkeypatch, value):
+    import folder_paths
+
     pulid_nodes = pack("nodes.pulid_nodes")
     errors = pack("nodes.errors")
-    for stem, state in (("eva", wf.tiny_eva_state(width=32, depth=1, mlp_hidden=16, embed_dim=16)), ("bisenet", wf.bisenet_state())):
+    loaders = (("eva", wf.tiny_eva_state(width=32, depth=1, mlp_hidden=16, embed_dim=16), pulid_nodes.LoadEvaClip, "clip_vision"),
+               ("bisenet", wf.bisenet_state(), pulid_nodes.LoadFaceParsing, "facexlib"))
+    for stem, state, loader, folder in loaders:
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path)], {".safetensors"}))
         name = _poison(state, value)
         path = _write(tmp_path, state, "safetensors", stem=stem)
         with pytest.raises(errors.IdentityAttentionError) as info:
-            pulid_nodes.read_tensors(str(path), "Load EVA-CLIP (PuLID)", "eva_clip_name")
-        assert path.name in str(info.value) and name in str(info.value)
+            loader().load(f"{folder}/{path.name}")
+        assert path.name in str(info.value) and name in str(info.value) and loader.DISPLAY_NAME in str(info.value)
 
 
 def test_cached_training_features_are_bounded(tmp_path):

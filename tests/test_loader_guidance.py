@@ -241,37 +241,25 @@ pulid_nodes = pack("nodes.pulid_nodes")
 face_encoder_nodes = pack("nodes.face_encoder_nodes")
 
 # (loader class, input name, its folders, the manifest id it reads, whether the value is <folder>/<file>)
-GUIDED_LOADERS = [
+GUIDED_LOADERS_PREFIXED = [
     (face_encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", False),
     (pulid_nodes.LoadEvaClip, "eva_clip_name", ("clip_vision", "pulid"), "eva02-clip-l-336", True),
     (pulid_nodes.LoadFaceParsing, "parsing_name", ("facexlib", "pulid"), "facexlib-parsing-bisenet", True),
 ]
 
 
-@pytest.fixture()
-def empty_model_folders(tmp_path, monkeypatch):
-    out = {}
-    for name in ("identity_attention", "clip_vision", "pulid", "facexlib"):
-        path = tmp_path / name
-        path.mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(path)], {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}))
-        out[name] = path
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {}, raising=False)
-    return out
-
-
 def _value(entry: dict, prefixed: bool) -> str:
     return f"{entry['folder']}/{entry['file']}" if prefixed else entry["file"]
 
 
-@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
-def test_every_loader_lists_a_placeholder_and_names_its_file_when_nothing_is_downloaded(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS_PREFIXED, ids=[c[0].__name__ for c in GUIDED_LOADERS_PREFIXED])
+def test_every_loader_lists_a_placeholder_and_names_its_file_when_nothing_is_downloaded(empty_folders, loader, input_name, folders, entry_id, prefixed):
     entry = manifest_mod.load_manifest().by_id[entry_id]
     choices = loader.INPUT_TYPES()["required"][input_name][0]
     assert len(choices) == 1 and guidance.is_placeholder(choices[0])
     message = loader.VALIDATE_INPUTS(choices[0])
     assert message.startswith(f"{loader.DISPLAY_NAME}: input '{input_name}': no weight file is in ")
-    for part in (str(empty_model_folders[folders[0]]), f"this loader reads {entry_id} (goes to models/{entry['folder']}/{entry['file']})",
+    for part in (str(empty_folders[folders[0]]), f"this loader reads {entry_id} (goes to models/{entry['folder']}/{entry['file']})",
                  f"`{DOWNLOAD} {entry_id}", entry["url"], "refresh the page"):
         assert part in message, part
     assert ("--allow-unverified" in message) == (entry["sha256"] is None)
@@ -279,8 +267,8 @@ def test_every_loader_lists_a_placeholder_and_names_its_file_when_nothing_is_dow
     assert loader.VALIDATE_INPUTS(None) is True  # fed by a link: checked when it runs
 
 
-@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
-def test_every_loader_names_id_destination_and_command_for_a_missing_known_file(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS_PREFIXED, ids=[c[0].__name__ for c in GUIDED_LOADERS_PREFIXED])
+def test_every_loader_names_id_destination_and_command_for_a_missing_known_file(empty_folders, loader, input_name, folders, entry_id, prefixed):
     entry = manifest_mod.load_manifest().by_id[entry_id]
     value = _value(entry, prefixed)
     message = loader.VALIDATE_INPUTS(value)
@@ -304,10 +292,10 @@ def _fake_entry(monkeypatch, entry_id: str, data: bytes, **change) -> dict:
     return next(e for e in entries if e["id"] == entry_id)
 
 
-@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
-def test_every_loader_calls_a_cut_off_known_file_an_incomplete_download(empty_model_folders, monkeypatch, loader, input_name, folders, entry_id, prefixed):
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS_PREFIXED, ids=[c[0].__name__ for c in GUIDED_LOADERS_PREFIXED])
+def test_every_loader_calls_a_cut_off_known_file_an_incomplete_download(empty_folders, monkeypatch, loader, input_name, folders, entry_id, prefixed):
     entry = manifest_mod.load_manifest().by_id[entry_id]
-    path = empty_model_folders[entry["folder"]] / entry["file"]
+    path = empty_folders[entry["folder"]] / entry["file"]
     save_file({"w": torch.randn(64, 64)}, str(path))
     whole = path.read_bytes()
     _fake_entry(monkeypatch, entry_id, whole)
@@ -318,11 +306,11 @@ def test_every_loader_calls_a_cut_off_known_file_an_incomplete_download(empty_mo
     assert f"`{DOWNLOAD} {entry_id} --force`" in message and f"input '{input_name}'" in message
 
 
-@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS, ids=[c[0].__name__ for c in GUIDED_LOADERS])
-def test_every_loader_says_which_file_fits_for_another_networks_whole_file(empty_model_folders, loader, input_name, folders, entry_id, prefixed):
+@pytest.mark.parametrize("loader, input_name, folders, entry_id, prefixed", GUIDED_LOADERS_PREFIXED, ids=[c[0].__name__ for c in GUIDED_LOADERS_PREFIXED])
+def test_every_loader_says_which_file_fits_for_another_networks_whole_file(empty_folders, loader, input_name, folders, entry_id, prefixed):
     """A whole file of another network (parses, other keys): not called a broken download, the fix names the right file."""
     folder = folders[0]
-    save_file({"some.other.network.weight": torch.randn(8, 8)}, str(empty_model_folders[folder] / "other.safetensors"))
+    save_file({"some.other.network.weight": torch.randn(8, 8)}, str(empty_folders[folder] / "other.safetensors"))
     value = f"{folder}/other.safetensors" if prefixed else "other.safetensors"
     assert loader.VALIDATE_INPUTS(value) is True
     message = _error(loader().load, value)

@@ -65,7 +65,7 @@ DIT_NODES = {
     "IdentityAttentionApplyInstantIDIdentityNet": {"unet": YES, FLUX: UNET_ONLY + "IdentityNet is a ControlNet of the SDXL UNet"},
     "IdentityAttentionApplySTFG": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
     "IdentityAttentionInspectSTFGBoundary": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
-    "IdentityAttentionApplyKVMixedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
+    "IdentityAttentionApplyKVMixedAttention": {"unet": YES, FLUX: YES},
     "IdentityAttentionApplyNestedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
     "IdentityAttentionApplyMixtureOfAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
     "IdentityAttentionInspectRouter": {"unet": YES, FLUX: NOT_YET + "inspects the MoA router, which is not on the DiT path yet"},

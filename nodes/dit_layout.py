@@ -69,8 +69,8 @@ DIT_NODES = {
     "IdentityAttentionApplyNestedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
     "IdentityAttentionApplyMixtureOfAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
     "IdentityAttentionInspectRouter": {"unet": YES, FLUX: NOT_YET + "inspects the MoA router, which is not on the DiT path yet"},
-    "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: NOT_YET + "the CA\u00b2 gate is defined on attention and could carry over; not written for the DiT path yet"},
-    "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: NOT_YET + "inspects the CA\u00b2 gate, which is not on the DiT path yet"},
+    "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: YES},
+    "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: YES},
     "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "the trainer's targets are UNet layers"},
     "IdentityAttentionApplyPuLIDFlux": {"unet": "no: PuLID-Flux's modules are made for Flux.1's blocks (the node refuses UNets)", FLUX: YES},
 }

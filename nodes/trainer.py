@@ -20,7 +20,8 @@ Targets (``nodes/training_targets.py``; one file per mechanism): ``pva`` (visual
 identity transformer, the caption's ``<new1>`` token), ``router`` (MoA routers + router loss),
 ``ca2_score``, ``stage_tokens``, ``face_adapter``, ``kv_mixed``, ``nested``, ``omni_id``,
 ``restoration_guide`` (Dual-Pivot's ControlNet guide, ``nodes/restoration_training.py``) where their
-modules exist. Each target may name
+modules exist. On a Flux.1 MODEL only ``pva`` trains: the identity transformer through joint identity
+attention, with the rectified-flow loss (``nodes/flux_training.py``). Each target may name
 an ``adapter`` (where to start / the frozen branch it needs) and ``init`` (weights to continue).
 
 Learning rate per target: its own ``learning_rate`` setting, else ``train.learning_rate``, else the

@@ -66,7 +66,7 @@ DIT_NODES = {
     "IdentityAttentionApplySTFG": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
     "IdentityAttentionInspectSTFGBoundary": {"unet": YES, FLUX: NOT_YET + "its guidance reads UNet cross-attention maps"},
     "IdentityAttentionApplyKVMixedAttention": {"unet": YES, FLUX: YES},
-    "IdentityAttentionApplyNestedAttention": {"unet": YES, FLUX: NOT_YET + "the math carries over (issue #23 item 4); not written for the DiT path yet"},
+    "IdentityAttentionApplyNestedAttention": {"unet": YES, FLUX: YES},
     "IdentityAttentionApplyMixtureOfAttention": {"unet": YES, FLUX: YES},
     "IdentityAttentionInspectRouter": {"unet": YES, FLUX: YES},
     "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: YES},

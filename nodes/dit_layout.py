@@ -71,7 +71,7 @@ DIT_NODES = {
     "IdentityAttentionInspectRouter": {"unet": YES, FLUX: YES},
     "IdentityAttentionApplyCA2Gate": {"unet": YES, FLUX: YES},
     "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: YES},
-    "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "the trainer's targets are UNet layers"},
+    "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "it fine-tunes PVA's visual projections of UNet cross-attention layers, which Flux has none of; on Flux the command-line trainer's pva target trains the identity transformer (nodes/flux_training.py)"},
     "IdentityAttentionApplyPuLIDFlux": {"unet": "no: PuLID-Flux's modules are made for Flux.1's blocks (the node refuses UNets)", FLUX: YES},
 }
 

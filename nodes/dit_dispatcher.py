@@ -70,6 +70,7 @@ class DitCall:
         self.text_tokens = int(options[_TXT_LEN])
         self.chunks = list(options.get("cond_or_uncond") or [_COND])
         self.heads = q.shape[1]
+        self.host_out: Optional[torch.Tensor] = None  # the unpatched call's output [B, L, H*D] (set by the dispatcher)
 
     @property
     def batch(self) -> int:
@@ -224,6 +225,7 @@ class DitDispatcher:
         if options.get(_BLOCK) is None or q.dim() != 4 or kwargs.get("skip_output_reshape"):
             return out  # not a joint block call we know the layout of (e.g. another module's attention)
         call = DitCall(q, k, v, options)
+        call.host_out = out  # before any stage: mixture-of-attention's prior
         sigmas = options.get("sigmas")
         for stage in self.stages:
             if not stage.is_active(call):

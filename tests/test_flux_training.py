@@ -172,3 +172,25 @@ def test_flux_refuses_the_prompt_word_and_unet_only_targets(tmp_path, folder, mo
     cfg = flux_config(tmp_path, folder, out="router", targets={"router": {"hidden": 8}})
     with pytest.raises(ValueError, match="only 'pva'"):
         trainer_mod.Trainer(trainer_mod.load_config(str(cfg)), models, config_dir=str(tmp_path))
+
+
+def test_gradient_checkpointing_of_flux_blocks_gives_the_same_loss_and_gradients(tmp_path, folder, models):
+    trainer_mod = pack("nodes.trainer")
+    results = {}
+    for mode in (False, True):
+        cfg = flux_config(tmp_path, folder, out=f"ckpt_{mode}", grad_accum=1, gradient_checkpointing=mode)
+        tr = trainer_mod.Trainer(trainer_mod.load_config(str(cfg)), models, config_dir=str(tmp_path))
+        try:
+            wrapped = [type(p).__name__ for p in tr.unet.model_options["transformer_options"]["patches_replace"]["dit"].values()]
+            assert (set(wrapped) == {"CheckpointedBlock"}) == mode and len(wrapped) == tiny_flux.DEPTH + tiny_flux.DEPTH_SINGLE
+            mb = tr._micro_batch(0, 0)
+            with torch.inference_mode(False), torch.enable_grad(), tr.models:
+                value, _ = tr.ddp(mb)
+                value.backward()
+            results[mode] = (value.detach(), [p.grad.clone() for p in tr.targets[0].projector.parameters()])
+        finally:
+            tr.close()
+    (loss_a, grads_a), (loss_b, grads_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
+    assert sum(float(g.abs().sum()) for g in grads_b) > 0

@@ -142,8 +142,18 @@ def test_gradients_reach_the_projector_and_the_loss_on_a_fixed_batch_goes_down(t
 def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_parallel_attention(tmp_path, folder, models):
     from safetensors.torch import load_file
 
+    from training_fixtures import assert_same, snapshot
+
     trainer_mod = pack("nodes.trainer")
+    flux = models[0]
+    x, t, c, y, g = tiny_flux.flux_inputs(3)
+    weights, options, plain = snapshot(flux.model.diffusion_model), copy.deepcopy(flux.model_options), run_model(flux, x, t, c, y, g)
     whole = trainer_mod.run(str(flux_config(tmp_path, folder, out="whole")), models=models)
+    # the upstream MODEL is as before: weights, options, modules (no norm copies left), output
+    assert_same(weights, snapshot(flux.model.diffusion_model))
+    assert flux.model_options.keys() == options.keys() and "patches_replace" not in flux.model_options.get("transformer_options", {})
+    assert not any(type(m).__name__ == "NormOnCopy" for m in flux.model.diffusion_model.modules())
+    assert torch.equal(run_model(flux, x, t, c, y, g), plain)
     cfg = flux_config(tmp_path, folder, out="parts")
     trainer_mod.run(str(cfg), stop_at=2, models=models)
     second = trainer_mod.run(str(cfg), resume=str(tmp_path / "parts"), models=models)
@@ -156,11 +166,9 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_par
     read = pack("adapters.safe_load").read_weight_file(str(tmp_path / "whole" / "flux_pva.safetensors"))
     adapter = pack("adapters.weight_formats").convert(read.tensors, read.metadata)
     assert adapter.base == "flux" and adapter.mechanism == "joint" and adapter.token_dim == tiny_flux.CONTEXT
-    flux = models[0]
     ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
     with torch.inference_mode():
         patched = ApplyParallelAttention().apply(flux, adapter, identity(2), 1.0, 0.0, 1.0, "both", "joint", "layer", "per_reference")[0]
-    x, t, c, y, g = tiny_flux.flux_inputs(3)
     assert not torch.allclose(run_model(patched, x, t, c, y, g), run_model(flux, x, t, c, y, g))
 
 

@@ -94,6 +94,11 @@ class DitCall:
         n = self.batch // len(self.chunks)
         return torch.cat([values[c].expand(n, *values[c].shape[1:]) for c in self.chunks], dim=0)
 
+    def patch_grid(self) -> Optional[Tuple[int, int]]:
+        """``(rows, columns)`` of the 2x2 patch grid of the latent being denoised (None: unknown)."""
+        hw = self.options.get(_LATENT_HW)
+        return None if hw is None else ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+
     def image_region(self, mask: torch.Tensor, cache: dict, node: str) -> torch.Tensor:
         """A ``[Bm, H, W]`` MASK at the image tokens: ``[B, N, 1]`` (0 on reference-latent tokens)."""
         hw = self.options.get(_LATENT_HW)

@@ -279,13 +279,19 @@ class ParallelAttentionStage(AttentionStage):
         if not any(keep):
             return None
         share = call.scratch.get((id(self), "share"))  # computed by forward on this very call
-        if share is None:
-            _, share = self._joint_call(call, "share")
-        share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
+        part = None if share is not None or all(keep) else call.chunk_scratch(keep).get((id(self), "share"))
+        if part is not None:
+            # forward_first ran on the kept rows only: their share, zero on the other rows (one cat)
+            zeros = self._block(call, "no share", lambda: call.q.new_zeros(call.batch, call.q.shape[1], 1))
+            share = call.scatter_chunks(zeros, part.mean(dim=2).to(call.q.dtype), keep)
+        else:
+            if share is None:
+                _, share = self._joint_call(call, "share")
+            share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:
             share = share * region
-        if not all(keep):
+        if not all(keep) and part is None:
             rows = self._block(call, "keep", lambda: call.per_row({c: torch.full((1, 1, 1), float(k), device=call.q.device, dtype=call.q.dtype) for c, k in zip(call.chunks, keep)}))
             share = share * rows
         return share

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from ..adapters.attention_routing import (
     ROUTER_WEIGHT_NAMES,
     RouterRecorder,
-    learned_router_logits,
-    mixture_of_attention,
-    route_from_identity_share,
-    route_from_logits,
-    route_from_mask,
+    identity_share_offset,
+    identity_share_r1,
+    learned_router_r1,
+    learned_router_r1_weights,
+    routed_mix,
 )
 from ..adapters.id_adapter import DeviceCache
 from .base_projections import BaseProjections
@@ -101,28 +101,26 @@ class MixtureOfAttentionStage(AttentionStage):
         self._weights = DeviceCache()
         self._base_weights = DeviceCache()
 
-    def route(self, call: AttentionCall) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(R0, R1)`` for ``call``'s rows, ``[b, N, 1]`` each."""
+    def route_r1(self, call: AttentionCall) -> torch.Tensor:
+        """``R1`` for ``call``'s rows, ``[b, N, 1]`` (``R0 = 1 - R1`` is implied by the mix)."""
         if self.router == "mask":
-            r0, r1 = route_from_mask(self.mask_tokens(call, self.router_mask, "mask"))
-            return r0, r1
+            return self.mask_tokens(call, self.router_mask, "mask")
         if self.router == "learned":
-            weights = self._weights.get(call.layer, call.q.device, call.q.dtype, lambda: tuple(self.router_weights[call.layer][n] for n in ROUTER_WEIGHT_NAMES))
-            logits = learned_router_logits(call.hidden_states().to(call.q.dtype), dict(zip(ROUTER_WEIGHT_NAMES, weights)))
-            r0, r1 = route_from_logits(logits, self.temperature)
+            weights = self._weights.get(call.layer, call.q.device, call.q.dtype, lambda: learned_router_r1_weights(self.router_weights[call.layer], self.temperature))
+            r1 = learned_router_r1(call.hidden_states().to(call.q.dtype), *weights)
         else:
-            share = None
-            for stage in self.identity_stages:
-                s = stage.identity_share(call)
-                if s is not None:
-                    share = s if share is None else share + s
-            if share is None:
+            shares = [s for s in (stage.identity_share(call) for stage in self.identity_stages) if s is not None]
+            if not shares:
                 share = call.q.new_zeros(call.batch, call.q.shape[1], 1)
-            r0, r1 = route_from_identity_share(share.clamp(0.0, 1.0), self.temperature)
+            elif len(shares) == 1:
+                share = shares[0]  # one stage's mass lies in [0, 1] already: no clip
+            else:
+                share = torch.stack(shares).sum(dim=0).clamp_(0.0, 1.0)
+            offset = self._weights.get("share offset", call.q.device, torch.float32, lambda: identity_share_offset(self.temperature))
+            r1 = identity_share_r1(share, offset, self.temperature)
         if self.router_mask is not None:
             r1 = r1 * self.mask_tokens(call, self.router_mask, "mask")
-            r0 = 1.0 - r1
-        return r0, r1
+        return r1
 
     def prior_attention(self, call: AttentionCall) -> torch.Tensor:
         """The prior branch ``[b, N, H*D]``: the layer's text attention with the loaded q/k/v
@@ -145,9 +143,9 @@ class MixtureOfAttentionStage(AttentionStage):
         return tuple(flat)
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
-        r0, r1 = self.route(call)
+        r1 = self.route_r1(call)
         if self.recorder is not None:
             self.recorder.record(call.sigma, call.chunks, call.token_grid(), r1)
-        routed = mixture_of_attention(self.prior_attention(call), out, r0, r1)
+        routed = routed_mix(self.prior_attention(call), out, r1)
         w = self.schedule.weight
         return routed if w == 1.0 else torch.lerp(out, routed, w)

@@ -202,3 +202,14 @@ def test_gradient_checkpointing_of_flux_blocks_gives_the_same_loss_and_gradients
     assert torch.equal(loss_a, loss_b)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
     assert sum(float(g.abs().sum()) for g in grads_b) > 0
+
+
+def test_split_text_encoders_of_a_flux_model_load_as_flux(models):
+    import comfy.sd
+
+    trainer_models = pack("nodes.trainer_models")
+    assert trainer_models.clip_type(None, models[0]) == comfy.sd.CLIPType.FLUX  # CLIP-L + T5-XXL, as DualCLIPLoader "flux"
+    assert trainer_models.clip_type(None, tdf.tiny_models("sd15", 0)[0]) is None  # ComfyUI's default
+    assert trainer_models.clip_type("SD3", models[0]) == comfy.sd.CLIPType.SD3
+    with pytest.raises(ValueError, match="clip_type"):
+        trainer_models.clip_type("t5-only", models[0])

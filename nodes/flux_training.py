@@ -275,13 +275,18 @@ def fresh_flux_adapter(model_patcher, settings: Mapping, seed: int = 0) -> IdAda
     return IdAdapter(format="native", base="flux", context_dim=width, projector=projector.eval(), mechanism="joint", metadata={"source_format": "native"})
 
 
+def refuse_prompt_word() -> None:
+    """The error for a caption with ``<new1>`` on Flux (see the module docstring)."""
+    raise IdentityAttentionError(
+        "on Flux the prompt word <new1> is not trained (only the identity transformer is), so the caption cannot use it",
+        node="train.py", input_name="data.caption", fix='write captions without <new1>, e.g. "photo of a person"',
+    )
+
+
 def make_flux_pva_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, seed: int = 0, token=None, **_) -> FluxPVATarget:
     """The ``pva`` trainer target on Flux (called by ``pva_training.make_pva_target``)."""
     if token is not None:
-        raise IdentityAttentionError(
-            "on Flux the prompt word <new1> is not trained (only the identity transformer is), so the caption cannot use it",
-            node="train.py", input_name="data.caption", fix='write captions without <new1>, e.g. "photo of a person"',
-        )
+        refuse_prompt_word()
     if settings.get("train_projector", True) is False:
         raise IdentityAttentionError(
             "on Flux the identity transformer is the only trainable part of pva, so train_projector cannot be false",

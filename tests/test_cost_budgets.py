@@ -35,7 +35,6 @@ OVER_BUDGET = {  # scenario -> why it is still over (issue #22 item 4, branch `f
     "moa": "router and prior not fused yet (item 4, branch fusion)",
     "nested": "subject attention not fused yet (item 4, branch fusion)",
     "face_adapter": "gated attention and feed-forward not fused yet (item 4, branch fusion)",
-    "stfg_fast": "boundary map not fused yet (item 4, branch fusion)",
 }
 COPIES_IN_LAYERS = {  # scenario -> why it still copies host data inside a layer
 }

@@ -55,6 +55,16 @@ def is_instantx_flux(tensors: Mapping[str, torch.Tensor]) -> bool:
     return False
 
 
+def instantx_refusal() -> WeightError:
+    """The one error for InstantX's Flux IP-Adapter, wherever it is loaded."""
+    return WeightError(
+        "this is InstantX's Flux IP-Adapter (image_proj reading SigLIP-so400m features, ip_adapter.N.to_k_ip); this pack "
+        "does not read it: its image encoder is SigLIP, not CLIP, and its attention is not written for Flux here",
+        fix="use XLabs' Flux IP-Adapter (ip_adapter.safetensors from XLabs-AI/flux-ip-adapter) with "
+        "'Apply Flux IP-Adapter (XLabs)', or PuLID-Flux for faces",
+    )
+
+
 class ImageProjection(nn.Module):
     """``forward(embeds [B, E]) -> [B, T, C]``: Linear to T*C, reshape, LayerNorm (IP-Adapter's ImageProjModel)."""
 
@@ -123,6 +133,8 @@ class XLabsFluxIPAdapter(nn.Module):
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> "XLabsFluxIPAdapter":
         if not is_xlabs_flux(state):
+            if is_instantx_flux(state):
+                raise instantx_refusal()
             raise WeightError("this file has no 'double_blocks.N.processor.ip_adapter_double_stream_*' and "
                               "'ip_adapter_proj_model.*' tensors, so it is not XLabs' Flux IP-Adapter",
                               fix="pick ip_adapter.safetensors from XLabs-AI/flux-ip-adapter (models/ipadapter)")

@@ -152,15 +152,10 @@ def _refuse_flux_formats(keys) -> None:
 
 def refuse_instantx_flux(tensors: Mapping[str, torch.Tensor]) -> None:
     """InstantX's Flux IP-Adapter: recognised, refused with the reason (its SigLIP image encoder path is not written)."""
-    from .flux_ip_adapter import is_instantx_flux
+    from .flux_ip_adapter import instantx_refusal, is_instantx_flux
 
     if is_instantx_flux(tensors):
-        raise WeightError(
-            "this is InstantX's Flux IP-Adapter (image_proj reading SigLIP-so400m features, ip_adapter.N.to_k_ip); this pack "
-            "does not read it: its image encoder is SigLIP, not CLIP, and its attention is not written for Flux here",
-            fix="use XLabs' Flux IP-Adapter (ip_adapter.safetensors from XLabs-AI/flux-ip-adapter) with "
-            "'Apply Flux IP-Adapter (XLabs)', or PuLID-Flux for faces",
-        )
+        raise instantx_refusal()
 
 
 def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> str:

@@ -107,9 +107,10 @@ def test_identity_adapter_loader_names_the_xlabs_nodes_and_refuses_instantx_with
         "image_proj.norm.weight": torch.zeros(8), "ip_adapter.0.to_k_ip.weight": torch.zeros(8, 4096),
         "ip_adapter.0.to_v_ip.weight": torch.zeros(8, 4096),
     }
-    with pytest.raises(weight_errors.WeightError) as info:
-        formats.detect_format(instantx)
-    assert "InstantX" in str(info.value) and "SigLIP" in str(info.value)
+    for load in (formats.detect_format, flux_ip.XLabsFluxIPAdapter.from_state):  # 'Load identity adapter' and the XLabs loader
+        with pytest.raises(weight_errors.WeightError) as info:
+            load(instantx)
+        assert "InstantX" in str(info.value) and "SigLIP" in str(info.value)
 
 
 # --- on the tiny Flux (newer host only) ----------------------------------------------------------

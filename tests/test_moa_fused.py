@@ -142,3 +142,20 @@ def test_identity_router_reads_the_share_of_the_positive_rows_call(tiny):
     assert dict(counter.step.ops) == {"mean": 1, "cat": 1}, dict(counter.step.ops)  # read, not recomputed
     close(reused, recomputed)
     assert not reused[[not k for k in keep for _ in range(inputs.rows)]].any()  # the negative rows: no share
+
+
+def test_learned_router_costs_four_launches_at_a_layer(tiny):
+    """Linear, GELU, linear to the logits' difference, sigmoid; then the mix (one lerp) and the recorder (one add)."""
+    from test_mixture_of_attention import router_adapter
+
+    model = tiny.unet("sd15")
+    adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=6, clip=False)
+    personalized = _pva_joint(model, adapter, identity)
+    routed = moa_nodes.ApplyMixtureOfAttention().apply(personalized, "learned", 1.0, 0.0, 1.0, "both", 0.7, True, router_weights=router_adapter(model))[0]
+    inputs = layer_inputs(routed, SD15_KEY)
+    run_layer(routed, inputs)  # first use: the folded weights and the recorder's sums are made
+    alone, both = _counted(personalized, inputs), _counted(routed, inputs)
+    extra = both.step.ops - alone.step.ops
+    assert both.step.launches - alone.step.launches == 6, dict(extra)
+    assert (extra["gelu"], extra["sigmoid"], extra["lerp"], extra["add_"]) == (1, 1, 1, 1), dict(extra)
+    assert "softmax" not in extra and "_softmax" not in extra  # the two-expert softmax is the sigmoid

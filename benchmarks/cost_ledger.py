@@ -219,7 +219,7 @@ def sdpa_host_attention():
         if module is None or not (module_name == "comfy" or module_name.startswith("comfy.")):
             continue
         for name, fn in host.items():
-            if module.__dict__.get(name) is fn and fn is not sdpa:
+            if getattr(module, "__dict__", {}).get(name) is fn and fn is not sdpa:
                 saved.append((module, name, fn))
     try:
         for module, name, _ in saved:

@@ -49,7 +49,7 @@ Where ``R1 = 0`` the output is the prior exactly (``1 * prior + 0 * personalized
 
 Two forms of the same math: the plain ones (``route_from_*``, :func:`mixture_of_attention`; the
 trainer and the references) and the fused ones the sampling loop runs, a few launches per layer
-(issue #22): :func:`identity_share_r1` (amax, clamp, one ``addcdiv``, sigmoid),
+(issue #22): :func:`identity_share_r1` (amax, maximum, one ``addcdiv``, sigmoid),
 :func:`learned_router_r1` (the two-expert softmax is a sigmoid of the logits' difference, so
 ``router.2`` folds into one row), :func:`routed_mix` (``R0 * prior + R1 * personalized`` with
 ``R0 = 1 - R1`` is one ``lerp``). ``R0`` is never materialised there.
@@ -115,24 +115,26 @@ def mixture_of_attention(prior: torch.Tensor, personalized: torch.Tensor, r0: to
 # --- the same routers, fused for the sampling loop (one launch per line; numbers as above up to rounding) ---
 
 
-def identity_share_offset(temperature: float = 1.0) -> torch.Tensor:
-    """``-SHARE_LOGIT_SCALE / (2 T)`` as a ``[1, 1, 1]`` float32 tensor: the constant term of
-    :func:`identity_share_r1`'s logits (made once per stage and device, not per layer)."""
-    return torch.full((1, 1, 1), -SHARE_LOGIT_SCALE / (2.0 * temperature), dtype=torch.float32)
+def identity_share_constants(temperature: float = 1.0, floor: float = SHARE_FLOOR, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(floor, offset)`` for :func:`identity_share_r1`, each a ``[1, 1, 1]`` tensor (float32 unless
+    asked): the smallest peak and ``-SHARE_LOGIT_SCALE / (2 T)``, the logits' constant term (made
+    once per stage and device, not per layer)."""
+    return torch.full((1, 1, 1), floor, dtype=dtype), torch.full((1, 1, 1), -SHARE_LOGIT_SCALE / (2.0 * temperature), dtype=dtype)
 
 
-def identity_share_r1(share: torch.Tensor, offset: torch.Tensor, temperature: float = 1.0, floor: float = SHARE_FLOOR) -> torch.Tensor:
+def identity_share_r1(share: torch.Tensor, floor: torch.Tensor, offset: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """:func:`route_from_identity_share`'s ``R1`` in four launches: ``share`` ``[b, N, 1]`` -> ``[b, N, 1]``.
 
     ``sigmoid(S (a / max(peak, floor) - 1/2) / T)`` rewritten as
-    ``sigmoid(offset + (S / T) * a / max(peak, floor))`` (``offset`` from :func:`identity_share_offset`):
-    amax, clamp_min, one ``addcdiv``, sigmoid. :func:`normalise_share`'s clamp to [0, 1] is left out:
-    for ``a >= 0`` (an attention mass) ``a <= peak`` makes ``a / max(peak, floor)`` lie in [0, 1]
-    already (a correctly rounded division of ``x <= y`` never exceeds 1). The logits come out in
-    float32 (or wider: the offset's dtype promotes a half-precision share), as in the unfused router.
+    ``sigmoid(offset + (S / T) * a / max(peak, floor))`` (``floor``, ``offset`` from
+    :func:`identity_share_constants`): amax, maximum, one ``addcdiv``, sigmoid.
+    :func:`normalise_share`'s clamp to [0, 1] is left out: for ``a >= 0`` (an attention mass)
+    ``a <= peak`` makes ``a / max(peak, floor)`` lie in [0, 1] already (a correctly rounded
+    division of ``x <= y`` never exceeds 1). The float32 constants promote a half-precision share:
+    the floor and the logits are float32, as in the unfused router.
     """
-    peak = share.amax(dim=1, keepdim=True).clamp_min(floor)
-    return torch.addcdiv(offset.to(share.device), share, peak, value=SHARE_LOGIT_SCALE / temperature).sigmoid()
+    peak = torch.maximum(share.amax(dim=1, keepdim=True), floor)
+    return torch.addcdiv(offset, share, peak, value=SHARE_LOGIT_SCALE / temperature).sigmoid()
 
 
 def learned_router_r1_weights(weights: Mapping[str, torch.Tensor], temperature: float = 1.0) -> Tuple[torch.Tensor, ...]:

@@ -140,12 +140,22 @@ def _refuse_flux_formats(keys) -> None:
             "this is PuLID-Flux (pulid_encoder.* + pulid_ca.*), made for Flux.1 models, not an identity adapter for SD1.5/SD2/SDXL",
             fix="load it with 'Load PuLID-Flux' and connect it to 'Apply PuLID-Flux' with a Flux.1 model",
         )
-    if any(".processor.ip_adapter_double_stream_k_proj." in k for k in keys) and any(k.startswith("ip_adapter_proj_model.") for k in keys):
+    from .flux_ip_adapter import is_xlabs_flux
+
+    if is_xlabs_flux(keys):
         raise WeightError(
-            "this is XLabs' Flux IP-Adapter (double_blocks.N.processor.ip_adapter_double_stream_*), made for Flux.1; "
-            "this pack does not read it yet (issue #23)",
-            fix="on Flux use 'Apply PuLID-Flux' (pulid_flux_v0.9.1.safetensors) or 'Apply parallel visual attention' in joint mode",
+            "this is XLabs' Flux IP-Adapter (double_blocks.N.processor.ip_adapter_double_stream_*), made for Flux.1 models, "
+            "not an identity adapter for SD1.5/SD2/SDXL",
+            fix="load it with 'Load Flux IP-Adapter (XLabs)' and connect it to 'Apply Flux IP-Adapter (XLabs)' with a Flux.1 model",
         )
+
+
+def refuse_instantx_flux(tensors: Mapping[str, torch.Tensor]) -> None:
+    """InstantX's Flux IP-Adapter: recognised, refused with the reason (its SigLIP image encoder path is not written)."""
+    from .flux_ip_adapter import instantx_refusal, is_instantx_flux
+
+    if is_instantx_flux(tensors):
+        raise instantx_refusal()
 
 
 def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> str:
@@ -157,6 +167,7 @@ def detect_format(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mappin
         return "pulid"
     if _pulid_in_ip_layout(tensors):
         return "pulid"
+    refuse_instantx_flux(tensors)  # before the UNet IP-Adapter kinds: its image_proj looks like an MLP projector
     if any(_IP_LAYER.match(k) and k.endswith(".to_k_ip.weight") for k in keys):
         kind = _image_proj_kind(_sub(tensors, "image_proj."))
         if kind is not None:

@@ -27,8 +27,9 @@ ENTRY fields (all required unless marked optional):
     format       what the file holds: a weight_formats name (ip_adapter, faceid, ...) or one of
                  lora, onnx, clip_vision, transface, eva_clip, face_parsing, controlnet,
                  checkpoint (the base models the example workflows name, so their download
-                 links come from here too)
-    base         sd15 | sdxl | sd2-inpaint | any (encoders used with every base)
+                 links come from here too), diffusion_model / text_encoder / vae (a Flux base
+                 model's parts, loaded separately)
+    base         sd15 | sdxl | sd2-inpaint | flux | any (encoders used with every base)
     license      the license or terms of the file as its publisher states them
     nodes        node ids (IdentityAttention...) that use the file; may be empty (with a note)
     description  one line (no newline, at most 200 characters)
@@ -52,11 +53,15 @@ import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 SCHEMA = "identity-attention-weights/1"
-FOLDERS = ("ipadapter", "instantid", "pulid", "identity_attention", "insightface", "clip_vision", "loras", "facexlib", "controlnet", "checkpoints")
+FOLDERS = (
+    "ipadapter", "instantid", "pulid", "identity_attention", "insightface", "clip_vision", "loras", "facexlib", "controlnet", "checkpoints",
+    "diffusion_models", "text_encoders", "vae",  # Flux loads its parts separately (UNETLoader, DualCLIPLoader, VAELoader)
+)
 BASES = ("sd15", "sdxl", "sd2-inpaint", "flux", "any")
 FILE_FORMATS = (
     "ip_adapter", "ip_adapter_plus", "ip_adapter_full_face", "faceid", "faceid_plus", "instantid", "pulid", "fact", "pva", "native",
     "lora", "onnx", "clip_vision", "transface", "eva_clip", "face_parsing", "controlnet", "checkpoint", "pulid_flux",
+    "xlabs_flux_ip_adapter", "diffusion_model", "text_encoder", "vae",
 )
 REQUIRED = ("id", "file", "folder", "url", "sha256", "bytes", "verified", "format", "base", "license", "nodes", "description")
 OPTIONAL = ("source", "group", "variant", "requires", "note", "redirect_hosts")

@@ -73,6 +73,7 @@ DIT_NODES = {
     "IdentityAttentionInspectCA2Scores": {"unet": YES, FLUX: YES},
     "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "it fine-tunes PVA's visual projections of UNet cross-attention layers, which Flux has none of; on Flux the command-line trainer's pva target trains the identity transformer (nodes/flux_training.py)"},
     "IdentityAttentionApplyPuLIDFlux": {"unet": "no: PuLID-Flux's modules are made for Flux.1's blocks (the node refuses UNets)", FLUX: YES},
+    "IdentityAttentionApplyFluxIPAdapter": {"unet": "no: XLabs' projections are made for Flux.1's double blocks (the node refuses UNets)", FLUX: YES},
 }
 
 # README "Model families" rows -> the nodes each row stands for
@@ -88,6 +89,7 @@ README_ROWS = {
     "Apply CA\u00b2 gate / Inspect CA\u00b2 scores": ("IdentityAttentionApplyCA2Gate", "IdentityAttentionInspectCA2Scores"),
     "Personalize identity": ("IdentityAttentionPersonalizeIdentity",),
     "Apply PuLID-Flux": ("IdentityAttentionApplyPuLIDFlux",),
+    "Apply Flux IP-Adapter (XLabs)": ("IdentityAttentionApplyFluxIPAdapter",),
 }
 
 

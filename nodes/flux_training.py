@@ -35,21 +35,23 @@ a backward pass fails. :func:`autograd_safe_flux` gives a clone whose block Laye
 (``img_norm1/2``, ``txt_norm1/2``, ``pre_norm``) read a copy of their input (object patches:
 the upstream MODEL is unchanged; outputs equal bit for bit); the in-place add then changes a
 tensor nothing saved. Cost: one copy of the stream per norm call while training. Gradient
-checkpointing of Flux blocks is not provided (the UNet path wraps ``BasicTransformerBlock``
-only), so a full-size Flux needs the memory of all block activations.
+checkpointing (the trainer's ``gradient_checkpointing``, on by default): :func:`checkpointed_flux`
+runs every block under ``torch.utils.checkpoint`` (:class:`CheckpointedBlock`), one extra
+forward of each block during backward instead of keeping all blocks' activations.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
+import torch.utils.checkpoint
 
 from ..adapters.id_adapter import IdAdapter
 from ..adapters.projectors import build_projector, projector_name
 from .dispatcher import StageSchedule
 from .dit_dispatcher import DitCall, DitStage, apply_dit_stage
-from .dit_layout import FLUX, context_width, dit_blocks, dit_family, identity_hidden, identity_key_value
+from .dit_layout import FLUX, DitBlock, context_width, dit_blocks, dit_family, identity_hidden, identity_key_value
 from .errors import IdentityAttentionError
 from .training_targets import TrainingFeed, TrainingTarget
 
@@ -93,6 +95,64 @@ def autograd_safe_flux(model_patcher):
             if isinstance(norm, NormOnCopy):
                 norm = norm.norm
             clone.add_object_patch(f"{prefix}.{name}", NormOnCopy(norm))
+    return clone
+
+
+class CheckpointedBlock:
+    """A Flux block's ``dit`` replace (our dispatcher's) run under non-reentrant ``torch.utils.checkpoint``.
+
+    The block's activations are recomputed during backward instead of kept. Two things the host
+    changes after a block returns must not reach the recomputation: its ``original_block`` closes
+    over the loop variable (by backward time, the last block), and the ``transformer_options``
+    dict is edited (block index, our dispatcher's attention override removed after the forward).
+    So the recomputation runs this block's own module, bound here, with a snapshot of the options;
+    what the block call wrote into the snapshot (the dispatcher's text length) is copied back. The
+    blocks also add into their input streams in place, so each run starts from a copy of them.
+    """
+
+    def __init__(self, replace: Callable, block: DitBlock):
+        self.replace = replace
+        self.block = block
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def _original(self, args: dict) -> dict:
+        m, options = self.block.module, args.get("transformer_options")
+        if self.block.kind == "double_block":
+            img, txt = m(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"), transformer_options=options)
+            return {"img": img, "txt": txt}
+        return {"img": m(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"), transformer_options=options)}
+
+    def _run(self, args: dict) -> dict:
+        # the host's blocks add into their input streams in place: the recomputation must see them unchanged
+        args = {k: (v.clone() if k in ("img", "txt") and isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        return self.replace(args, {"original_block": self._original})
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        live = args.get("transformer_options")
+        if not torch.is_grad_enabled() or live is None:
+            return self.replace(args, extra)
+        snapshot = dict(live)
+        out = torch.utils.checkpoint.checkpoint(self._run, dict(args, transformer_options=snapshot), use_reentrant=False)
+        for k in [k for k in live if k not in snapshot]:
+            live.pop(k)
+        live.update(snapshot)
+        return out
+
+
+def checkpointed_flux(model_patcher):
+    """A clone whose Flux blocks recompute their activations during backward (the trainer's gradient checkpointing).
+
+    Wraps the ``dit`` block replaces our dispatcher installed (call after :func:`apply_dit_stage`).
+    """
+    clone = model_patcher.clone()
+    table = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for block in dit_blocks(model_patcher):
+        replace = table.get(block.key)
+        if replace is None or isinstance(replace, CheckpointedBlock):
+            continue
+        clone.set_model_patch_replace(CheckpointedBlock(replace, block), "dit", block.key[0], block.key[1])
     return clone
 
 
@@ -215,13 +275,18 @@ def fresh_flux_adapter(model_patcher, settings: Mapping, seed: int = 0) -> IdAda
     return IdAdapter(format="native", base="flux", context_dim=width, projector=projector.eval(), mechanism="joint", metadata={"source_format": "native"})
 
 
+def refuse_prompt_word() -> None:
+    """The error for a caption with ``<new1>`` on Flux (see the module docstring)."""
+    raise IdentityAttentionError(
+        "on Flux the prompt word <new1> is not trained (only the identity transformer is), so the caption cannot use it",
+        node="train.py", input_name="data.caption", fix='write captions without <new1>, e.g. "photo of a person"',
+    )
+
+
 def make_flux_pva_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, seed: int = 0, token=None, **_) -> FluxPVATarget:
     """The ``pva`` trainer target on Flux (called by ``pva_training.make_pva_target``)."""
     if token is not None:
-        raise IdentityAttentionError(
-            "on Flux the prompt word <new1> is not trained (only the identity transformer is), so the caption cannot use it",
-            node="train.py", input_name="data.caption", fix='write captions without <new1>, e.g. "photo of a person"',
-        )
+        refuse_prompt_word()
     if settings.get("train_projector", True) is False:
         raise IdentityAttentionError(
             "on Flux the identity transformer is the only trainable part of pva, so train_projector cannot be false",

@@ -81,7 +81,7 @@ from ..adapters.training_losses import denoising_loss, flow_matching_loss, flow_
 from ..adapters.training_masks import inpaint_mask, masked_pixels, random_face_mask, to_latent
 from ..adapters.training_schedule import sigmas_for, step_generator, stratified_timesteps
 from ..adapters.write_paths import write_atomically, write_safetensors
-from .flux_training import is_flux, is_rectified_flow
+from .flux_training import checkpointed_flux, is_flux, is_rectified_flow, refuse_prompt_word
 from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
 from .dit_layout import context_width
 from .host import base_model_of, cross_attention_layers, model_sampling
@@ -264,6 +264,8 @@ class Trainer:
 
         # the prompt token (a target's learned word) is found on the default caption
         caption = str(dcfg["caption"])
+        if self.flux and PLACEHOLDER in caption:
+            refuse_prompt_word()  # before the token search, which knows CLIP tokenizers only
         self.token = find_prompt_token(self.clip, caption, PLACEHOLDER) if PLACEHOLDER in caption else None
         self.feed = TrainingFeed()
         self.targets = self._build_targets()
@@ -280,6 +282,8 @@ class Trainer:
         checkpointing = True if checkpointing == "auto" else bool(checkpointing)
         self._check_memory(checkpointing)
         self.unet = differentiable_clone(unet, checkpoint=checkpointing)
+        if self.flux and checkpointing:
+            self.unet = checkpointed_flux(self.unet)  # Flux blocks are not BasicTransformerBlocks: their own wrapper
         # one token CLIP per run (two clones of one text encoder cannot be loaded at once): its word is
         # the PVA token, or the vectors a target asks for through feed.extras["encode_with"]
         self._override: Optional[Dict[str, torch.Tensor]] = None

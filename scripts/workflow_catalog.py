@@ -17,7 +17,7 @@ from typing import Iterable, List
 START_HERE = "identity_portrait_faceid_moa"
 
 # simplest first: a portrait from one photo, then what each part does, then one mechanism per workflow,
-# then editing, then training
+# then editing, then training, then Flux
 ORDER = [
     START_HERE,
     "identity_encode_and_similarity",
@@ -36,6 +36,7 @@ ORDER = [
     "face_edit_ca2_stfg",
     "personalize_then_generate",
     "restore_old_photo_of_person",
+    "flux_portrait_pulid",  # last: ComfyUI 0.3+ only, and about 35 GB of Flux files
 ]
 
 # What the first image should look like, in words (the screenshots are taken on random-weight test models).

@@ -142,8 +142,18 @@ def test_gradients_reach_the_projector_and_the_loss_on_a_fixed_batch_goes_down(t
 def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_parallel_attention(tmp_path, folder, models):
     from safetensors.torch import load_file
 
+    from training_fixtures import assert_same, snapshot
+
     trainer_mod = pack("nodes.trainer")
+    flux = models[0]
+    x, t, c, y, g = tiny_flux.flux_inputs(3)
+    weights, options, plain = snapshot(flux.model.diffusion_model), copy.deepcopy(flux.model_options), run_model(flux, x, t, c, y, g)
     whole = trainer_mod.run(str(flux_config(tmp_path, folder, out="whole")), models=models)
+    # the upstream MODEL is as before: weights, options, modules (no norm copies left), output
+    assert_same(weights, snapshot(flux.model.diffusion_model))
+    assert flux.model_options.keys() == options.keys() and "patches_replace" not in flux.model_options.get("transformer_options", {})
+    assert not any(type(m).__name__ == "NormOnCopy" for m in flux.model.diffusion_model.modules())
+    assert torch.equal(run_model(flux, x, t, c, y, g), plain)
     cfg = flux_config(tmp_path, folder, out="parts")
     trainer_mod.run(str(cfg), stop_at=2, models=models)
     second = trainer_mod.run(str(cfg), resume=str(tmp_path / "parts"), models=models)
@@ -156,11 +166,9 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_par
     read = pack("adapters.safe_load").read_weight_file(str(tmp_path / "whole" / "flux_pva.safetensors"))
     adapter = pack("adapters.weight_formats").convert(read.tensors, read.metadata)
     assert adapter.base == "flux" and adapter.mechanism == "joint" and adapter.token_dim == tiny_flux.CONTEXT
-    flux = models[0]
     ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
     with torch.inference_mode():
         patched = ApplyParallelAttention().apply(flux, adapter, identity(2), 1.0, 0.0, 1.0, "both", "joint", "layer", "per_reference")[0]
-    x, t, c, y, g = tiny_flux.flux_inputs(3)
     assert not torch.allclose(run_model(patched, x, t, c, y, g), run_model(flux, x, t, c, y, g))
 
 
@@ -172,3 +180,36 @@ def test_flux_refuses_the_prompt_word_and_unet_only_targets(tmp_path, folder, mo
     cfg = flux_config(tmp_path, folder, out="router", targets={"router": {"hidden": 8}})
     with pytest.raises(ValueError, match="only 'pva'"):
         trainer_mod.Trainer(trainer_mod.load_config(str(cfg)), models, config_dir=str(tmp_path))
+
+
+def test_gradient_checkpointing_of_flux_blocks_gives_the_same_loss_and_gradients(tmp_path, folder, models):
+    trainer_mod = pack("nodes.trainer")
+    results = {}
+    for mode in (False, True):
+        cfg = flux_config(tmp_path, folder, out=f"ckpt_{mode}", grad_accum=1, gradient_checkpointing=mode)
+        tr = trainer_mod.Trainer(trainer_mod.load_config(str(cfg)), models, config_dir=str(tmp_path))
+        try:
+            wrapped = [type(p).__name__ for p in tr.unet.model_options["transformer_options"]["patches_replace"]["dit"].values()]
+            assert (set(wrapped) == {"CheckpointedBlock"}) == mode and len(wrapped) == tiny_flux.DEPTH + tiny_flux.DEPTH_SINGLE
+            mb = tr._micro_batch(0, 0)
+            with torch.inference_mode(False), torch.enable_grad(), tr.models:
+                value, _ = tr.ddp(mb)
+                value.backward()
+            results[mode] = (value.detach(), [p.grad.clone() for p in tr.targets[0].projector.parameters()])
+        finally:
+            tr.close()
+    (loss_a, grads_a), (loss_b, grads_b) = results[False], results[True]
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads_a, grads_b))
+    assert sum(float(g.abs().sum()) for g in grads_b) > 0
+
+
+def test_split_text_encoders_of_a_flux_model_load_as_flux(models):
+    import comfy.sd
+
+    trainer_models = pack("nodes.trainer_models")
+    assert trainer_models.clip_type(None, models[0]) == comfy.sd.CLIPType.FLUX  # CLIP-L + T5-XXL, as DualCLIPLoader "flux"
+    assert trainer_models.clip_type(None, tdf.tiny_models("sd15", 0)[0]) is None  # ComfyUI's default
+    assert trainer_models.clip_type("SD3", models[0]) == comfy.sd.CLIPType.SD3
+    with pytest.raises(ValueError, match="clip_type"):
+        trainer_models.clip_type("t5-only", models[0])

@@ -145,6 +145,10 @@ GUIDED_LOADERS = [
      lambda: wf.tiny_eva_state(seed=2)),
     (pulid_nodes.LoadFaceParsing, "parsing_name", pulid_nodes.PARSING_FOLDERS, "facexlib-parsing-bisenet", "facexlib/parsing_bisenet.pth",
      lambda: wf.bisenet_state(seed=2)),
+    (pack("nodes.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", "ip_adapter.safetensors",
+     lambda: __import__("test_flux_ip_adapter").xlabs_state(seed=2)),
+    (pack("nodes.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", "pulid_flux_v0.9.1.safetensors",
+     lambda: __import__("test_pulid_flux").tiny_pulid_flux_state(seed=2)),
 ]
 IDS = [row[0].__name__ for row in GUIDED_LOADERS]
 
@@ -184,6 +188,7 @@ def test_other_loaders_call_a_cut_off_known_file_an_incomplete_download(empty_fo
     torch.save(make(), str(path))  # .pt / .pth, as released
     whole = path.read_bytes()
     entry = dict(real, bytes=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    entry.pop("requires", None)  # a one-entry manifest: the ids it requires are not in it
     manifest = manifest_mod.Manifest({"schema": manifest_mod.SCHEMA, "entries": [entry]})
     monkeypatch.setattr(folders_mod, "manifest_or_none", lambda *_: manifest)
     assert loader.VALIDATE_INPUTS(**{input_name: value}) is True
@@ -245,6 +250,8 @@ GUIDED_LOADERS_PREFIXED = [
     (face_encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", False),
     (pulid_nodes.LoadEvaClip, "eva_clip_name", ("clip_vision", "pulid"), "eva02-clip-l-336", True),
     (pulid_nodes.LoadFaceParsing, "parsing_name", ("facexlib", "pulid"), "facexlib-parsing-bisenet", True),
+    (pack("nodes.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", False),
+    (pack("nodes.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", False),
 ]
 
 

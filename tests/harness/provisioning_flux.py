@@ -7,9 +7,21 @@ of provisioning files the loaders become the test kit's TinyFlux / TinyFluxClip 
 nodes (testkit/flux_nodes.py). A ``UNETLoader`` whose file name says "schnell" gets the
 variant without the guidance embedding. A ``VAELoader`` is swapped only for a Flux VAE name
 (``ae.*``, or a name containing "flux" / "taef1"); other VAEs are left alone.
+
+``IdentityAttentionLoadPuLIDFlux`` gets a PuLID-Flux file in the release's key layout
+(``pulid_encoder.*`` IDFormer + ``pulid_ca.N``) sized for the tiny Flux (width ``HIDDEN``, one
+module per scheduled block) and for the tiny EVA-CLIP of provisioning_pulid.py (width 32),
+under the name the workflow asks for. ``EmptySD3LatentImage`` (Flux's latent) is shrunk like
+``EmptyLatentImage``.
+
+:func:`host_skip_reason` says why a Flux workflow cannot run on this host (the early-2024
+ComfyUI has no Flux), for the tests and ``make demo`` to skip it with that reason.
 """
 
 from __future__ import annotations
+
+import zlib
+from typing import Optional
 
 from .host import Instance
 from .tiny_swap import register
@@ -42,3 +54,61 @@ def _swap_vae(node: dict, instance: Instance, context: dict) -> dict:
     if not is_flux_vae_name(str(node["inputs"].get("vae_name", ""))):
         return node
     return {"class_type": "IdentityAttentionTestKit_TinyFluxVae", "inputs": {"seed": 2}}
+
+
+@register("EmptySD3LatentImage")
+def _small_latent(node: dict, instance: Instance, context: dict, max_side: int = 64) -> dict:
+    for side in ("width", "height"):
+        if isinstance(node["inputs"].get(side), int):
+            node["inputs"][side] = min(node["inputs"][side], max_side)
+    return node
+
+
+def tiny_pulid_flux_state(seed: int = 0):
+    """A PuLID-Flux file for the tiny Flux: the release's keys, IDFormer reading EVA width 32, 48-wide id tokens."""
+    from weight_fixtures import prefixed, pulid_v11_layout, random_state
+
+    from testkit import tiny_flux
+
+    from .provisioning_pulid import EVA_WIDTH
+
+    encoder = pulid_v11_layout(dim=64, depth=5, heads=1, num_queries=8, output_dim=48, eva=EVA_WIDTH, hidden=EVA_WIDTH)
+    state = prefixed("pulid_encoder.", random_state(encoder, seed=seed))
+    dim, kv, inner = tiny_flux.HIDDEN, 48, 32
+    layout = {"norm1.weight": (kv,), "norm1.bias": (kv,), "norm2.weight": (dim,), "norm2.bias": (dim,),
+              "to_q.weight": (inner, dim), "to_kv.weight": (2 * inner, kv), "to_out.weight": (dim, inner)}
+    n_ca = -(-tiny_flux.DEPTH // 2) + -(-tiny_flux.DEPTH_SINGLE // 4)  # every 2nd double, every 4th single block
+    for i in range(n_ca):
+        state.update(prefixed(f"pulid_ca.{i}.", random_state(layout, seed=seed + 1 + i)))
+    return state
+
+
+@register("IdentityAttentionLoadPuLIDFlux")
+def _pulid_flux(node: dict, instance: Instance, context: dict) -> dict:
+    from safetensors.torch import save_file
+
+    name = node["inputs"].get("pulid_file")
+    if isinstance(name, str) and name:
+        path = instance.models / "pulid" / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tiny_pulid_flux_state(seed=zlib.crc32(name.encode()) & 0x7FFF), str(path))
+    return node
+
+
+def is_flux_workflow(ui: dict) -> bool:
+    """Whether a UI workflow needs Flux: a Flux node of ComfyUI or of this pack, or a DualCLIPLoader of type flux."""
+    for node in ui.get("nodes", []):
+        kind = str(node.get("type", ""))
+        if "Flux" in kind or (kind == "DualCLIPLoader" and "flux" in (node.get("widgets_values") or [])):
+            return True
+    return False
+
+
+def host_skip_reason(ui: dict) -> Optional[str]:
+    """Why this workflow cannot run on the running host, or None (call after the host is importable)."""
+    if not is_flux_workflow(ui):
+        return None
+    from testkit import tiny_flux
+
+    return None if tiny_flux.flux_available() else tiny_flux.SKIP_REASON

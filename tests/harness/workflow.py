@@ -150,7 +150,10 @@ def _check_widget_value(kind: str, node_id: int, name: str, spec: list, value: A
 
 
 # Combos that list folders a user downloads (no extension to recognise them by): node type -> widget names.
-FOLDER_CHOICES = {"IdentityAttentionLoadFaceAnalysis": ("pack",)}
+FOLDER_CHOICES = {
+    "IdentityAttentionLoadFaceAnalysis": ("pack",),
+    "VAELoader": ("vae_name",),  # with models/vae empty, 0.3.x lists only its built-in "pixel_space" (no extension)
+}
 
 
 def _is_file_choice(choices: list) -> bool:

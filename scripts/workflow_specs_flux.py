@@ -8,7 +8,8 @@
   FLUX.1-dev (the same three loaders) -> a Flux image prompted by text and picture.
 
 The tests and `make demo` swap Flux's three loaders for the tiny Flux (tests/harness/provisioning_flux.py)
-and skip these workflows on a host without Flux.
+and skip these workflows on a host without Flux; scripts/build_workflows.py builds them only on a host with
+ComfyUI's Flux nodes (``requires_nodes``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ def flux_image_prompt_xlabs(wb) -> str:
         title="How to read this workflow", near=apply)
     return "A Flux.1-dev image prompted by a picture through XLabs' IP-Adapter (CLIP ViT-L/14 embedding)."
 
+
+# ComfyUI's Flux nodes (0.3.x): scripts/build_workflows.py skips these specs on a host without them
+FLUX_HOST_NODES = ("UNETLoader", "DualCLIPLoader", "FluxGuidance", "EmptySD3LatentImage")
+flux_portrait_pulid.requires_nodes = FLUX_HOST_NODES
+flux_image_prompt_xlabs.requires_nodes = FLUX_HOST_NODES
 
 SPECS = {
     "flux_portrait_pulid": flux_portrait_pulid,

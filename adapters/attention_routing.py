@@ -47,6 +47,13 @@ mechanisms applied before the routing node (PVA, KV-mixed...). Routers:
 
 Where ``R1 = 0`` the output is the prior exactly (``1 * prior + 0 * personalized``).
 
+Two forms of the same math: the plain ones (``route_from_*``, :func:`mixture_of_attention`; the
+trainer and the references) and the fused ones the sampling loop runs, a few launches per layer
+(issue #22): :func:`identity_share_r1` (amax, maximum, one ``addcdiv``, sigmoid),
+:func:`learned_router_r1` (the two-expert softmax is a sigmoid of the logits' difference, so
+``router.2`` folds into one row), :func:`routed_mix` (``R0 * prior + R1 * personalized`` with
+``R0 = 1 - R1`` is one ``lerp``). ``R0`` is never materialised there.
+
 :class:`RouterRecorder` keeps the R1 maps of a sampling run for the inspect node: on the device,
 averaged over the layers of one resolution, per model call (step), per cond/uncond half, with
 bounded memory, and moved to the CPU only when asked for.
@@ -105,14 +112,66 @@ def mixture_of_attention(prior: torch.Tensor, personalized: torch.Tensor, r0: to
     return prior * r0.to(prior.dtype) + personalized * r1.to(prior.dtype)
 
 
+# --- the same routers, fused for the sampling loop (one launch per line; numbers as above up to rounding) ---
+
+
+def identity_share_constants(temperature: float = 1.0, floor: float = SHARE_FLOOR, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(floor, offset)`` for :func:`identity_share_r1`, each a ``[1, 1, 1]`` tensor (float32 unless
+    asked): the smallest peak and ``-SHARE_LOGIT_SCALE / (2 T)``, the logits' constant term (made
+    once per stage and device, not per layer)."""
+    return torch.full((1, 1, 1), floor, dtype=dtype), torch.full((1, 1, 1), -SHARE_LOGIT_SCALE / (2.0 * temperature), dtype=dtype)
+
+
+def identity_share_r1(share: torch.Tensor, floor: torch.Tensor, offset: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """:func:`route_from_identity_share`'s ``R1`` in four launches: ``share`` ``[b, N, 1]`` -> ``[b, N, 1]``.
+
+    ``sigmoid(S (a / max(peak, floor) - 1/2) / T)`` rewritten as
+    ``sigmoid(offset + (S / T) * a / max(peak, floor))`` (``floor``, ``offset`` from
+    :func:`identity_share_constants`): amax, maximum, one ``addcdiv``, sigmoid.
+    :func:`normalise_share`'s clamp to [0, 1] is left out: for ``a >= 0`` (an attention mass)
+    ``a <= peak`` makes ``a / max(peak, floor)`` lie in [0, 1] already (a correctly rounded
+    division of ``x <= y`` never exceeds 1). The float32 constants promote a half-precision share:
+    the floor and the logits are float32, as in the unfused router.
+    """
+    peak = torch.maximum(share.amax(dim=1, keepdim=True), floor)
+    return torch.addcdiv(offset, share, peak, value=SHARE_LOGIT_SCALE / temperature).sigmoid()
+
+
+def learned_router_r1_weights(weights: Mapping[str, torch.Tensor], temperature: float = 1.0) -> Tuple[torch.Tensor, ...]:
+    """``(W0, b0, Wd, bd)`` for :func:`learned_router_r1`: ``router.0`` as is, and the two logits'
+    difference divided by ``temperature``: ``Wd = (W2[1] - W2[0]) / T`` ``[1, Hr]``, ``bd = (b2[1] - b2[0]) / T`` ``[1]``.
+
+    A softmax over two experts is the sigmoid of their logits' difference,
+    ``softmax(l / T)[1] = sigmoid((l1 - l0) / T)``, so the last layer and the softmax fold into
+    one ``[1, Hr]`` projection and one sigmoid (made once per layer and device).
+    """
+    w2, b2 = weights["router.2.weight"], weights["router.2.bias"]
+    return (weights["router.0.weight"], weights["router.0.bias"], ((w2[1] - w2[0]) / temperature).unsqueeze(0), ((b2[1] - b2[0]) / temperature).reshape(1))
+
+
+def learned_router_r1(hidden: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, wd: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
+    """The learned router's ``R1`` ``[b, N, 1]`` from ``X`` ``[b, N, C]`` in four launches (linear, GELU, linear, sigmoid)."""
+    return F.linear(F.gelu(F.linear(hidden, w0, b0)), wd, bd).sigmoid()
+
+
+def routed_mix(prior: torch.Tensor, personalized: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+    """:func:`mixture_of_attention` with ``R0 = 1 - R1`` in one launch: ``lerp(prior, personalized, R1)``.
+
+    Where ``R1 = 0`` the result is ``prior`` exactly (``prior + 0 * (personalized - prior)``), as is
+    every row where ``personalized`` is ``prior`` (whatever ``R1``).
+    """
+    return torch.lerp(prior, personalized, r1.to(prior.dtype))
+
+
 # --- recording ---------------------------------------------------------------------------------
 
 
 @dataclass
 class _Step:
     sigma: Optional[float]
-    sums: Dict[Tuple[Tuple[int, int], int], torch.Tensor] = field(default_factory=dict)  # (grid, code) -> [rows, h, w]
-    counts: Dict[Tuple[Tuple[int, int], int], int] = field(default_factory=dict)
+    # (grid, codes) -> [len(codes), rows, h, w] float32: all halves of a call in one tensor, so one add per layer
+    sums: Dict[Tuple[Tuple[int, int], Tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    counts: Dict[Tuple[Tuple[int, int], Tuple[int, ...]], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,8 +203,9 @@ class RouterRecorder:
     """Per-step router maps of one sampling run, kept on the device until asked for.
 
     ``record(sigma, codes, grid, r1)`` with ``r1`` ``[b, N]`` (rows: ``codes`` chunks in order)
-    adds to a running sum per (step, grid, code); no host sync (sigma is the Python float the
-    dispatcher already read). A model call at a higher sigma than the previous one starts a new
+    adds to a running sum per (step, grid, batch layout): one in-place add per layer for every
+    cond/uncond half together; the halves are split and averaged in :meth:`snapshot`. No host
+    sync (sigma is the Python float the step wrapper already read). A model call at a higher sigma than the previous one starts a new
     run (samplers go from high to low noise) and clears the record. At most ``max_steps`` steps
     are kept: beyond that every other step is dropped, so the record still spans the whole run.
     Maps are area-downsampled on the device to at most ``max_side`` per side.
@@ -177,25 +237,34 @@ class RouterRecorder:
     def record(self, sigma: Optional[float], codes: List[int], grid: Tuple[int, int], r1: torch.Tensor) -> None:
         step = self._step_for(sigma)
         gh, gw = grid
-        maps = r1.detach().reshape(len(codes), -1, gh, gw).float()
+        maps = r1.detach().reshape(len(codes), -1, gh, gw)
         if gh > self.max_side or gw > self.max_side:
             scale = self.max_side / max(gh, gw)
             size = (max(1, round(gh * scale)), max(1, round(gw * scale)))
-            maps = F.interpolate(maps.flatten(0, 1).unsqueeze(1), size=size, mode="area").squeeze(1).reshape(len(codes), -1, *size)
-        for i, code in enumerate(codes):
-            key = (grid, int(code))
-            if key in step.sums and step.sums[key].shape == maps[i].shape:
-                step.sums[key].add_(maps[i])
-                step.counts[key] += 1
-            else:
-                step.sums[key] = maps[i].clone()
-                step.counts[key] = 1
+            maps = F.interpolate(maps.float().flatten(0, 1).unsqueeze(1), size=size, mode="area").squeeze(1).reshape(len(codes), -1, *size)
+        key = (grid, tuple(int(c) for c in codes))
+        total = step.sums.get(key)
+        if total is not None and total.shape == maps.shape:
+            total.add_(maps)  # float32 sum, any map dtype: one launch for every half of the call
+            step.counts[key] += 1
+        else:
+            step.sums[key] = maps.float().clone()
+            step.counts[key] = 1
 
     def snapshot(self) -> RouterMaps:
         """Averages per step, moved to the CPU (call after sampling, from the inspect node)."""
         steps, maps = [], []
         for step in self._steps:
             steps.append(step.sigma)
-            maps.append({key: (total / step.counts[key]).cpu() for key, total in step.sums.items()})
+            halves: Dict[Tuple[Tuple[int, int], int], List] = {}  # (grid, code) -> [sum, count]
+            for (grid, codes), total in step.sums.items():
+                for i, code in enumerate(codes):
+                    acc = halves.get((grid, code))
+                    if acc is None or acc[0].shape != total[i].shape:
+                        halves[(grid, code)] = [total[i].clone(), step.counts[(grid, codes)]]
+                    else:
+                        acc[0] += total[i]
+                        acc[1] += step.counts[(grid, codes)]
+            maps.append({key: (acc[0] / acc[1]).cpu() for key, acc in halves.items()})
         return RouterMaps(tuple(steps), tuple(maps))
 

@@ -169,9 +169,10 @@ def scaled_mass(mass: torch.Tensor, scale: str = "fixed") -> torch.Tensor:
     raise ValueError(f"score scale must be one of {SCORE_SCALES}, got {scale!r}")
 
 
-def text_attention_score(q: torch.Tensor, k_text: torch.Tensor, heads: int, scale: str = "fixed") -> torch.Tensor:
-    """Training-free score from the content attention mass, ``[B, N]`` in [0, 1] (``scale``: :data:`SCORE_SCALES`)."""
-    return scaled_mass(content_attention_mass(q, k_text, heads), scale)
+def text_attention_score(q: torch.Tensor, k_text: torch.Tensor, heads: int, scale: str = "fixed", cache=None) -> torch.Tensor:
+    """Training-free score from the content attention mass, ``[B, N]`` in [0, 1] (``scale``: :data:`SCORE_SCALES`;
+    ``cache``: where the token indicator is kept, see ``text_attention_mass.content_indicator``)."""
+    return scaled_mass(content_attention_mass(q, k_text, heads, cache), scale)
 
 
 def sharpen(score: torch.Tensor, sharpness: float) -> torch.Tensor:

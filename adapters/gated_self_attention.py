@@ -68,7 +68,7 @@ Weight names (per layer, as the FACT checkpoint's processor keys after the
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -185,8 +185,8 @@ def gated_self_attention(
     face_kv: torch.Tensor,
     weights: Mapping[str, torch.Tensor],
     heads: int,
-    gate_attn: float,
-    gate_dense: float,
+    gate_attn: Union[float, torch.Tensor],
+    gate_dense: Union[float, torch.Tensor],
     attention_fn: AttentionFn,
     region: Optional[torch.Tensor] = None,
     qkv_weight: Optional[torch.Tensor] = None,
@@ -196,24 +196,39 @@ def gated_self_attention(
     x:          the block's residual stream after self-attention.
     face_kv:    ``[B, T, 2C]`` from :func:`face_keys_values` (rows matching ``x``'s rows).
     weights:    the layer's FACT tensors in ``x``'s dtype/device.
-    gate_attn / gate_dense: ``g * tanh(alpha)`` (see :func:`gates`).
+    gate_attn / gate_dense: ``g * tanh(alpha)`` (see :func:`gates`; scalar tensors while training).
+    attention_fn: ``fn(q, k, v, heads)``; the node passes one fused SDPA call.
     region:     optional ``[B, N, 1]`` in [0, 1]; 0 leaves ``x`` unchanged there.
     qkv_weight: optional cached :func:`fused_qkv_weight`.
+
+    Kernels per call (issue #22's budget, 12): two LayerNorms, four matmuls (q/k/v as one
+    over the stacked weights, to_out, the two feed-forward ones), one concatenation (the
+    latent keys and values joined to the face tokens' in one ``cat``: k and v are views of
+    it), the attention, gelu and its product, and each gated residual as one op
+    (``x + g * delta`` as ``add(alpha=g)``, with a region ``addcmul``).
     """
     c = x.shape[-1]
     if qkv_weight is None:
         qkv_weight = fused_qkv_weight(weights)
     h = F.layer_norm(x, (c,), weights["norm1.weight"], weights["norm1.bias"], LAYER_NORM_EPS)
-    q, k_x, v_x = F.linear(h, qkv_weight).split(c, dim=-1)
-    k_f, v_f = face_kv.split(c, dim=-1)
-    attended = attention_fn(q, torch.cat([k_x, k_f], dim=1), torch.cat([v_x, v_f], dim=1), heads)
+    qkv = F.linear(h, qkv_weight)  # [B, N, 3C]
+    kv = torch.cat([qkv[..., c:], face_kv], dim=1)  # [B, N + T, 2C]: latent then face tokens
+    k, v = kv.split(c, dim=-1)
+    attended = attention_fn(qkv[..., :c], k, v, heads)
     delta = F.linear(attended, weights["attn.to_out.0.weight"], weights["attn.to_out.0.bias"])
-    x1 = x + _gated(delta, gate_attn, region)
+    x1 = gated_residual(x, delta, gate_attn, region)
     h = F.layer_norm(x1, (c,), weights["norm2.weight"], weights["norm2.bias"], LAYER_NORM_EPS)
-    return x1 + _gated(geglu_feed_forward(h, weights), gate_dense, region)
+    return gated_residual(x1, geglu_feed_forward(h, weights), gate_dense, region)
 
 
-def _gated(delta: torch.Tensor, gate: float, region: Optional[torch.Tensor]) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, delta: torch.Tensor, gate: Union[float, torch.Tensor], region: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + gate * region * delta``: ``[B, N, C]`` (region ``[B, N, 1]`` or None = 1).
+
+    A float gate (sampling) is one kernel; a tensor gate (training, where ``alpha`` learns) the
+    plain product, which autograd differentiates with respect to the gate.
+    """
+    if isinstance(gate, torch.Tensor):
+        return x + delta * (gate if region is None else region.to(delta.dtype) * gate)
     if region is None:
-        return delta * gate
-    return delta * (region.to(delta.dtype) * gate)
+        return torch.add(x, delta, alpha=gate)
+    return torch.addcmul(x, delta, region.to(delta.dtype), value=gate)

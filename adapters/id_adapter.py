@@ -46,7 +46,7 @@ FORMATS = (
     "native",  # this pack's own safetensors (metadata header says which mechanism)
 )
 
-BASES = ("sd15", "sd2", "sdxl")
+BASES = ("sd15", "sd2", "sdxl", "flux")  # flux: identity transformers trained on Flux.1 (nodes/flux_training.py)
 
 
 class TokenProjector(torch.nn.Module):

@@ -15,7 +15,7 @@ Header (``__metadata__``, all strings)::
 
     format        "identity_attention"           marks the file as this format
     version       "1"
-    base          "sd15" | "sd2" | "sdxl"
+    base          "sd15" | "sd2" | "sdxl" | "flux"
     mechanism     what the weights were trained for ("decoupled", "joint", "gated_self_attention", ...)
     source_format the format the adapter was converted from ("native" when trained here)
     context_dim   text-context width of the base model, e.g. "768"

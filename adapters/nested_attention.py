@@ -17,8 +17,12 @@ Because only one value changes, the outer attention need not be recomputed::
 per head. ``a_s`` is found without materialising the attention map: one
 attention call with a one-hot value (``E[j, :] = [j in S]``) returns ``a_s`` in
 every channel of every head. So a layer costs two extra attention calls (the
-one-hot one over the M text tokens, the nested one over the T subject tokens)
-and a few element-wise ops. With ``weight`` ``w`` and an optional ``region``
+one-hot one over the M text tokens, the nested one over the T subject tokens;
+both fused SDPA calls in the stage) and two element-wise ops (the gap
+``v*_q - V[s]``, then one ``addcmul``). The two softmaxes cannot share one call:
+``a_s(q) v*_q`` weights each subject token by ``exp(q.K_s) / sum_t exp(q.Kn_t)``,
+which depends on the query through the nested normaliser, so no fixed key bias
+folds it into the outer attention. With ``weight`` ``w`` and an optional ``region``
 ``r`` (``[B, N, 1]``)::
 
     out' = out + w * r * a_S(q) * (v*_q - V[s])
@@ -73,12 +77,20 @@ def one_hot(length: int, positions: Sequence[int], device=None, dtype=torch.floa
     return e.view(1, -1, 1).to(device)
 
 
+def subject_values(hot: torch.Tensor, batch: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense one-hot values ``[batch, M, channels]`` for :func:`subject_probability` (build once per sampling).
+
+    hot: :func:`one_hot` (``[1, M, 1]``). Dense because some attention backends need dense values.
+    """
+    return hot.to(dtype).expand(batch, -1, channels).contiguous()
+
+
 def subject_probability(q: torch.Tensor, k: torch.Tensor, hot: torch.Tensor, heads: int, attention_fn: AttentionFn) -> torch.Tensor:
     """``a_S(q)`` per head, broadcast over the head's channels: ``[B, N, H*d]``.
 
-    hot: :func:`one_hot` of the subject positions (``[1, M, 1]``).
+    hot: :func:`one_hot` of the subject positions (``[1, M, 1]``), or its :func:`subject_values`.
     """
-    values = hot.to(k.dtype).expand(k.shape[0], -1, k.shape[2]).contiguous()  # some backends need dense values
+    values = hot if hot.shape[-1] == k.shape[-1] and hot.shape[0] == k.shape[0] else subject_values(hot, k.shape[0], k.shape[2], k.dtype)
     return attention_fn(q, k, values, heads)
 
 
@@ -102,19 +114,29 @@ def nested_attention(
     kn, vn: ``[B or 1, T, H*d]`` the subject features through the nested
     projections; positions: the subject token's positions in the M tokens
     (all holding the same token); out: the attention output to correct;
-    hot: optional cached :func:`one_hot` of ``positions``.
+    hot: optional cached :func:`one_hot` of ``positions``, or its :func:`subject_values`.
+
+    Kernels per call when ``kn`` / ``vn`` / ``hot`` come dense and per row (the stage caches
+    them once per sampling): the two attention calls, then :func:`add_subject_change` (two;
+    three with a region).
     """
     if not positions:
         return out
-    kn = kn.expand(q.shape[0], -1, -1).contiguous()
-    vn = vn.expand(q.shape[0], -1, -1).contiguous()
-    nested = attention_fn(q, kn, vn, heads)  # v*_q
+    b = q.shape[0]
+    nested = attention_fn(q, kn.expand(b, -1, -1).contiguous(), vn.expand(b, -1, -1).contiguous(), heads)  # v*_q
     if hot is None:
         hot = one_hot(k.shape[1], positions, device=k.device, dtype=k.dtype)
     a = subject_probability(q, k, hot, heads, attention_fn)
-    delta = a * (nested - v[:, positions[0] : positions[0] + 1])
-    scale = weight if region is None else region.to(delta.dtype) * weight
-    return out + delta * scale
+    return add_subject_change(out, a, nested, v[:, positions[0] : positions[0] + 1], weight, region)
+
+
+def add_subject_change(
+    out: torch.Tensor, a: torch.Tensor, nested: torch.Tensor, v_s: torch.Tensor, weight: float, region: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``out + w r a (v* - V[s])``, ``[B, N, H*d]``: the gap, then one ``addcmul`` (a region multiplies ``a`` first)."""
+    if region is not None:
+        a = a * region.to(a.dtype)
+    return torch.addcmul(out, a, nested - v_s, value=weight)
 
 
 def subject_rows(v: torch.Tensor, hot_rows: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ constant factor the normalisations downstream (min-max, μ - σ) ignore.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import List, Tuple
 
 import torch
@@ -43,75 +42,93 @@ def start_token_positions(tokens: int) -> List[int]:
     return [0]
 
 
-_INDICATORS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_INDICATOR_CACHE_SIZE = 16
-"""Bounded: a sampling sees a handful of (tokens, device, dtype) keys; the tensors are ``M`` floats each."""
+def _constant(cache, key: tuple, make):
+    """``make()``, kept in ``cache`` (any object with ``get_or_make(key, make)``, e.g. the sampling's
+    ``SamplingCache``: made on first use, released when the sampling ends) when one is given.
+
+    Inference-mode tensors cannot be saved for backward: a gradient pass gets its own copy.
+    """
+    if cache is None:
+        return make()
+    return cache.get_or_make(key + (torch.is_inference_mode_enabled(),), make)
 
 
-def content_indicator(tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def content_indicator(tokens: int, device=None, dtype=torch.float32, cache=None) -> torch.Tensor:
     """``[M]``: 1 for content tokens, 0 for start tokens. Read-only (shared between calls).
 
     Built on the device from an ``arange`` (indexing with a Python list of positions
-    would be a blocking host-to-device copy in every layer) and kept in a small
-    bounded cache, so a layer call launches nothing for it after the first.
+    would be a blocking host-to-device copy in every layer); with a ``cache`` (the
+    sampling's), once per sampling, so a layer call launches nothing for it after the first.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # inference-mode tensors cannot be saved for backward: a training step gets its own copy
-    key = (tokens, device, dtype, torch.is_inference_mode_enabled())
-    ind = _INDICATORS.get(key)
-    if ind is None:
+
+    def make():
         pos = torch.arange(tokens, device=device)
         chunk = CLIP_CHUNK if tokens >= CLIP_CHUNK and tokens % CLIP_CHUNK == 0 else max(tokens, 1)
-        ind = (pos % chunk != 0).to(dtype)  # same positions as start_token_positions
-        _INDICATORS[key] = ind
-        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
-            _INDICATORS.popitem(last=False)
-    else:
-        _INDICATORS.move_to_end(key)
-    return ind
+        return (pos % chunk != 0).to(dtype)  # same positions as start_token_positions
+
+    return _constant(cache, ("content_indicator", tokens, str(device), dtype), make)
 
 
-def indicator_channels(tokens: int, channels: int, device, dtype) -> torch.Tensor:
-    """``[1, 1, M, channels]``: the content indicator in channel 0, zeros after (cached, read-only).
+def indicator_channels(tokens: int, channels: int, device, dtype, cache=None) -> torch.Tensor:
+    """``[1, 1, M, channels]``: the content indicator in channel 0, zeros after (read-only; once per sampling with a ``cache``).
 
     Appended to the values in one ``cat`` (instead of a ``cat`` and a ``pad`` per layer call).
     """
-    key = ("channels", tokens, channels, torch.device(device), dtype, torch.is_inference_mode_enabled())
-    block = _INDICATORS.get(key)
-    if block is None:
-        block = F.pad(content_indicator(tokens, device, dtype).reshape(1, 1, tokens, 1), (0, channels - 1))
-        _INDICATORS[key] = block
-        while len(_INDICATORS) > _INDICATOR_CACHE_SIZE:
-            _INDICATORS.popitem(last=False)
-    return block
+    device = torch.device(device)
+    return _constant(
+        cache,
+        ("indicator_channels", tokens, channels, str(device), dtype),
+        lambda: F.pad(content_indicator(tokens, device, dtype, cache).reshape(1, 1, tokens, 1), (0, channels - 1)),
+    )
 
 
-def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Per query pixel, the share of text attention on content tokens: ``[B, N]`` float32 in [0, 1].
+def indicator_values(tokens: int, width: int, device, dtype, cache=None) -> torch.Tensor:
+    """``[1, 1, M, width]``: the content indicator in every channel (read-only; once per sampling with a ``cache``).
 
-    ``q``: ``[B, N, H*D]``; ``k``: ``[B, M, H*D]`` (the layer's text keys).
-    One fused attention call whose values are the content indicator, so the
-    ``[B, H, N, M]`` probabilities are not materialised where the backend
-    can avoid it.
+    The values of :func:`content_mass_per_head`'s attention call: as wide as q and k, since
+    SDPA's fused kernels need one head width (a narrower value falls back to the unfused math).
+    """
+    device = torch.device(device)
+    return _constant(
+        cache,
+        ("indicator_values", tokens, width, str(device), dtype),
+        lambda: content_indicator(tokens, device, dtype, cache).reshape(1, 1, tokens, 1).repeat(1, 1, 1, width),
+    )
+
+
+def content_mass_per_head(q: torch.Tensor, k: torch.Tensor, heads: int, cache=None) -> torch.Tensor:
+    """Per head and query pixel, the share of text attention on content tokens: ``[B, H, N]`` in q's dtype.
+
+    ``q``: ``[B, N, H*D]``; ``k``: ``[B, M, H*D]`` (the layer's text keys). One fused
+    attention call whose values are the content indicator (:func:`indicator_values`,
+    broadcast over batch and heads), so the ``[B, H, N, M]`` probabilities are not
+    materialised where the backend can avoid it. The result is channel 0 of that call's
+    ``[B, H, N, D]`` output (a view: it keeps the output alive while it is held).
     """
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     b, h, _, d = qh.shape
     m = kh.shape[2]
-    # as many identical value columns as q/k have (SDPA's flash kernels need one head width and a
-    # unit channel stride: broadcast over batch and heads only)
-    values = content_indicator(m, device=q.device, dtype=q.dtype).reshape(1, 1, m, 1).repeat(1, 1, 1, d).expand(b, h, m, d)
-    per_head = F.scaled_dot_product_attention(qh, kh, values)[..., 0]  # [B, H, N]
-    return mass_from_heads(per_head)
+    values = indicator_values(m, d, q.device, q.dtype, cache).expand(b, h, m, d)
+    return F.scaled_dot_product_attention(qh, kh, values)[..., 0]
 
 
-def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, cache=None) -> torch.Tensor:
+    """Per query pixel, the share of text attention on content tokens: ``[B, N]`` float32 in [0, 1].
+
+    ``q``: ``[B, N, H*D]``; ``k``: ``[B, M, H*D]``; the heads' :func:`content_mass_per_head` averaged.
+    """
+    return mass_from_heads(content_mass_per_head(q, k, heads, cache))
+
+
+def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False, cache=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The text attention and its content mass in ONE fused call: ``([B, N, H*D] in q's dtype, [B, N])``.
 
     Per head, values ``[v | content indicator | 0]`` and queries / keys ``[q | 0]`` / ``[k | 0]``,
     all ``round_up(D + 1, 8)`` wide (SDPA's flash kernels need one head width); the zero channels
     leave every dot product as it is and the scale is fixed at ``1/sqrt(D)``. Output channels
     ``:D`` are ``softmax(q k^T / sqrt(D)) v``, channel ``D`` the per-head content mass.
-    ``upcast``: compute in float32 (the host's ``attn_precision``).
+    ``upcast``: compute in float32 (the host's ``attn_precision``); ``cache``: as for :func:`indicator_channels`.
     """
     dtype = q.dtype
     if upcast and dtype != torch.float32:
@@ -121,7 +138,7 @@ def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     pad = (0, width - d)
     qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     b, h, m, _ = vh.shape
-    values = torch.cat([vh, indicator_channels(m, width - d, v.device, v.dtype).expand(b, h, m, width - d)], dim=-1)
+    values = torch.cat([vh, indicator_channels(m, width - d, v.device, v.dtype, cache).expand(b, h, m, width - d)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(qh, pad), F.pad(kh, pad), values, scale=d**-0.5)
     text = rearrange(out[..., :d], "b h n d -> b n (h d)").to(dtype)
     return text, mass_from_heads(out[..., d])

@@ -8,7 +8,8 @@ scale, ``x = x0 + sigma * eps``)::
     L       = sum(w * (eps_hat - eps)^2) / (sum(w) * C)         w: [B, 1, h, w] >= 0
 
 For eps-prediction models ``eps_hat`` is the network output itself; v-prediction models get the
-same eps weighting. ``w`` is 1 everywhere for PVA's inpainting models (the mask is an input);
+same eps weighting. Rectified-flow models (Flux: ComfyUI's CONST sampling) use
+:func:`flow_matching_loss` instead: ``x_t = (1 - sigma) x0 + sigma eps``, target ``eps - x0``. ``w`` is 1 everywhere for PVA's inpainting models (the mask is an input);
 for models without an inpainting input, the random face mask gives weight 1 inside and
 ``background_weight`` outside (our choice: a purely masked loss leaves the identity tokens free
 to repaint the background, an unmasked one spends the few steps on the scene).
@@ -46,6 +47,26 @@ def denoising_loss(x0_hat: torch.Tensor, x_noisy: torch.Tensor, sigma: torch.Ten
         return err.mean()
     w = weight.float().to(err.device)
     return (err * w).sum() / (w.sum().clamp_min(EPS) * err.shape[1])
+
+
+def flow_matching_loss(x0_hat: torch.Tensor, x_noisy: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rectified flow (Flux): weighted MSE of the model's velocity ``(x_t - x0_hat) / sigma`` against ``noise - x0``.
+
+    ComfyUI's CONST sampling: ``x_t = (1 - sigma) x0 + sigma noise``, ``x0_hat = x_t - sigma v_hat``.
+    Shapes as :func:`denoising_loss`; a scalar.
+    """
+    target = noise.float() - x0.float()
+    err = (eps_prediction(x_noisy, x0_hat, sigma) - target).pow(2)
+    if weight is None:
+        return err.mean()
+    w = weight.float().to(err.device)
+    return (err * w).sum() / (w.sum().clamp_min(EPS) * err.shape[1])
+
+
+def flow_noisy(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``(1 - sigma) x0 + sigma noise`` with ``sigma`` ``[B]`` (CONST / rectified-flow noising)."""
+    s = sigma.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
 
 
 def loss_weight_map(mask: torch.Tensor, background_weight: float) -> torch.Tensor:

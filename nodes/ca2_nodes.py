@@ -12,6 +12,9 @@ import torch
 from ..adapters.ca2_gate import SCORE_SCALES, SCORE_SOURCES, check_native_score
 from .ca2_stage import CA2GateStage
 from .dispatcher import apply_attention_stage, installed_dispatcher
+from .dit_ca2 import DitCA2GateStage, apply_ca2_dit
+from .dit_dispatcher import installed_dit_dispatcher
+from .dit_layout import dit_family
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
 from .input_checks import check_image, check_latent
@@ -50,7 +53,7 @@ class ApplyCA2Gate:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "The model to patch (an inpainting model or a normal one used for inpainting)."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (an inpainting model or a normal one used for inpainting; SD1.5, SD2, SDXL or Flux.1: on Flux the photo's tokens go through each block's own text projections and the score is the text's share of the joint attention)."}),
             "id_adapter": (
                 "ID_ADAPTER",
                 {"tooltip": "An image adapter whose projection turns the original photo into attention tokens: IP-Adapter (base, plus, plus-face, full-face) or native CA² weights."},
@@ -122,6 +125,9 @@ class ApplyCA2Gate:
         edit_mask = validate_mask(mask, node, "mask")
         if image is not None:
             image = check_image(image, node, "image", channels=(3,))
+        if dit_family(model) is not None:  # Flux: the photo's tokens join each joint block (nodes/dit_ca2.py)
+            features = clip_vision_features(node, clip_vision, image, clip_vision_output)
+            return (apply_ca2_dit(model, id_adapter, edit_mask, source, sharpness, scale, weight, start_percent, end_percent, apply_to, features, node),)
         _check_adapter(model, id_adapter, source, node)
         features = clip_vision_features(node, clip_vision, image, clip_vision_output)
         tokens_cond, tokens_uncond = visual_tokens(id_adapter, features, node)
@@ -169,7 +175,10 @@ def _check_adapter(model, adapter, source: str, node: str) -> None:
 
 def ca2_stages(model):
     dispatcher = installed_dispatcher(model)
-    return [s for s in (dispatcher.stages if dispatcher else ()) if isinstance(s, CA2GateStage)]
+    dit = installed_dit_dispatcher(model)  # Flux: the DiT path's gates (nodes/dit_ca2.py)
+    return [s for s in (dispatcher.stages if dispatcher else ()) if isinstance(s, CA2GateStage)] + [
+        s for s in (dit.stages if dit else ()) if isinstance(s, DitCA2GateStage)
+    ]
 
 
 class InspectCA2Scores:

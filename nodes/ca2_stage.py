@@ -37,6 +37,7 @@ from ..adapters.text_attention_mass import text_attention_with_mass
 from ..adapters.id_adapter import DeviceCache
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, blend_in_region, mask_rows
 from .errors import IdentityAttentionError
+from .sampling_scope import device_constant, sampling_cache
 from .step_recorder import StepRecorder
 
 _COND, _UNCOND = 0, 1
@@ -70,7 +71,7 @@ class CA2GateStage(AttentionStage):
             raise ValueError(f"unknown score activation {self.activation!r}")
         self.needs_hidden_states = score_source == "native"
         self.recorder = StepRecorder()
-        self._cache = DeviceCache()
+        self._cache = DeviceCache()  # device constants where no sampling scope runs (else the sampling's cache)
         self._edit_cache: dict = {}
 
     def is_active(self, call: AttentionCall) -> bool:
@@ -86,11 +87,14 @@ class CA2GateStage(AttentionStage):
                 input_name="image",
                 fix="give one original image, or exactly one per image in the batch",
             )
-        return self._cache.get(
+        return device_constant(
+            call.extra_options,
+            id(self),
             (call.layer, code),
             call.q.device,
             call.q.dtype,
             lambda: visual_keys_values(tokens.float(), layer["to_k"].float(), layer["to_v"].float()),
+            self._cache,
         )
 
     def _visual_kv_rows(self, call: AttentionCall):
@@ -102,19 +106,19 @@ class CA2GateStage(AttentionStage):
             return tuple(call.per_row({code: pair[i] for code, pair in kv.items()}).contiguous() for i in (0, 1))
 
         key = (call.layer, "rows", tuple(call.chunks), call.rows_per_chunk)
-        return self._cache.get(key, call.q.device, call.q.dtype, stack)
+        return device_constant(call.extra_options, id(self), key, call.q.device, call.q.dtype, stack, self._cache)
 
     def score(self, call: AttentionCall, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[b, N]`` float32 in [0, 1], after sharpening (``mass``: the content mass, if already known)."""
         if self.score_source == "native":
             layer = self.adapter.layer(call.layer)
-            weights = self._cache.get((call.layer, "score"), call.q.device, call.q.dtype, lambda: tuple(layer[n].float() for n in SCORE_KEYS))
+            weights = device_constant(call.extra_options, id(self), (call.layer, "score"), call.q.device, call.q.dtype, lambda: tuple(layer[n].float() for n in SCORE_KEYS), self._cache)
             hidden = call.hidden_states()
             raw = native_score(hidden, pooled_text_token(call.context().to(hidden.dtype)), dict(zip(SCORE_KEYS, weights)), self.activation)
         elif mass is not None:
             raw = scaled_mass(mass, self.score_scale)
         else:
-            raw = text_attention_score(call.q, call.k, call.heads, self.score_scale)
+            raw = text_attention_score(call.q, call.k, call.heads, self.score_scale, sampling_cache(call.extra_options))
         return sharpen(raw, self.sharpness)
 
     def forward_first(self, call: AttentionCall) -> Optional[torch.Tensor]:
@@ -122,7 +126,7 @@ class CA2GateStage(AttentionStage):
         mass come from one fused call instead of two."""
         if self.score_source != "text_attention" or self.schedule.mask is not None:
             return None
-        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=call.upcast)
+        text, mass = text_attention_with_mass(call.q, call.k, call.v, call.heads, upcast=call.upcast, cache=sampling_cache(call.extra_options))
         return self._gated(call, text, mass)
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:

@@ -461,20 +461,24 @@ class TrainingModels:
 
 
 def training_transformer_options(model_patcher, rows_are: int = 0) -> dict:
-    """``transformer_options`` for a training call: the clone's patches, every row a cond row."""
+    """``transformer_options`` for a training call: the clone's patches and wrappers (as the sampler
+    passes them: the DiT path's attention override is a wrapper), every row a cond row."""
     options = dict(model_patcher.model_options.get("transformer_options", {}))
+    wrappers = getattr(model_patcher, "wrappers", None)
+    if wrappers:
+        options["wrappers"] = wrappers
     options["cond_or_uncond"] = [rows_are]
     return options
 
 
-def predict_x0(model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, c_concat: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, transformer_options: Optional[dict] = None) -> torch.Tensor:
+def predict_x0(model_patcher, x_noisy: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, c_concat: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, transformer_options: Optional[dict] = None, extra_conds: Optional[dict] = None) -> torch.Tensor:
     """The model's denoised prediction (float32), as ComfyUI's sampler computes it, with gradients.
 
     ``x_noisy`` ``[B, 4, h, w]`` = x0 + sigma * eps in ComfyUI's latent scale; ``sigma`` ``[B]``;
     ``context`` ``[B, M, D]``; ``c_concat`` ``[B, 5, h, w]`` for inpainting models; ``y`` the
-    ADM vector of SDXL-type models.
+    ADM vector of SDXL-type models; ``extra_conds`` further model inputs (Flux: ``y``, ``guidance``).
     """
-    kwargs = {}
+    kwargs = dict(extra_conds or {})
     if y is not None:
         kwargs["y"] = y
     options = transformer_options if transformer_options is not None else training_transformer_options(model_patcher)

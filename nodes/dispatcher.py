@@ -167,6 +167,7 @@ class AttentionCall:
         hidden: Optional[torch.Tensor] = None,
         context: Optional[torch.Tensor] = None,
         value: Optional[torch.Tensor] = None,
+        scratch: Optional[Dict[object, torch.Tensor]] = None,
     ):
         self.q, self.k, self.v = q, k, v
         self.extra_options = extra_options
@@ -175,7 +176,8 @@ class AttentionCall:
         self.dim_head = int(extra_options.get("dim_head") or q.shape[-1] // self.heads)
         self._sigma_reader = sigma_reader
         # per-call results one stage computes and a later one reuses (e.g. PVA's identity share for MoA)
-        self.scratch: Dict[object, torch.Tensor] = {}
+        self.scratch: Dict[object, torch.Tensor] = scratch if scratch is not None else {}
+        self._chunk_scratch: Dict[tuple, Dict[object, torch.Tensor]] = {}
         self.chunks = list(chunks) if chunks is not None else list(extra_options.get("cond_or_uncond") or [_COND])
         self._fallback = fallback
         self._text = text
@@ -294,8 +296,14 @@ class AttentionCall:
         rows = self._row_slices(keep)
         return torch.cat([t[s] for s in rows], dim=0) if len(rows) > 1 else t[rows[0]]
 
+    def chunk_scratch(self, keep: Sequence[bool]) -> Dict[object, torch.Tensor]:
+        """The ``scratch`` of every :meth:`select_chunks` view of these rows: what a stage computed on
+        the kept rows only (e.g. PVA's share from its single call), for stages that see the whole call."""
+        keep = tuple(bool(k) for k in keep)
+        return self.scratch if all(keep) else self._chunk_scratch.setdefault(keep, {})
+
     def select_chunks(self, keep: Sequence[bool]) -> "AttentionCall":
-        """A view of this call restricted to the chunks where ``keep`` is True."""
+        """A view of this call restricted to the chunks where ``keep`` is True (sharing :meth:`chunk_scratch`)."""
 
         def take(t):
             return self.take_chunks(t, keep)
@@ -313,6 +321,7 @@ class AttentionCall:
             hidden=take(self._hidden),
             context=take(self._context),
             value=take(self._value),
+            scratch=self.chunk_scratch(keep),
         )
 
     def _row_slices(self, keep: Sequence[bool]) -> List[slice]:

@@ -70,6 +70,7 @@ class DitCall:
         self.text_tokens = int(options[_TXT_LEN])
         self.chunks = list(options.get("cond_or_uncond") or [_COND])
         self.heads = q.shape[1]
+        self.host_out: Optional[torch.Tensor] = None  # the unpatched call's output [B, L, H*D] (set by the dispatcher)
 
     @property
     def batch(self) -> int:
@@ -93,6 +94,11 @@ class DitCall:
         """Chunk code -> ``[1, ...]`` tensors, stacked to ``[B, ...]`` in this call's row order."""
         n = self.batch // len(self.chunks)
         return torch.cat([values[c].expand(n, *values[c].shape[1:]) for c in self.chunks], dim=0)
+
+    def patch_grid(self) -> Optional[Tuple[int, int]]:
+        """``(rows, columns)`` of the 2x2 patch grid of the latent being denoised (None: unknown)."""
+        hw = self.options.get(_LATENT_HW)
+        return None if hw is None else ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
 
     def image_region(self, mask: torch.Tensor, cache: dict, node: str) -> torch.Tensor:
         """A ``[Bm, H, W]`` MASK at the image tokens: ``[B, N, 1]`` (0 on reference-latent tokens)."""
@@ -219,6 +225,7 @@ class DitDispatcher:
         if options.get(_BLOCK) is None or q.dim() != 4 or kwargs.get("skip_output_reshape"):
             return out  # not a joint block call we know the layout of (e.g. another module's attention)
         call = DitCall(q, k, v, options)
+        call.host_out = out  # before any stage: mixture-of-attention's prior
         sigmas = options.get("sigmas")
         for stage in self.stages:
             if not stage.is_active(call):

@@ -11,6 +11,13 @@ It reuses the dispatcher's schedule machinery: it is an :class:`AttentionStage`
 that is not run by the dispatcher but called as a middle patch, with the
 residual stream ``x`` standing in for ``q`` in :class:`AttentionCall` (only its
 shape, device and dtype are read: token grid, mask region, batch chunks).
+
+Per call it launches only what depends on ``x`` (see :func:`gsa.gated_self_attention`): the
+layer's weights (q/k/v stacked) are cast once per device/dtype, the face tokens' keys and
+values once per cond/uncond, and their per-row stack once per sampling (the sampling's
+:class:`~.sampling_scope.SamplingCache`); the self-attention is one fused SDPA call
+(:meth:`AttentionCall.branch_attention`: the adapter's own attention, which no unpatched
+model computes, so the host's chunked CPU fallback buys nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import torch
 
 from ..adapters import gated_self_attention as gsa
 from ..adapters.id_adapter import DeviceCache, IdAdapter, IdentityTokens
-from .dispatcher import AttentionCall, AttentionStage, StageSchedule
-from .host import LayerKey, SigmaReader, attention_fn_for, layer_key_of
+from .dispatcher import AttentionCall, AttentionStage, StageSchedule, autograd_safe
+from .host import LayerKey, SigmaReader, layer_key_of
+from .sampling_scope import get_or_make, sampling_cache
 
 _TENSOR_KEYS = tuple(k for k in gsa.FACT_LAYER_KEYS if not k.startswith("alpha_"))
 
@@ -65,18 +73,27 @@ class FaceAdapterPatch(AttentionStage):
     def _apply(self, call: AttentionCall, gate: Tuple[float, float]) -> torch.Tensor:
         x = call.q
         weights = self._layer_weights(call.layer, x)
-        face_kv = call.per_row({code: self._face_kv(call.layer, code, x) for code in set(call.chunks)})
         return gsa.gated_self_attention(
             x,
-            face_kv,
+            self._face_kv_rows(call),
             weights,
             call.heads,
             gate[0],
             gate[1],
-            attention_fn_for(call.extra_options),
+            lambda q, k, v, heads: call.branch_attention(q, k, v),
             region=self.region(call),
             qkv_weight=weights["qkv"],
         )
+
+    def _face_kv_rows(self, call: AttentionCall) -> torch.Tensor:
+        """The face tokens' keys/values for ``call``'s rows, ``[B, T, 2C]``: stacked once per sampling."""
+        x = call.q
+        key = (id(self), "face_kv_rows", call.layer, tuple(call.chunks), call.rows_per_chunk, x.device, x.dtype)
+
+        def make():
+            return call.per_row({code: self._face_kv(call.layer, code, x) for code in set(call.chunks)})
+
+        return autograd_safe(get_or_make(sampling_cache(call.extra_options), key, make))
 
     def _layer_weights(self, layer: LayerKey, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         source = self.adapter.layer(layer)

@@ -22,6 +22,8 @@ from ..adapters.id_adapter import IdentityTokens
 from ..adapters.kv_mixed_attention import TOKEN_RULES, TokenCountMismatch, match_token_counts
 from ..adapters.kv_mixed_encoders import KVMixedEncoder, split_key_value
 from .dispatcher import apply_attention_stage
+from .dit_kv_mixed import apply_kv_mixed_dit
+from .dit_layout import dit_family
 from .errors import IdentityAttentionError
 from .identity_inputs import (
     PROJECTION_CHOICES,
@@ -95,7 +97,7 @@ class ApplyKVMixedAttention:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "The model to add the identity to (SD1.5, SD2 or SDXL)."}),
+            "model": ("MODEL", {"tooltip": "The model to add the identity to (SD1.5, SD2, SDXL or Flux.1; on Flux the keys and values go through each block's own text projections, so projections must be layer)."}),
             "key_adapter": ("ID_ADAPTER", {"tooltip": "Trained pairing: the kv_mixed adapter (both encoders). One token set: the adapter whose tokens and value projection are used. Two adapters: the adapter for the keys, which decide WHERE the identity lands (a compact encoding: FaceID, InstantID)."}),
             "key_identity": ("IDENTITY", {"tooltip": "The person (as seen by key_adapter)."}),
         }
@@ -152,6 +154,11 @@ class ApplyKVMixedAttention:
                 f"value_adapter / value_identity are connected but pairing '{pairing}' takes keys and values from key_adapter alone",
                 node=node, input_name="pairing", fix=f"disconnect them, or set pairing to '{TWO_ADAPTERS}'",
             )
+        if dit_family(model) is not None:  # Flux: keys/values join the joint attention (nodes/dit_kv_mixed.py)
+            return (apply_kv_mixed_dit(
+                model, key_adapter, key_identity, value_adapter, value_identity, weight, start_percent, end_percent, apply_to, mode,
+                token_mismatch, projections, references, mask, pairing, node,
+            ),)
         layers = model_layers(model, node)
         if mode == "joint" and weight < 0:
             raise IdentityAttentionError(

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from ..adapters.attention_routing import ROUTER_WEIGHT_NAMES, RouterRecorder
 from ..adapters.id_adapter import IdAdapter
 from .dispatcher import apply_attention_stage, installed_dispatcher
+from .dit_layout import dit_family
+from .dit_moa import apply_moa_dit, dit_moa_stages
 from .errors import IdentityAttentionError
 from .identity_inputs import check_base, model_layers
 from .input_checks import check_latent
@@ -73,7 +75,7 @@ class ApplyMixtureOfAttention:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "A model that already has identity attention applied (parallel visual attention, KV-mixed...): that is the personalized branch being routed."}),
+            "model": ("MODEL", {"tooltip": "A model that already has identity attention applied (parallel visual attention, KV-mixed...): that is the personalized branch being routed. On Flux.1: the identity_attention or mask router, with prior current."}),
             "router": (
                 list(ROUTERS),
                 {
@@ -116,13 +118,15 @@ class ApplyMixtureOfAttention:
 
     def apply(self, model, router, weight, start_percent, end_percent, apply_to, temperature, record_maps, mask=None, router_weights=None, prior="base"):
         node = self.DISPLAY_NAME
-        layers = model_layers(model, node)
         if not 0.0 <= weight <= 1.0:
             raise IdentityAttentionError(f"weight must be between 0 and 1, got {weight}", node=node, input_name="weight", fix="use 1 for full routing")
         if not temperature > 0:
             raise IdentityAttentionError(f"temperature must be above 0, got {temperature}", node=node, input_name="temperature", fix="use 1.0, or lower for crisper maps")
         if prior not in PRIORS:
             raise IdentityAttentionError(f"unknown prior {prior!r}", node=node, input_name="prior", fix=f"choose one of: {', '.join(PRIORS)}")
+        if dit_family(model) is not None:  # Flux: routes the image tokens of every joint block (nodes/dit_moa.py)
+            return (apply_moa_dit(model, router, weight, start_percent, end_percent, apply_to, temperature, record_maps, mask, prior, node),)
+        layers = model_layers(model, node)
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, None, node=node)
         router_mask = validate_mask(mask, node) if mask is not None else None
         if router == "mask" and router_mask is None:
@@ -203,6 +207,7 @@ class InspectRouter:
         check_latent(latent, node, "latent")
         dispatcher = installed_dispatcher(model)
         stages: List[MixtureOfAttentionStage] = [s for s in (dispatcher.stages if dispatcher else ()) if isinstance(s, MixtureOfAttentionStage)]
+        stages += dit_moa_stages(model)  # Flux (nodes/dit_moa.py): the same recorder
         if not stages:
             raise IdentityAttentionError("this MODEL has no 'Apply mixture-of-attention' node", node=node, input_name="model", fix="connect the MODEL that went into the sampler, after 'Apply mixture-of-attention'")
         if routing_node > len(stages):

@@ -17,6 +17,8 @@ import math
 
 from . import prompt_encoding
 from .dispatcher import apply_attention_stage
+from .dit_layout import dit_family
+from .dit_nested import apply_nested_dit
 from .errors import IdentityAttentionError
 from .host import cross_attention_layers
 from .identity_token_inputs import check_base, identity_tokens, references_input
@@ -50,7 +52,7 @@ class ApplyNestedAttention:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "model": ("MODEL", {"tooltip": "The model to patch."}),
+            "model": ("MODEL", {"tooltip": "The model to patch (SD1.5, SD2, SDXL or Flux.1; on Flux choose the model's own K/V projection)."}),
             "adapter": ("ID_ADAPTER", {"tooltip": "Makes identity tokens from the identity (and, depending on projection, holds the nested key/value weights)."}),
             "identity": ("IDENTITY", {"tooltip": "The person whose features the subject word takes."}),
             "projection": (
@@ -58,7 +60,7 @@ class ApplyNestedAttention:
                 {"tooltip": "How identity tokens become nested keys/values. native nested weights: the paper's mechanism, an adapter trained by the trainer's nested target (its query-former makes the tokens). Untrained alternatives: the adapter's identity projections (any IP-Adapter-style adapter; trained for a different attention), or the model's own text projections (tokens must be in the text-embedding space)."},
             ),
             "subject": (list(SUBJECT_CHOICES), {"tooltip": "Which prompt token is the subject: the last word of the prompt (needs clip and prompt below), or the position given in token_index."}),
-            "token_index": ("INT", {"default": 5, "min": 1, "max": 76 * 8, "tooltip": "With subject = token index: the subject's position in the prompt (0 is the start token). 'Find subject token' shows every word's position."}),
+            "token_index": ("INT", {"default": 5, "min": 1, "max": 76 * 8, "tooltip": "With subject = token index: the subject's position in the prompt (0 is the start token). 'Find subject token' shows every word's position. On Flux.1: counted in T5's tokens, from 0 (T5 has no start token)."}),
         }
         required.update(schedule_inputs(weight_tooltip="How much of the subject's value is replaced by the identity (1 = as in the paper). 0 turns the node off exactly."))
         required["apply_to"] = (required["apply_to"][0], dict(required["apply_to"][1], default="cond", tooltip="The subject token belongs to the positive prompt: keep 'cond' unless the negative prompt has the same subject word at the same position."))
@@ -74,6 +76,8 @@ class ApplyNestedAttention:
         if kind is None:
             raise IdentityAttentionError(f"unknown projection {projection!r}", node=node, input_name="projection", fix=f"choose one of: {', '.join(PROJECTION_CHOICES)}")
         check_cross_attention_adapter(adapter, node, "adapter")
+        if dit_family(model) is not None:  # Flux: the subject's value in every joint block (nodes/dit_nested.py)
+            return (apply_nested_dit(model, adapter, identity, kind, subject, token_index, weight, start_percent, end_percent, apply_to, references, mask, clip, prompt, node),)
         check_base(model, adapter, node)
         index, prompt_length = self._subject(subject, token_index, clip, prompt, node)
         schedule = build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=node)

@@ -14,7 +14,11 @@ IDENTITY); per layer they become nested keys/values through one of:
   the tokens must live in the text-embedding space, token_dim = context dim).
   Read from the live module during sampling, so LoRA-patched weights are used.
 
-Projections are computed once per layer / batch chunk / device / dtype and cached.
+Projections are computed once per layer / batch chunk / device / dtype and cached; their
+per-row stacks and the dense one-hot values of the subject positions once per sampling (the
+sampling's :class:`~.sampling_scope.SamplingCache`), so a call launches only the two attention
+calls (fused SDPA: :meth:`AttentionCall.branch_attention`, the mechanism's own branches) and
+the two or three element-wise ops of :func:`add_subject_change`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.id_adapter import DeviceCache, IdAdapter, IdentityTokens
-from ..adapters.nested_attention import nested_attention, one_hot, subject_positions
-from .dispatcher import AttentionCall, AttentionStage, StageSchedule
+from ..adapters.nested_attention import nested_attention, one_hot, subject_positions, subject_values
+from .dispatcher import AttentionCall, AttentionStage, StageSchedule, autograd_safe
 from .errors import IdentityAttentionError
-from .host import LayerKey, attention_fn_for
+from .host import LayerKey
+from .sampling_scope import get_or_make, sampling_cache
 
 PROJECTIONS = {"adapter": ("to_k", "to_v"), "nested": ("nested.to_k", "nested.to_v")}
 
@@ -74,13 +79,30 @@ class NestedAttentionStage(AttentionStage):
                 input_name="token_index",
                 fix="use 'Find subject token' to get the subject word's index, or set subject to 'last prompt token'",
             )
-        kv = {code: self._nested_kv(call.layer, code, call.q) for code in set(call.chunks)}
-        kn = call.per_row({code: pair[0] for code, pair in kv.items()})
-        vn = call.per_row({code: pair[1] for code, pair in kv.items()})
-        hot = self._cache.get(("hot", call.k.shape[1]), call.k.device, call.k.dtype, lambda: one_hot(call.k.shape[1], positions))
-        return nested_attention(
-            out, call.q, call.k, call.v, kn, vn, positions, call.heads, attention_fn_for(call.extra_options), self.schedule.weight, region, hot=hot
+        kn, vn = self._kv_rows(call)
+        q, k = call.q, call.k
+        hot = get_or_make(
+            sampling_cache(call.extra_options),
+            (id(self), "hot", positions, k.shape, k.device, k.dtype),
+            lambda: subject_values(one_hot(k.shape[1], positions, device=k.device), k.shape[0], k.shape[2], k.dtype),
         )
+        return nested_attention(
+            out, q, k, call.v, kn, vn, positions, call.heads, lambda q, k, v, heads: call.branch_attention(q, k, v), self.schedule.weight, region, hot=autograd_safe(hot)
+        )
+
+    def _kv_rows(self, call: AttentionCall) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Nested keys and values for ``call``'s rows, ``[B, T, H*d]`` each, dense: stacked once per sampling."""
+        kv = {code: self._nested_kv(call.layer, code, call.q) for code in set(call.chunks)}
+        sources = tuple(id(t) for code in sorted(kv) for t in kv[code])  # new projections (a replaced layer weight): a new entry
+        key = (id(self), "kv_rows", call.layer, tuple(call.chunks), call.rows_per_chunk, sources)
+
+        def make():
+            kn = call.per_row({code: pair[0] for code, pair in kv.items()}).contiguous()
+            vn = call.per_row({code: pair[1] for code, pair in kv.items()}).contiguous()
+            return kn, vn, kv  # kv kept alive with the entry, so its ids are not reused while it lives
+
+        kn, vn, _ = get_or_make(sampling_cache(call.extra_options), key, make)
+        return autograd_safe(kn), autograd_safe(vn)
 
     def _positions_for(self, context_length: int) -> Tuple[int, ...]:
         found = self._positions.get(context_length)

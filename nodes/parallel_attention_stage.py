@@ -16,7 +16,14 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
   call over ``[text ; identity]`` keys and values, *instead of* the layer's text attention (+ one
   ``to_q`` matmul with a separate identity query); on the positive rows only when the negative
   gets no identity (the node's default): the negative rows then keep the host's text attention
-  of the whole batch (computed for every row, so they are the unpatched rows bit for bit);
+  of the whole batch (computed for every row, so they are the unpatched rows bit for bit).
+  Its ``[text ; identity]`` keys and values are, inside a sampling, one copy of the layer's
+  text K/V each into buffers whose identity rows were written once per sampling, so a layer
+  launches: the ``to_q`` matmul and the ``[q | q_id]`` cat, two copies, the SDPA call and
+  (positive rows only) the row merge: 6 more launches than unpatched. The budget of 4
+  (issue #22) assumes the joint call *replaces* the text attention; with the negative rows
+  kept bit-identical it runs next to it, and each of those 6 carries a per-call tensor (q,
+  the hidden states, k, v, the output rows), so no cache can take one out;
 - joint after other stages: one fused SDPA call for the identity part and share, then an
   elementwise mix with what those stages produced;
 - no host sync, no Python loop over batch items.
@@ -47,6 +54,7 @@ from ..adapters.parallel_attention import (
 from ..adapters.attention_core import token_heads
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, add_in_region, blend_in_region
 from .host import LayerKey
+from .sampling_scope import sampling_cache
 
 MODES = ("joint", "decoupled")
 _CACHE_LIMIT = 1024
@@ -196,19 +204,55 @@ class ParallelAttentionStage(AttentionStage):
         self.body = body
         self.needs_hidden_states = source.has_query
         self.forward_first_on_chunks = mode == "joint"  # the single call also for the positive rows alone
-        self._blocks: Dict[tuple, torch.Tensor] = {}
+        self._blocks: Dict[tuple, list] = {}  # where no sampling scope runs (a stage called directly)
 
     # --- cached per-layout blocks --------------------------------------------------------------
     def _block(self, call: AttentionCall, name, make, source: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``make()`` cached per layer and batch layout (and, given ``source``, while it is that tensor)."""
-        key = (name, call.layer, str(call.q.device), call.q.dtype, tuple(call.chunks), call.rows_per_chunk, call.k.shape[1])
-        hit = self._blocks.get(key)
-        if hit is None or hit[0] is not source:
-            hit = (source, make())
-            if len(self._blocks) > _CACHE_LIMIT:
-                self._blocks.clear()
-            self._blocks[key] = hit
+        """``make()`` cached per layer and batch layout (and, given ``source``, while it is that tensor).
+
+        Kept in the sampling's :class:`~.sampling_scope.SamplingCache` (made on the device on first
+        use, released when the sampling ends), or in the stage where no sampling scope runs (a
+        stage called directly).
+        """
+        key = (id(self), name, call.layer, str(call.q.device), call.q.dtype, tuple(call.chunks), call.rows_per_chunk, call.k.shape[1])
+        scope = sampling_cache(call.extra_options)
+        if scope is not None:
+            hit = scope.get_or_make(key, lambda: [None, None])  # [source, value], refreshed below
+        else:
+            hit = self._blocks.get(key)
+            if hit is None:
+                if len(self._blocks) > _CACHE_LIMIT:
+                    self._blocks.clear()
+                hit = self._blocks[key] = [None, None]
+        if hit[1] is None or hit[0] is not source:
+            hit[0], hit[1] = source, make()
         return hit[1]
+
+    def _text_and_identity(self, call: AttentionCall, name, text: torch.Tensor, id_rows: torch.Tensor) -> torch.Tensor:
+        """``[text ; identity]`` operand of the fused call: ``[b, M + T, H, width]``.
+
+        ``text`` ``[b, M, H*D]`` (the layer's k or v), ``id_rows`` ``[b, T, H, width]`` (a cached block).
+        Inside a sampling without autograd: one copy of the text rows into a buffer kept for the
+        sampling, whose identity rows and zero channels were written once (one launch instead of
+        a pad and a cat per layer); the next call's copy into it comes after this call's
+        attention in stream order. Where autograd records (STFG's gradient pass), or no
+        sampling scope runs: the pad and the cat.
+        """
+        th = token_heads(text, call.heads)  # [b, M, H, D], a view
+        width = id_rows.shape[-1]
+        scope = sampling_cache(call.extra_options)
+        inference = torch.is_inference_mode_enabled()
+        if scope is None or (torch.is_grad_enabled() and not inference) or th.shape[0] != id_rows.shape[0]:
+            return torch.cat([pad_heads(th, width), id_rows.to(th.dtype)], dim=1)
+        # inference tensors cannot be written outside inference mode: one buffer per mode
+        key = (id(self), "operand", name, call.layer, tuple(th.shape), width, id_rows.shape[1], str(th.device), th.dtype, inference)
+        hit = scope.get_or_make(key, lambda: [None, None])  # [id_rows, buffer]
+        if hit[1] is None or hit[0] is not id_rows:
+            b, m, h, _ = th.shape
+            hit[0], hit[1] = id_rows, torch.cat([th.new_zeros(b, m, h, width), id_rows.to(th.dtype)], dim=1)
+        buffer = hit[1]
+        buffer[:, : th.shape[1], :, : th.shape[-1]].copy_(th)
+        return buffer
 
     def _joint_call(self, call: AttentionCall, kind: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One fused SDPA call over ``[text ; identity]`` keys: ``(values [b, N, H*D] or None, share [b, N, H, 1] or None)``.
@@ -225,10 +269,10 @@ class ParallelAttentionStage(AttentionStage):
         with_share = kind != "fused" or separate  # fused: only where the 2D-wide layout has a free channel
         width = fused_width(dim_head, separate, value_dim, with_share)
         id_keys = self._block(call, ("k", width, separate), lambda: identity_key_block(k_id, heads, width, separate), source=k_id)
-        keys = torch.cat([pad_heads(token_heads(call.k, heads), width), id_keys], dim=1)
+        keys = self._text_and_identity(call, ("k", width), call.k, id_keys)
         id_values = lambda: identity_value_block(None if kind == "share" else v_id, heads, width, with_share, like=k_id)  # noqa: E731
         if kind == "fused":
-            values = torch.cat([pad_heads(token_heads(call.v, heads), width), self._block(call, ("v", kind, width), id_values, source=v_id)], dim=1)
+            values = self._text_and_identity(call, ("v", width), call.v, self._block(call, ("v", kind, width), id_values, source=v_id))
         else:
             values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1), source=v_id)
         bias = joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype) if self.mode == "joint" else None
@@ -279,13 +323,19 @@ class ParallelAttentionStage(AttentionStage):
         if not any(keep):
             return None
         share = call.scratch.get((id(self), "share"))  # computed by forward on this very call
-        if share is None:
-            _, share = self._joint_call(call, "share")
-        share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
+        part = None if share is not None or all(keep) else call.chunk_scratch(keep).get((id(self), "share"))
+        if part is not None:
+            # forward_first ran on the kept rows only: their share, zero on the other rows (one cat)
+            zeros = self._block(call, "no share", lambda: call.q.new_zeros(call.batch, call.q.shape[1], 1))
+            share = call.scatter_chunks(zeros, part.mean(dim=2).to(call.q.dtype), keep)
+        else:
+            if share is None:
+                _, share = self._joint_call(call, "share")
+            share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:
             share = share * region
-        if not all(keep):
+        if not all(keep) and part is None:
             rows = self._block(call, "keep", lambda: call.per_row({c: torch.full((1, 1, 1), float(k), device=call.q.device, dtype=call.q.dtype) for c, k in zip(call.chunks, keep)}))
             share = share * rows
         return share

@@ -225,10 +225,15 @@ def fresh_pva_adapter(model_patcher, settings: Mapping, seed: int = 0) -> IdAdap
 
 
 @register_target("pva")
-def make_pva_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, token_vectors=None, seed: int = 0, **_):
+def make_pva_target(model_patcher, adapter: Optional[IdAdapter], settings: Mapping, token_vectors=None, seed: int = 0, **extra):
     """Trainer factory. ``adapter``: where to start (None: :func:`fresh_pva_adapter`). ``settings``:
     ``train_projector`` (True, stage 1), ``token_lr`` (1e-3; the token trains when the caption has
-    ``<new1>``), ``projector_lr`` (default 3.2e-5, PVA's stage 1)."""
+    ``<new1>``), ``projector_lr`` (default 3.2e-5, PVA's stage 1). On a Flux MODEL: the identity
+    transformer through joint identity attention (nodes/flux_training.py)."""
+    from .flux_training import is_flux, make_flux_pva_target
+
+    if is_flux(model_patcher):
+        return make_flux_pva_target(model_patcher, adapter, settings, seed=seed, token=extra.get("token"))
     if adapter is None:
         adapter = fresh_pva_adapter(model_patcher, settings, seed)
     return PVATarget(

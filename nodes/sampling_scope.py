@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Hashable, Optional
 
+from ..adapters.id_adapter import DeviceCache
+
 SAMPLING_CACHE_KEY = "identity_attention_sampling_cache"
 """Key in ``transformer_options`` / attn2 ``extra_options``: the current sampling's :class:`SamplingCache`."""
 
@@ -61,6 +63,18 @@ def sampling_cache(options: Optional[dict]) -> Optional[SamplingCache]:
     """The cache of the sampling ``options`` (attn2 ``extra_options`` / ``transformer_options``) belong to, or None."""
     found = options.get(SAMPLING_CACHE_KEY) if options else None
     return found if isinstance(found, SamplingCache) else None
+
+
+def device_constant(options: Optional[dict], owner: Hashable, key: Hashable, device, dtype, make: Callable[[], object], fallback: DeviceCache):
+    """``make()`` (CPU tensors, or a tuple of them) on ``device`` in ``dtype``, made once per sampling.
+
+    Kept in a :class:`~..adapters.id_adapter.DeviceCache` of ``owner`` (e.g. ``id(stage)``) inside
+    the sampling's cache, so it is released when the sampling ends and the next sampling makes
+    it again; where no sampling scope runs (a stage called directly), in ``fallback``.
+    """
+    scope = sampling_cache(options)
+    store = fallback if scope is None else scope.get_or_make(("device_constants", owner), DeviceCache)
+    return store.get(key, device, dtype, make)
 
 
 def get_or_make(cache: Optional[SamplingCache], key: Hashable, make: Callable[[], object]):

@@ -25,7 +25,15 @@ import torch
 
 from ..adapters.id_adapter import DeviceCache
 from ..adapters.spatial import mask_to_tokens
-from ..adapters.stfg_guidance import boundary_region, exact_update, fast_update, frequency_box
+from ..adapters.stfg_guidance import (
+    boundary_from_weights,
+    exact_update,
+    fast_update,
+    fast_update_fused,
+    frequency_box,
+    low_pass_matrices,
+    masked_mean_weights,
+)
 from .errors import IdentityAttentionError
 from .gradient_support import cfg_denoiser
 from .stfg_attention_stage import STFGAttentionStage
@@ -103,6 +111,28 @@ class STFGGuidance:
         h, w = denoised.shape[-2:]
         return self._cache.get(("box", h, w), denoised.device, torch.float32, lambda: frequency_box(h, w, self.band, self.layout))
 
+    def _boundary(self, attention: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """Eq. 7's boundary ``[B, H, W]`` bool, from the mask's weights made once per grid and device."""
+        h, w = denoised.shape[-2:]
+        cpu_mask = lambda: mask_to_tokens(self.mask, (h, w)).reshape(-1, h, w)  # noqa: E731
+        inside = self._cache.get(("inside", h, w), attention.device, torch.bool, lambda: masked_mean_weights(cpu_mask())[0])
+        weights, root = self._cache.get(("weights", h, w), attention.device, attention.dtype, lambda: masked_mean_weights(cpu_mask(), torch.float64)[1:])
+        return boundary_from_weights(attention, inside, weights, root)
+
+    def _fast(self, denoised, z0, boundary, mask, sigma, box) -> torch.Tensor:
+        """The closed-form update: the fused low-pass matrices where the box is real (``centred``), else the FFT."""
+        b, _, h, w = denoised.shape
+        if self.layout != "centred" or denoised.dtype not in (torch.float32, torch.float64) or (torch.is_grad_enabled() and not torch.is_inference_mode_enabled()):
+            return fast_update(denoised, z0, boundary, mask, sigma, self.strength, box, self.step_cap)
+        p_y, p_x = self._cache.get(("low_pass", h, w), denoised.device, denoised.dtype, lambda: low_pass_matrices(h, w, self.band, self.layout))
+
+        def low_z0():  # LP(z0) at the batch size, once
+            py, px = low_pass_matrices(h, w, self.band, self.layout)
+            return (py @ self.z0.double() @ px).expand(b, -1, -1, -1).contiguous()
+
+        low = self._cache.get(("low_z0", b, h, w), denoised.device, denoised.dtype, low_z0)
+        return fast_update_fused(denoised, low, boundary, mask, sigma, self.strength, p_y, p_x, self.step_cap)
+
     # --- the hook ------------------------------------------------------------------------------
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -115,13 +145,13 @@ class STFGGuidance:
                 return denoised  # the prompt's rows did not come as one batch: nothing sound to guide with
             attention = attention.expand(denoised.shape[0], -1, -1)
         z0, mask, box = self._original(denoised), self._mask(denoised), self._box(denoised)
-        boundary = boundary_region(attention, mask)
+        boundary = self._boundary(attention, denoised)
         self.recorder.record(sigma_value, "boundary", boundary)
         self.recorder.record(sigma_value, "attention", attention)
         sigma = args["sigma"]
         update_mask = mask if self.mask_update else None  # the boundary always lies inside the mask
         if self.mode == "fast" or not self.exact_now(sigma_value):
-            return fast_update(denoised, z0, boundary, update_mask, sigma, self.strength, box, self.step_cap)
+            return self._fast(denoised, z0, boundary, update_mask, sigma, box)
         return self._exact(args, denoised, z0, boundary, update_mask, sigma, box)
 
     def exact_now(self, sigma: Optional[float]) -> bool:

@@ -20,7 +20,8 @@ Targets (``nodes/training_targets.py``; one file per mechanism): ``pva`` (visual
 identity transformer, the caption's ``<new1>`` token), ``router`` (MoA routers + router loss),
 ``ca2_score``, ``stage_tokens``, ``face_adapter``, ``kv_mixed``, ``nested``, ``omni_id``,
 ``restoration_guide`` (Dual-Pivot's ControlNet guide, ``nodes/restoration_training.py``) where their
-modules exist. Each target may name
+modules exist. On a Flux.1 MODEL only ``pva`` trains: the identity transformer through joint identity
+attention, with the rectified-flow loss (``nodes/flux_training.py``). Each target may name
 an ``adapter`` (where to start / the frozen branch it needs) and ``init`` (weights to continue).
 
 Learning rate per target: its own ``learning_rate`` setting, else ``train.learning_rate``, else the
@@ -76,11 +77,13 @@ from ..adapters.identity import IdentityFeatures
 from ..adapters.loss_plot import draw_loss_curves, save_png
 from ..adapters.native_format import write_native
 from ..adapters.training_data import ImageFolderIndex, StreamingImages, collate
-from ..adapters.training_losses import denoising_loss, loss_weight_map
+from ..adapters.training_losses import denoising_loss, flow_matching_loss, flow_noisy, loss_weight_map
 from ..adapters.training_masks import inpaint_mask, masked_pixels, random_face_mask, to_latent
 from ..adapters.training_schedule import sigmas_for, step_generator, stratified_timesteps
 from ..adapters.write_paths import write_atomically, write_safetensors
+from .flux_training import checkpointed_flux, is_flux, is_rectified_flow, refuse_prompt_word
 from .differentiable_unet import TrainingModels, as_normal, differentiable_clone, differentiable_text_encoder, predict_x0, training_transformer_options
+from .dit_layout import context_width
 from .host import base_model_of, cross_attention_layers, model_sampling
 from .personalization import adm_vector, autocast_dtype, encode_latents, is_inpainting
 from .prompt_token import PLACEHOLDER, embedding_file_tensors, encode_tokens, find_prompt_token, initial_vectors, token_clip, with_marker
@@ -248,6 +251,10 @@ class Trainer:
         self.resolution = int(dcfg["resolution"])
         self.device = self.model.load_device
         self.base = base_model_of(self.model)
+        self.flux = is_flux(self.model)  # Flux.1: only the pva target (nodes/flux_training.py)
+        if self.flux:
+            self.base = "flux"
+        self.flow = is_rectified_flow(self.model)  # the loss and the noising follow the model's sampling
         self.layers = cross_attention_layers(self.model)
         self.inpaint = is_inpainting(self.model)
         if not self.cfg.get("targets"):
@@ -257,6 +264,8 @@ class Trainer:
 
         # the prompt token (a target's learned word) is found on the default caption
         caption = str(dcfg["caption"])
+        if self.flux and PLACEHOLDER in caption:
+            refuse_prompt_word()  # before the token search, which knows CLIP tokenizers only
         self.token = find_prompt_token(self.clip, caption, PLACEHOLDER) if PLACEHOLDER in caption else None
         self.feed = TrainingFeed()
         self.targets = self._build_targets()
@@ -273,6 +282,8 @@ class Trainer:
         checkpointing = True if checkpointing == "auto" else bool(checkpointing)
         self._check_memory(checkpointing)
         self.unet = differentiable_clone(unet, checkpoint=checkpointing)
+        if self.flux and checkpointing:
+            self.unet = checkpointed_flux(self.unet)  # Flux blocks are not BasicTransformerBlocks: their own wrapper
         # one token CLIP per run (two clones of one text encoder cannot be loaded at once): its word is
         # the PVA token, or the vectors a target asks for through feed.extras["encode_with"]
         self._override: Optional[Dict[str, torch.Tensor]] = None
@@ -343,6 +354,8 @@ class Trainer:
             settings = dict(settings or {})
             if name not in TARGETS:
                 raise ValueError(f"unknown training target '{name}'; this pack has: {', '.join(sorted(TARGETS))}")
+            if self.flux and name != "pva":
+                raise ValueError(f"the target '{name}' trains UNet cross-attention layers; on a Flux model only 'pva' trains (its identity transformer)")
             adapter = load_adapter(settings.get("adapter"), self.model, self.config_dir)
             init = load_adapter(settings.get("init"), self.model, self.config_dir)
             vectors = None
@@ -486,14 +499,19 @@ class Trainer:
         if pooled is not None:
             y = adm_vector(self.model, pooled, self.resolution, 1, self.device)
             y = None if y is None else (y if y.shape[0] == context.shape[0] else y.expand(context.shape[0], -1))
-        x_noisy = (mb.x0 + mb.sigma.reshape(-1, 1, 1, 1) * mb.eps).to(self.device)
+        x_noisy = (flow_noisy(mb.x0, mb.sigma, mb.eps) if self.flow else mb.x0 + mb.sigma.reshape(-1, 1, 1, 1) * mb.eps).to(self.device)
         sigma = mb.sigma.to(self.device)
+        inputs = {k: v for t in self.targets for k, v in getattr(t, "model_inputs", lambda *a: {})(self.model, pooled, context.shape[0], self.device).items()}
         c_concat = mb.c_concat.to(self.device) if mb.c_concat is not None else None
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             for t in self.targets:
                 t.before_forward(feed, x_noisy, sigma, as_normal(context), y)
-            x0_hat = predict_x0(self.unet, x_noisy, sigma, as_normal(context), c_concat=c_concat, y=y, transformer_options=self.options)
-        terms = {"denoise": denoising_loss(x0_hat, x_noisy, sigma, mb.eps.to(self.device), mb.weight.to(self.device) if mb.weight is not None else None)}
+            x0_hat = predict_x0(self.unet, x_noisy, sigma, as_normal(context), c_concat=c_concat, y=y, transformer_options=self.options, extra_conds=inputs)
+        weight = mb.weight.to(self.device) if mb.weight is not None else None
+        if self.flow:
+            terms = {"denoise": flow_matching_loss(x0_hat, x_noisy, sigma, mb.x0.to(self.device), mb.eps.to(self.device), weight)}
+        else:
+            terms = {"denoise": denoising_loss(x0_hat, x_noisy, sigma, mb.eps.to(self.device), weight)}
         for t in self.targets:
             terms.update({k: v.float() for k, v in t.regularizers(feed).items()})
         feed.stop()
@@ -620,7 +638,7 @@ class Trainer:
             return paths
         os.makedirs(self.out_dir, exist_ok=True)
         name = self.cfg["output"]["name"]
-        context_dim = self.layers[0].context_dim
+        context_dim = self.layers[0].context_dim if self.layers else context_width(self.model)
         base = self.base if self.base != "unknown" else "sd15"
         for t in self.targets:
             meta = {"trained_steps": str(self.step), "learning_rate": f"{self.learning_rates[t.name]:g}", "seed": str(self.seed)}

@@ -5,7 +5,9 @@
 - ``{"checkpoint": "path/to/model.safetensors"}``: one file, like "Load Checkpoint"
   (``comfy.sd.load_checkpoint_guess_config``: UNet, CLIP and VAE detected from the keys);
 - ``{"unet": path, "clip": path | [paths], "vae": path}``: split files, like "Load Diffusion
-  Model" / "Load CLIP" / "Load VAE" (two CLIP paths: SDXL's CLIP-L and CLIP-G);
+  Model" / "Load CLIP" / "Load VAE" (two CLIP paths: SDXL's CLIP-L and CLIP-G, or Flux.1's CLIP-L
+  and T5-XXL); optional ``clip_type`` (a ComfyUI CLIPType name such as "flux" or "sd3"; default: "flux"
+  for a Flux.1 diffusion model, else ComfyUI's own default);
 - ``{"factory": "module:function", "args": {...}}``: a Python function returning
   ``(MODEL, CLIP, VAE)`` (tests, custom setups).
 
@@ -86,11 +88,34 @@ def _load_models(spec: dict, base_dir: str):
         loader = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
         model = loader(unet_path)
         clips: Sequence[str] = spec["clip"] if isinstance(spec["clip"], (list, tuple)) else [spec["clip"]]
-        clip = comfy.sd.load_clip(ckpt_paths=[resolve(c, "clip", base_dir) for c in clips], embedding_directory=_embedding_directory())
+        kind = clip_type(spec.get("clip_type"), model)
+        extra = {"clip_type": kind} if kind is not None else {}
+        clip = comfy.sd.load_clip(ckpt_paths=[resolve(c, "clip", base_dir) for c in clips], embedding_directory=_embedding_directory(), **extra)
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(resolve(spec["vae"], "vae", base_dir)))
     if model is None or clip is None or vae is None:
         raise ValueError("the checkpoint did not give a UNet, a text encoder and a VAE; give split files (unet, clip, vae) instead")
     return model, clip, vae
+
+
+def clip_type(name: Optional[str], model):
+    """ComfyUI's ``CLIPType`` for split text-encoder files, as "Load CLIP" / "DualCLIPLoader" take it.
+
+    ``name``: the config's ``clip_type`` (a CLIPType name, e.g. "flux", "sd3"); without one, FLUX
+    for a Flux.1 MODEL (its CLIP-L + T5-XXL pair) and None (ComfyUI's default) otherwise.
+    """
+    import comfy.sd
+
+    types = getattr(comfy.sd, "CLIPType", None)
+    if name is None:
+        from .dit_layout import FLUX, dit_family
+
+        if dit_family(model) != FLUX or types is None or not hasattr(types, "FLUX"):
+            return None
+        return types.FLUX
+    known = [t.name.lower() for t in types] if types is not None else []
+    if str(name).lower() not in known:
+        raise ValueError(f"models.clip_type {name!r} is not a text-encoder type of this ComfyUI (known: {', '.join(known) or 'none'})")
+    return types[str(name).upper()]
 
 
 def load_adapter(path: Optional[str], model, base_dir: str = "") -> Optional[IdAdapter]:

@@ -12,6 +12,7 @@ from conftest import pack
 ca2 = pack("adapters.ca2_gate")
 core = pack("adapters.attention_core")
 mass_mod = pack("adapters.text_attention_mass")
+sampling_scope = pack("nodes.sampling_scope")
 
 F64 = torch.float64
 
@@ -158,12 +159,15 @@ def test_content_indicator_marks_clip_start_tokens_without_host_copies(tokens):
     starts = list(range(0, tokens, 77)) if tokens >= 77 and tokens % 77 == 0 else [0]
     expected = torch.ones(tokens, dtype=F64)
     expected[starts] = 0
-    got = mass_mod.content_indicator(tokens, dtype=F64)
+    cache = sampling_scope.SamplingCache()
+    got = mass_mod.content_indicator(tokens, dtype=F64, cache=cache)
     assert got.dtype == F64 and torch.equal(got, expected)
-    assert mass_mod.content_indicator(tokens, dtype=F64) is got  # cached: no launches after the first call
+    assert mass_mod.content_indicator(tokens, dtype=F64, cache=cache) is got  # once per sampling: no launches after the first call
+    cache.release()  # the sampling ended: the next one builds it again
+    again = mass_mod.content_indicator(tokens, dtype=F64, cache=cache)
+    assert again is not got and torch.equal(again, expected)
     from torch.profiler import ProfilerActivity, profile
 
-    mass_mod._INDICATORS.clear()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         mass_mod.content_indicator(tokens, dtype=torch.float32)
     names = {e.name for e in prof.events()}

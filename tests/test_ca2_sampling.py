@@ -252,3 +252,38 @@ def test_clip_vision_output_input_equals_clip_vision_plus_image(tiny):
     node = ca2_nodes.ApplyCA2Gate()
     (patched,) = node.apply(model, adapter, edit_mask(), TEXT, 1.0, 1.0, 0.0, 1.0, "both", clip_vision_output=encoder.encode_image(images))
     assert_close_to_scale(sample(patched, "sd15", steps=1), a)  # the uncond of an embeds projector is zeros either way
+
+
+def test_device_constants_live_for_one_sampling(tiny, monkeypatch):
+    """CA²'s visual K/V and score weights on the device, and the text-mass indicator, are made on
+    first use in a sampling, kept in that sampling's cache and released when it ends: the next
+    sampling (another prompt, another image) makes them again and nothing of the last one is left."""
+    ca2_stage = pack("nodes.ca2_stage")
+    sampling_scope = pack("nodes.sampling_scope")
+    model = tiny.unet("sd15")
+    adapter = image_adapter(model)
+    made, caches = [], []
+    make_kv = ca2_stage.visual_keys_values
+    monkeypatch.setattr(ca2_stage, "visual_keys_values", lambda *a: made.append(1) or make_kv(*a))
+    constant = ca2_stage.device_constant
+
+    def recording(options, *args):
+        caches.append(sampling_scope.sampling_cache(options))
+        schedule_published.append(options.get("sample_sigmas") is not None)
+        return constant(options, *args)
+
+    schedule_published = []  # the 2025 host publishes the sampling's sigmas: its end is known
+    monkeypatch.setattr(ca2_stage, "device_constant", recording)
+    for source in (TEXT, NATIVE):
+        patched = apply_gate(model, image_adapter(model, score_hidden=8) if source == NATIVE else adapter, originals(1), source=source)
+        first = sample(patched, "sd15", steps=2)
+        per_sampling, seen = len(made), {id(c): c for c in caches}
+        assert per_sampling > 0 and all(c is not None for c in caches)  # kept in the sampling's cache
+        if all(schedule_published):  # released when the sampling ended (early 2024: when the next begins)
+            assert all(len(c) == 0 for c in seen.values())
+        assert torch.equal(sample(patched, "sd15", steps=2), first)
+        assert len(made) == 2 * per_sampling  # the second sampling made them again: released in between
+        made.clear(), caches.clear()
+    # another image through the same node: its own constants, not the last sampling's
+    got = sample(apply_gate(model, adapter, originals(1, seed=9)), "sd15", steps=1)
+    assert not torch.equal(got, sample(apply_gate(model, adapter, originals(1)), "sd15", steps=1))

@@ -86,6 +86,49 @@ def test_region_confines_the_increment():
     torch.testing.assert_close(got[:, :7], run_adapter(W, x, t, 4, g=1.0)[:, :7], rtol=1e-10, atol=1e-10)
 
 
+def test_fused_path_equals_the_unfused_formula():
+    """What the node runs (q/k/v as one matmul, one cat, SDPA, gated residuals as add/addcmul) = the formula."""
+    W, x, t = make_case(heads=4)
+    region = torch.rand(2, x.shape[1], 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    region[:, :5] = 0.0
+    ga, gd = gsa.gates(W, 0.8)
+    face_kv = gsa.face_keys_values(t, W)
+    for r in (None, region):
+        got = gsa.gated_self_attention(x, face_kv, W, 4, ga, gd, core.fused_attention, region=r, qkv_weight=gsa.fused_qkv_weight(W))
+        torch.testing.assert_close(got, reference_fact(x, t, W, 4, 0.8, r), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[:, :5], x[:, :5])
+    # one residual kernel: x + g * r * delta, written out
+    delta = torch.randn_like(x)
+    torch.testing.assert_close(gsa.gated_residual(x, delta, 0.3), x + 0.3 * delta, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(gsa.gated_residual(x, delta, 0.3, region), x + 0.3 * region * delta, rtol=1e-15, atol=1e-15)
+    assert torch.equal(gsa.gated_residual(x, delta, 0.0), x)
+    gate = torch.tensor(0.3, dtype=torch.float64)  # training: alpha is a parameter
+    torch.testing.assert_close(gsa.gated_residual(x, delta, gate, region), x + 0.3 * region * delta, rtol=1e-15, atol=1e-15)
+
+
+def test_face_kv_rows_made_once_per_sampling():
+    """The face tokens' per-row K/V are stacked once per sampling and equal the per-call stack."""
+    sampling_scope = pack("nodes.sampling_scope")
+    key, C, heads, hw = ("input", 1, 0), 64, 2, (4, 6)
+    adapter = fact_adapter_for([(key, C)], token_dim=48)
+    tokens = tokens_pair(D=48)
+    x = torch.randn(4, hw[0] * hw[1], C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    patch = patch_mod.FaceAdapterPatch(dispatcher.StageSchedule(weight=0.7), adapter, tokens, [key])
+    eo = extra_options_for(key, heads, hw, chunks=(1, 0))
+    without_scope = patch(x, eo)
+    eo[sampling_scope.SAMPLING_CACHE_KEY] = cache = sampling_scope.SamplingCache()
+    first = patch(x, eo)
+    assert len(cache) == 1
+    call = dispatcher.AttentionCall(x, x, x, eo, key)
+    rows = patch._face_kv_rows(call)
+    assert rows is patch._face_kv_rows(call)  # the same tensor: no launch in later calls
+    W = adapter.layer(key)
+    expected = torch.cat([gsa.face_keys_values(tokens.uncond, W).expand(2, -1, -1), gsa.face_keys_values(tokens.cond, W).expand(2, -1, -1)])
+    torch.testing.assert_close(rows, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(patch(x, eo), first) and torch.equal(first, without_scope)
+    assert len(cache) == 1
+
+
 def test_check_layer_reports_wrong_shapes():
     W, _, _ = make_case()
     assert gsa.check_layer(W, 64, 48) is None

@@ -8,6 +8,7 @@ after the text attention, checked here against float64 formulas and against the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,7 @@ dispatcher = pack("nodes.dispatcher")
 mass_mod = pack("adapters.text_attention_mass")
 pva_nodes = pack("nodes.parallel_attention_nodes")
 stfg_stage = pack("nodes.stfg_attention_stage")
+sampling_scope = pack("nodes.sampling_scope")
 
 
 class PassThrough(dispatcher.AttentionStage):
@@ -161,6 +163,34 @@ def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny):
     masked = run_layer(pva(model, adapter, identity, mask=mask), inputs)
     region = tokens_mask(mask[0], 4)
     close(masked, region * expected + (1 - region) * attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads))
+
+
+@pytest.mark.parametrize("negative", ["none (PVA)", "zero identity"])
+def test_joint_single_call_buffers_within_a_sampling_give_the_pad_and_cat_bits(tiny, negative):
+    """Inside a sampling (no autograd), the fused call's [text ; identity] keys and values are one
+    copy of the text rows into buffers kept for the sampling: bit for bit the pad-and-cat operands'
+    result, with the text K/V of each call (never a previous call's), released with the sampling."""
+    model = tiny.unet("sd15")
+    adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=3, clip=False)
+    patched = pva(model, adapter, identity, negative=negative)
+    inputs = layer_inputs(model, SD15_KEY)
+    other = dataclasses.replace(inputs, k=inputs.k.flip(0) * 0.5 + 0.25, v=inputs.v.flip(0) - 0.5)  # another prompt's text
+    cache = sampling_scope.SamplingCache()
+    slot = patched.model_options["transformer_options"]["patches_replace"]["attn2"][inputs.info.key]
+    options = dict(inputs.extra_options, **{sampling_scope.SAMPLING_CACHE_KEY: cache})
+    with torch.inference_mode():
+        first = slot(inputs.q, inputs.k, inputs.v, dict(options))
+        made = len(cache)
+        second = slot(other.q, other.k, other.v, dict(options))
+        again = slot(inputs.q, inputs.k, inputs.v, dict(options))
+    assert made > 0 and len(cache) == made  # made on the first call, reused after
+    assert torch.equal(first, run_layer(patched, inputs))  # run_layer: no sampling scope, pad and cat
+    assert torch.equal(second, run_layer(patched, other))
+    assert torch.equal(again, first)
+    if negative == "zero identity":  # every row takes the single call
+        close(first, joint64(inputs, adapter, identity, 0.7))
+    cache.release()
+    assert len(cache) == 0
 
 
 @pytest.mark.parametrize("tokens,dim_head", [(77, 8), (154, 40), (77, 4)])

@@ -86,6 +86,59 @@ def test_repeated_context_and_region():
     torch.testing.assert_close(masked[:, :5], once[:, :5])
 
 
+def test_fused_path_equals_the_unfused_formula():
+    """What the stage runs (per-row dense K/V and one-hot values, SDPA, gap + addcmul) = the formula, float64."""
+    q, k, v, kn, vn = case(heads=4)
+    std = core.reference_attention(q, k, v, 4)
+    region = torch.rand(2, 12, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    region[:, :3] = 0.0
+    hot = na.subject_values(na.one_hot(77, [5], dtype=torch.float64), 2, 32, torch.float64)
+    assert hot.shape == (2, 77, 32) and hot.is_contiguous() and torch.equal(hot[:, 5], torch.ones(2, 32, dtype=torch.float64))
+    rows = kn.expand(2, -1, -1).contiguous(), vn.expand(2, -1, -1).contiguous()
+    expected = reference_nested(q, k, v, kn, vn, 5, 4)
+    for w, r in ((1.0, None), (0.6, None), (0.6, region)):
+        got = na.nested_attention(std, q, k, v, *rows, [5], 4, core.fused_attention, weight=w, region=r, hot=hot)
+        scale = w if r is None else w * r
+        torch.testing.assert_close(got, std + scale * (expected - std), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[:, :3], std[:, :3])
+    # the last step written out: out + w r a (v* - V[s])
+    a, nested = torch.rand_like(q), torch.randn_like(q)
+    torch.testing.assert_close(na.add_subject_change(std, a, nested, v[:, 5:6], 0.6, region), std + 0.6 * region * a * (nested - v[:, 5:6]), rtol=1e-15, atol=1e-15)
+    assert torch.equal(na.add_subject_change(std, a, nested, v[:, 5:6], 0.0), std)
+
+
+def test_stage_caches_rows_once_per_sampling():
+    """The stage's per-row nested K/V and one-hot values are made once per sampling; the result is the formula."""
+    stage_mod = pack("nodes.nested_attention_stage")
+    sampling_scope = pack("nodes.sampling_scope")
+    key, heads, C, Dt = ("input", 1, 0), 4, 32, 24
+    gen = torch.Generator().manual_seed(8)
+    adapter = id_adapter.IdAdapter(
+        format="ip_adapter", base="sd15", context_dim=Dt,
+        layers={key: {"to_k": torch.randn(C, Dt, generator=gen, dtype=torch.float64), "to_v": torch.randn(C, Dt, generator=gen, dtype=torch.float64)}},
+    )
+    tokens = id_adapter.IdentityTokens(cond=torch.randn(1, 6, Dt, generator=gen, dtype=torch.float64), uncond=torch.randn(1, 6, Dt, generator=gen, dtype=torch.float64))
+    stage = stage_mod.NestedAttentionStage(dispatcher.StageSchedule(weight=0.7), tokens, "adapter", 5, 77, adapter=adapter)
+    q, k, v, _, _ = case(B=4, heads=heads, d=C // heads, seed=1)
+    eo = {"block": key[:2], "block_index": key[2], "n_heads": heads, "dim_head": C // heads, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0])}
+    std = core.reference_attention(q, k, v, heads)
+    without_scope = stage.forward(dispatcher.AttentionCall(q, k, v, eo, key), std, None)
+    eo[sampling_scope.SAMPLING_CACHE_KEY] = cache = sampling_scope.SamplingCache()
+    call = dispatcher.AttentionCall(q, k, v, eo, key)
+    first = stage.forward(call, std, None)
+    assert len(cache) == 2  # the K/V rows and the one-hot values
+    kn, vn = stage._kv_rows(call)
+    assert kn is stage._kv_rows(call)[0]  # the same tensors in later calls: no launch
+    W = adapter.layer(key)
+    for t, rows in ((tokens.uncond, slice(0, 2)), (tokens.cond, slice(2, 4))):
+        torch.testing.assert_close(kn[rows], (t @ W["to_k"].T).expand(2, -1, -1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(vn[rows], (t @ W["to_v"].T).expand(2, -1, -1), rtol=1e-12, atol=1e-12)
+        nested = reference_nested(q[rows], k[rows], v[rows], t @ W["to_k"].T, t @ W["to_v"].T, 5, heads)
+        torch.testing.assert_close(first[rows], std[rows] + 0.7 * (nested - std[rows]), rtol=1e-12, atol=1e-12)
+    assert torch.equal(stage.forward(call, std, None), first) and torch.equal(first, without_scope)
+    assert len(cache) == 2
+
+
 # --- in the model ------------------------------------------------------------------------------------
 
 

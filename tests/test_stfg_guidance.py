@@ -145,6 +145,47 @@ def test_fast_equals_closed_form(sigma):
     assert torch.equal(got[outside], x0[outside])  # nothing moves outside the edit mask
 
 
+@pytest.mark.parametrize("size,band", [((16, 16), 0.5), ((12, 20), 0.3), ((9, 7), 0.8)])
+def test_low_pass_matrices_are_the_fft_low_pass(size, band):
+    """The centred box is a real separable filter: P_y z P_x is the FFT low-pass (float64); the quadrant box has none."""
+    h, w = size
+    z = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(4), dtype=F64)
+    p_y, p_x = stfg.low_pass_matrices(h, w, band)
+    box = stfg.frequency_box(h, w, band)
+    np.testing.assert_allclose((p_y @ z @ p_x).numpy(), lp_ref(z.numpy(), box.numpy()), rtol=0, atol=1e-12)
+    assert stfg.low_pass_matrices(h, w, band, "quadrant") is None
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_fused_boundary_is_eq7(frames):
+    x0, z0, attention, mask = case(3)
+    mask = mask[:frames]
+    inside, weights, root = stfg.masked_mean_weights(mask, F64)
+    got = stfg.boundary_from_weights(attention, inside, weights, root)
+    assert got.any() and torch.equal(got, stfg.boundary_region(attention, mask))
+    empty = torch.zeros_like(mask)
+    assert not stfg.boundary_from_weights(attention, *stfg.masked_mean_weights(empty, F64)).any()
+
+
+@pytest.mark.parametrize("cap", [True, False])
+@pytest.mark.parametrize("lam,sigma", [(3.0, 14.0), (3.0, 0.3), (-2.0, 2.0)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_fast_update_equals_fast_update(cap, lam, sigma, masked):
+    """The launch-lean update (low-pass matrices, LP(z0) made once, the step folded in) is Eq. 10's fast update."""
+    x0, z0, attention, mask = case(2)
+    box = stfg.frequency_box(16, 16)
+    idx = stfg.boundary_region(attention, mask)
+    p_y, p_x = stfg.low_pass_matrices(16, 16)
+    low_z0 = (p_y @ z0 @ p_x).expand(2, -1, -1, -1).contiguous()
+    sig = torch.full((2,), sigma, dtype=F64)
+    update_mask = mask if masked else None
+    got = stfg.fast_update_fused(x0, low_z0, idx, update_mask, sig, lam, p_y, p_x, cap)
+    torch.testing.assert_close(got, stfg.fast_update(x0, z0, idx, update_mask, sig, lam, box, cap), rtol=0, atol=1e-12)
+    if cap and lam > 0:
+        np.testing.assert_allclose(got.numpy(), fast_reference(x0, z0, idx, mask if masked else torch.ones_like(mask), [sigma] * 2, lam, box), rtol=1e-9, atol=1e-9)
+    assert torch.equal(stfg.fast_update_fused(x0, low_z0, torch.zeros_like(idx), update_mask, sig, lam, p_y, p_x, cap), x0)
+
+
 def test_fast_step_reduces_the_energy_and_lambda_zero_is_identity():
     x0, z0, attention, mask = case(3)
     box = stfg.frequency_box(16, 16)

@@ -260,8 +260,9 @@ def test_exact_every_k_takes_the_gradient_on_every_kth_guided_call(tiny, monkeyp
     guidance = post_cfg.STFGGuidance(stage, model.model.process_latent_in(z0), mask, 5.0, mode="exact", exact_every=2)
     calls = []
     monkeypatch.setattr(guidance, "_exact", lambda args, denoised, *rest: (calls.append("exact"), denoised)[1])
-    fast = post_cfg.fast_update
-    monkeypatch.setattr(post_cfg, "fast_update", lambda *a, **k: (calls.append("fast"), fast(*a, **k))[1])
+    for name in ("fast_update", "fast_update_fused"):  # the closed form, as FFTs or as the fused matrices
+        fast = getattr(post_cfg, name)
+        monkeypatch.setattr(post_cfg, name, lambda *a, fast=fast, **k: (calls.append("fast"), fast(*a, **k))[1])
     hooked.set_model_sampler_post_cfg_function(guidance)
     inpaint(hooked, "sd15", z0, mask, steps=4)
     assert calls == ["exact", "fast", "exact", "fast"]
@@ -279,3 +280,29 @@ def test_exact_every_schedule_and_input_check(tiny):
         post_cfg.STFGGuidance(stage, torch.zeros(1, 4, 8, 8), torch.ones(1, 8, 8), 5.0, exact_every=0)
     with pytest.raises(errors.IdentityAttentionError, match="'exact_every'.*Fix:"):
         stfg_nodes.ApplySTFG().apply(tiny.unet("sd15"), {"samples": original_latent()}, edit_mask(), 5.0, "fast", 0.5, 0.0, 1.0, exact_every=0)
+
+
+def test_fast_mode_in_inference_takes_the_fused_update_with_the_same_result(tiny, monkeypatch):
+    """As ComfyUI samples (inference mode or no grad), fast mode runs the low-pass as matrices with
+    LP(z0) made once, and the stage's per-layer maps are reduced in take(): the same sampling as
+    the FFT update, also when the kept maps are summed early (memory bound reached)."""
+    model = tiny.unet("sd15")
+    z0, mask = original_latent(), edit_mask()
+    patched = apply_stfg(model, z0, mask)
+    guidance = post_cfg.installed_guidance(patched)
+    fused = []
+    original = post_cfg.fast_update_fused
+    monkeypatch.setattr(post_cfg, "fast_update_fused", lambda *a, **k: fused.append(1) or original(*a, **k))
+    with torch.inference_mode():
+        got = inpaint(patched, "sd15", z0, mask, steps=3)
+    assert len(fused) == 3
+    with monkeypatch.context() as m:  # the same guidance through the FFT update
+        m.setattr(guidance, "_fast", lambda d, z, b, um, s, box: post_cfg.fast_update(d, z, b, um, s, guidance.strength, box, guidance.step_cap))
+        plain = inpaint(patched, "sd15", z0, mask, steps=3)
+    assert len(fused) == 3
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    monkeypatch.setattr(attention_stage, "KEEP_BYTES", 0)  # every grid's maps summed as they come
+    with torch.inference_mode():
+        early = inpaint(patched, "sd15", z0, mask, steps=3)
+    torch.testing.assert_close(early, got, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+    assert not torch.equal(got, inpaint(model, "sd15", z0, mask, steps=3))  # it guides

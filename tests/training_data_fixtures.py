@@ -48,3 +48,10 @@ def tiny_models(arch: str = "sd15", seed: int = 0):
 def write_config(path: Path, **sections) -> Path:
     path.write_text(json.dumps(sections, indent=1))
     return path
+
+
+def tiny_flux_models(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` of the test kit's tiny Flux.1 (newer host only), built as the command line loads models."""
+    from testkit import tiny_flux
+
+    return tiny_flux.build_flux(seed), tiny_flux.build_flux_clip(seed + 1), tiny_flux.build_flux_vae(seed + 2)

@@ -57,12 +57,55 @@ def _joint_identity(model, apply_to: str, weight: float = 1.0):
     return dit_dispatcher.apply_dit_stage(model, stage)
 
 
+def _tokens(model, seed: int, count: int = 4):
+    IdentityTokens = _pack("adapters.id_adapter").IdentityTokens
+    gen = torch.Generator().manual_seed(seed)
+    width = _pack("nodes.dit_layout").context_width(model)
+    return IdentityTokens(cond=torch.randn(1, count, width, generator=gen), uncond=torch.randn(1, count, width, generator=gen))
+
+
+def _hidden(model):
+    layout = _pack("nodes.dit_layout")
+    return lambda t: layout.identity_hidden(model, t)
+
+
+def _kv_mixed(model, mode: str):
+    stage = _pack("nodes.dit_kv_mixed").DitKVMixedStage(_pack("nodes.dispatcher").StageSchedule(), _tokens(model, 8), _tokens(model, 9), _hidden(model), mode)
+    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+
+
+def _ca2(model):
+    tokens = _tokens(model, 10)
+    mask = torch.zeros(1, 8 * LATENT_HW[0], 8 * LATENT_HW[1])
+    mask[:, :, : 4 * LATENT_HW[1]] = 1.0
+    stage = _pack("nodes.dit_ca2").DitCA2GateStage(_pack("nodes.dispatcher").StageSchedule(), tokens.cond, tokens.uncond, _hidden(model), mask)
+    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+
+
+def _moa(model):
+    personal = _joint_identity(model, "both")
+    identity_stages = _pack("nodes.dit_dispatcher").installed_dit_dispatcher(personal).stages
+    recorder = _pack("adapters.attention_routing").RouterRecorder()
+    stage = _pack("nodes.dit_moa").DitMixtureOfAttentionStage(_pack("nodes.dispatcher").StageSchedule(), "identity_attention", identity_stages=identity_stages, recorder=recorder)
+    return _pack("nodes.dit_dispatcher").apply_dit_stage(personal, stage)
+
+
+def _nested(model):
+    stage = _pack("nodes.dit_nested").DitNestedAttentionStage(_pack("nodes.dispatcher").StageSchedule(apply_to="cond"), _tokens(model, 11), _hidden(model), 3)
+    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+
+
 # scenario name -> MODEL -> patched MODEL
 DIT_SCENARIOS: Dict[str, Callable] = {
     "flux_unpatched": lambda m: m,
     "flux_weight0": lambda m: _joint_identity(m, "both", weight=0.0),
     "flux_joint_identity": lambda m: _joint_identity(m, "both"),
     "flux_joint_identity_cond": lambda m: _joint_identity(m, "cond"),
+    "flux_kv_mixed_joint": lambda m: _kv_mixed(m, "joint"),
+    "flux_kv_mixed_decoupled": lambda m: _kv_mixed(m, "decoupled"),
+    "flux_ca2_gate": _ca2,
+    "flux_moa_over_joint_identity": _moa,
+    "flux_nested_cond": _nested,
 }
 
 

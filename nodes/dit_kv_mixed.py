@@ -85,10 +85,12 @@ class DitKVMixedStage(DitStage):
         codes = set(call.chunks)
         dtype = call.vec.dtype
         h_key = call.per_row({c: self._hidden("key", c, call.q.device, dtype) for c in codes})
-        k_id, _ = identity_key_value(call.block, h_key, call.vec, call.heads)
         h_value = call.per_row({c: self._hidden("value", c, call.q.device, dtype) for c in codes})
-        _, v_id = identity_key_value(call.block, h_value, call.vec, call.heads)
-        return k_id.to(call.k.dtype), v_id.to(call.v.dtype)
+        t = h_key.shape[1]
+        # one projection over [key tokens; value tokens]: the block treats tokens independently
+        # (per-token modulation, norm, qkv, key norm), so this is both projections at the cost of one
+        k_all, v_all = identity_key_value(call.block, torch.cat([h_key, h_value], dim=1), call.vec, call.heads)
+        return k_all[:, :, :t].to(call.k.dtype), v_all[:, :, t:].to(call.v.dtype)
 
     def forward(self, call: DitCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
         q, m = call.q, call.text_tokens

@@ -4,9 +4,12 @@
   (EVA02-CLIP-L + face parsing) -> Apply PuLID-Flux on FLUX.1-dev, loaded the way ComfyUI loads Flux
   (Load Diffusion Model + DualCLIPLoader type flux + Load VAE ae.safetensors) -> FluxGuidance 3.5,
   CFG 1 -> score against the person.
+- ``flux_image_prompt_xlabs``: a reference picture -> CLIP ViT-L/14 -> XLabs' Flux IP-Adapter on
+  FLUX.1-dev (the same three loaders) -> a Flux image prompted by text and picture.
 
 The tests and `make demo` swap Flux's three loaders for the tiny Flux (tests/harness/provisioning_flux.py)
-and skip these workflows on a host without Flux.
+and skip these workflows on a host without Flux; scripts/build_workflows.py builds them only on a host with
+ComfyUI's Flux nodes (``requires_nodes``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,44 @@ def flux_portrait_pulid(wb) -> str:
     return "A Flux.1-dev portrait with PuLID-Flux: antelopev2 embedding + EVA-CLIP features of the parsed face."
 
 
+def flux_image_prompt_xlabs(wb) -> str:
+    picture = wb.node("LoadImage", title="Reference picture (face, style or object)", image="reference_face.png")
+    vision = wb.node("CLIPVisionLoader", title="CLIP vision ViT-L/14 (what XLabs' adapter reads)", clip_name=manifest_file("clip-vit-l-14"))
+    adapter = wb.node("IdentityAttentionLoadFluxIPAdapter", title="XLabs Flux IP-Adapter", adapter_file=manifest_file("xlabs-flux-ip-adapter"))
+    applied = {}
+
+    def patch(unet):
+        applied["apply"] = wb.node("IdentityAttentionApplyFluxIPAdapter", title="Apply Flux IP-Adapter (XLabs)", model=unet[0],
+                                   flux_ip_adapter=adapter[0], clip_vision=vision[0], image=picture[0], weight=0.8,
+                                   start_percent=0.0, end_percent=1.0, apply_to="both")
+        return applied["apply"][0]
+
+    gen = flux_base(wb, "a portrait photo of a person in a sunlit greenhouse, soft light, 50mm", patch)
+    apply = applied["apply"]
+    wb.group("1. The picture: CLIP ViT-L/14 reads it", [picture, vision], IDENTITY_GREEN)
+    wb.group("2. Model: Flux.1-dev (three loaders) + XLabs' IP-Adapter", [gen["unet"], gen["clip"], gen["vae"], adapter, apply], ADAPTER_BLUE)
+    wb.group("3. Generate (Flux: guidance in the prompt, CFG 1)", [gen[k] for k in ("text", "pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
+    wb.note(download_note(["xlabs-flux-ip-adapter", "clip-vit-l-14", "flux1-dev", "flux-t5xxl-fp16", "flux-clip-l", "flux-ae"], base="flux", extra=(
+        "FLUX.1-dev is gated: accept its license on the Hugging Face page (logged in) and download flux1-dev.safetensors "
+        "in the browser. XLabs' adapter reads OpenAI's CLIP ViT-L/14 (not the ViT-H of SD1.5 IP-Adapters). "
+        "Needs ComfyUI 0.3 or newer (Flux).")), title="Download first")
+    wb.note(
+        "XLabs' IP-Adapter prompts Flux with a picture: CLIP ViT-L/14 reads it, the adapter turns its embedding into 4 "
+        "tokens, and after every double block of Flux the image attends to them and adds the result.\n\n"
+        "weight: XLabs' ip_scale (their demos use 0.6-1.0); 0 = exactly the plain Flux image. The negative prompt gets a "
+        "black picture's tokens, as XLabs' sampler does; it only matters at CFG > 1.\n\n"
+        "For a person's likeness PuLID-Flux (flux_portrait_pulid) is the stronger tool; this adapter carries a picture's "
+        "overall look.",
+        title="How to read this workflow", near=apply)
+    return "A Flux.1-dev image prompted by a picture through XLabs' IP-Adapter (CLIP ViT-L/14 embedding)."
+
+
+# ComfyUI's Flux nodes (0.3.x): scripts/build_workflows.py skips these specs on a host without them
+FLUX_HOST_NODES = ("UNETLoader", "DualCLIPLoader", "FluxGuidance", "EmptySD3LatentImage")
+flux_portrait_pulid.requires_nodes = FLUX_HOST_NODES
+flux_image_prompt_xlabs.requires_nodes = FLUX_HOST_NODES
+
 SPECS = {
     "flux_portrait_pulid": flux_portrait_pulid,
+    "flux_image_prompt_xlabs": flux_image_prompt_xlabs,
 }

@@ -295,6 +295,7 @@ PACK_LOADERS = {
     "IdentityAttentionLoadFaceEncoder": ("encoder_name", lambda v: f"identity_attention/{v}"),
     "IdentityAttentionLoadFaceAnalysis": ("pack", lambda v: f"insightface/models/{v}"),
     "IdentityAttentionLoadPuLIDFlux": ("pulid_file", lambda v: f"pulid/{v}"),
+    "IdentityAttentionLoadFluxIPAdapter": ("adapter_file", lambda v: f"ipadapter/{v}"),
 }
 
 # "Queue Prompt" as the page sends it: its own prompt, posted from the page; the answer's node errors

@@ -9,6 +9,7 @@ min-max per image), raised to ``sharpness``, and ``M`` the edit mask at the 2x2 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -181,3 +182,36 @@ def test_ca2_node_and_inspect_on_flux(flux):
     frames, mean, curve = nodes.InspectCA2Scores().inspect(patched, {"samples": out}, "mean of all layers")
     assert frames.shape == (2, 64, 64, 3) and mean.shape == (1, 64, 64) and curve.shape[-1] == 3
     assert float(frames.std()) > 0.0
+
+
+def run_rows(model, chunks, per_chunk, seed=0):
+    """One diffusion-model call with ``per_chunk`` images in each of ``chunks``."""
+    x, t, c, y, g = tiny_flux.flux_inputs(seed, batch=len(chunks) * per_chunk)
+    options = copy.copy(model.model_options.get("transformer_options", {}))
+    options["cond_or_uncond"] = list(chunks)
+    options["wrappers"] = model.wrappers
+    with torch.no_grad():
+        return model.model.apply_model(x, t, c_crossattn=c, y=y, guidance=g, transformer_options=options)
+
+
+def test_one_original_per_image_of_the_batch(flux):
+    """Two originals for two images: cond row i reads photo i, uncond rows the uncond tokens; three for two refuse."""
+    dit = pack("nodes.dit_dispatcher")
+    dispatcher = pack("nodes.dispatcher")
+    layout = pack("nodes.dit_layout")
+    ca2 = pack("nodes.dit_ca2")
+    errors = pack("nodes.errors")
+    gen = torch.Generator().manual_seed(5)
+    photos = torch.randn(3, 3, tiny_flux.CONTEXT, generator=gen)
+    uncond = torch.randn(1, 3, tiny_flux.CONTEXT, generator=gen)
+    hidden = lambda t: layout.identity_hidden(flux, t)  # noqa: E731
+    stage = ca2.DitCA2GateStage(dispatcher.StageSchedule(weight=1.0), photos[:2], uncond, hidden, edit_mask())
+    before, after = [], []
+    run_rows(dit.apply_dit_stage(dit.apply_dit_stage(dit.apply_dit_stage(flux, recorder(before)), stage), recorder(after)), (0, 1), 2)
+    txt_in = copy.deepcopy(flux.model.diffusion_model.txt_in).double()
+    h_photo = txt_in(torch.cat([photos[:2], uncond, uncond]).double())
+    for rec_before, rec in zip(before, after):
+        torch.testing.assert_close(rec["out"][:, rec["m"] :].double(), reference(rec_before, h_photo, 1.0), rtol=1e-4, atol=1e-5)
+    three = ca2.DitCA2GateStage(dispatcher.StageSchedule(weight=1.0), photos, uncond, hidden, edit_mask())
+    with pytest.raises(errors.IdentityAttentionError, match="3 original images were given for a batch of 2"):
+        run_rows(dit.apply_dit_stage(flux, three), (0, 1), 2)

@@ -22,3 +22,18 @@ def test_flux_ledger_counts_the_dit_path():
     cond = rows["flux_joint_identity_cond"].step
     assert cond.syncs == base.syncs and cond.h2d == base.h2d  # the cond-row mask is made once, not per block
     assert "flux_joint_identity" in flux_table(blocks, rows)
+
+
+def test_flux_ledger_counts_the_carried_mechanisms():
+    """KV-mixed, CA², MoA and nested on the DiT path: no host copy; no host sync per block (the
+    recording stages, CA² and MoA, read the step's sigma once per model call)."""
+    from benchmarks.dit_ledger import measure_flux
+
+    names = ["flux_unpatched", "flux_kv_mixed_joint", "flux_kv_mixed_decoupled", "flux_ca2_gate", "flux_moa_over_joint_identity", "flux_nested_cond"]
+    _, rows = measure_flux(names=names)
+    base = rows["flux_unpatched"].step
+    for name in names[1:]:
+        step = rows[name].step
+        assert step.launches > base.launches, name
+        assert step.h2d == base.h2d, name
+        assert step.syncs == base.syncs + (1 if name in ("flux_ca2_gate", "flux_moa_over_joint_identity") else 0), name

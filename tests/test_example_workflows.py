@@ -31,6 +31,7 @@ WEIGHT_WIDGETS = {
     "DualCLIPLoader": ("clip_name1", lambda e, v: e["folder"] == "text_encoders" and e["file"] == v),
     "VAELoader": ("vae_name", lambda e, v: e["folder"] == "vae" and e["file"] == v),
     "IdentityAttentionLoadPuLIDFlux": ("pulid_file", lambda e, v: e["folder"] == "pulid" and e["file"] == v),
+    "IdentityAttentionLoadFluxIPAdapter": ("adapter_file", lambda e, v: e["folder"] == "ipadapter" and e["file"] == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

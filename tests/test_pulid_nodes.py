@@ -40,6 +40,9 @@ def model_folders(tmp_path, *names):
                 folder_paths.folder_names_and_paths.pop(n, None)
             else:
                 folder_paths.folder_names_and_paths[n] = entry
+            # ComfyUI 0.3's file-list cache would keep listing tmp_path, which is deleted after a passed test:
+            # a later INPUT_TYPES would stat the missing folder (FileNotFoundError)
+            getattr(folder_paths, "filename_list_cache", {}).pop(n, None)
 
 
 def photo_identity(count=2, seed=0):

@@ -19,7 +19,7 @@ ComfyUI's for a test-kit node.
   space and loads in milliseconds; the loader recognises the format from the bytes, not the
   extension. ``verify_sha256`` is turned off: no synthetic file has the published hash.
 - ``CLIPVisionLoader``: swapped for the test kit's tiny CLIP vision with the real widths of
-  the file's model (ViT-H or ViT-bigG).
+  the file's model (ViT-H, ViT-bigG, or ViT-L/14 for XLabs' Flux IP-Adapter).
 - ``LoraLoaderModelOnly`` / ``LoraLoader``: a small LoRA on every cross-attention key/value
   projection of the tiny model of the LoRA's base (FaceID's companion LoRAs).
 """

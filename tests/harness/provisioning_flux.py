@@ -11,7 +11,10 @@ variant without the guidance embedding. A ``VAELoader`` is swapped only for a Fl
 ``IdentityAttentionLoadPuLIDFlux`` gets a PuLID-Flux file in the release's key layout
 (``pulid_encoder.*`` IDFormer + ``pulid_ca.N``) sized for the tiny Flux (width ``HIDDEN``, one
 module per scheduled block) and for the tiny EVA-CLIP of provisioning_pulid.py (width 32),
-under the name the workflow asks for. ``EmptySD3LatentImage`` (Flux's latent) is shrunk like
+under the name the workflow asks for. ``IdentityAttentionLoadFluxIPAdapter`` gets an XLabs Flux IP-Adapter in the release's key layout
+for the tiny Flux's double blocks, reading the 768-wide embedding of the tiny ViT-L/14 (the
+``CLIPVisionLoader`` swap gives it for ``clip-vit-large-patch14`` names). ``EmptySD3LatentImage``
+(Flux's latent) is shrunk like
 ``EmptyLatentImage``.
 
 :func:`host_skip_reason` says why a Flux workflow cannot run on this host (the early-2024
@@ -93,6 +96,36 @@ def _pulid_flux(node: dict, instance: Instance, context: dict) -> dict:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tiny_pulid_flux_state(seed=zlib.crc32(name.encode()) & 0x7FFF), str(path))
+    return node
+
+
+def tiny_xlabs_flux_state(seed: int = 0, embed: int = 768, context: int = 32, tokens: int = 4):
+    """XLabs' Flux IP-Adapter keys for the tiny Flux: ``ip_adapter_proj_model.*`` + one k/v pair per double block."""
+    import torch
+
+    from testkit import tiny_flux
+
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) / shape[-1] ** 0.5  # noqa: E731
+    state = {"ip_adapter_proj_model.proj.weight": rand(tokens * context, embed), "ip_adapter_proj_model.proj.bias": 0.1 * rand(tokens * context),
+             "ip_adapter_proj_model.norm.weight": 1 + 0.1 * rand(context), "ip_adapter_proj_model.norm.bias": 0.1 * rand(context)}
+    for i in range(tiny_flux.DEPTH):
+        for kv in ("k", "v"):
+            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj.weight"] = rand(tiny_flux.HIDDEN, context)
+            state[f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj.bias"] = 0.1 * rand(tiny_flux.HIDDEN)
+    return state
+
+
+@register("IdentityAttentionLoadFluxIPAdapter")
+def _xlabs_flux(node: dict, instance: Instance, context: dict) -> dict:
+    from safetensors.torch import save_file
+
+    name = node["inputs"].get("adapter_file")
+    if isinstance(name, str) and name:
+        path = instance.models / "ipadapter" / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tiny_xlabs_flux_state(seed=zlib.crc32(name.encode()) & 0x7FFF), str(path))
     return node
 
 

@@ -4,7 +4,8 @@ Workflows name the real CLIP vision files (ViT-H/14 for the IP-Adapter SD1.5 and
 SDXL files, ViT-bigG/14 for ``ip-adapter_sdxl``); on test and demo hosts the
 ``CLIPVisionLoader`` is swapped for :class:`TinyClipVision` (tests/harness/provisioning.py).
 The tiny model keeps what the adapters read, the widths: penultimate hidden states of 1280
-(ViT-H) or 1664 (bigG) channels and image embeds of 1024 (ViT-H) or 1280 (bigG), so the
+(ViT-H) or 1664 (bigG) channels and image embeds of 1024 (ViT-H) or 1280 (bigG) (ViT-L/14: 1024 and
+768, for XLabs' Flux IP-Adapter), so the
 released projectors' shapes fit; it has 2 layers and 32-pixel patches (50 tokens at 224x224
 instead of 257), random weights that are a function of the seed.
 """
@@ -22,15 +23,18 @@ import torch
 KINDS = {
     "vit-h": {"hidden_size": 1280, "num_attention_heads": 16, "projection_dim": 1024},
     "vit-bigg": {"hidden_size": 1664, "num_attention_heads": 16, "projection_dim": 1280},
+    "vit-l": {"hidden_size": 1024, "num_attention_heads": 16, "projection_dim": 768},  # OpenAI ViT-L/14 (XLabs' Flux IP-Adapter)
 }
 _CACHE = {}
 _LOCK = threading.Lock()
 
 
 def kind_of_file(name: str) -> str:
-    """"vit-bigg" for ViT-bigG file names, else "vit-h"."""
+    """"vit-bigg" for ViT-bigG file names, "vit-l" for ViT-L/14 ones (clip-vit-large-patch14), else "vit-h"."""
     lowered = name.lower().replace("_", "-")
-    return "vit-bigg" if "bigg" in lowered or "vit-g" in lowered else "vit-h"
+    if "bigg" in lowered or "vit-g" in lowered:
+        return "vit-bigg"
+    return "vit-l" if "vit-large" in lowered or "vit-l-" in lowered else "vit-h"
 
 
 def config(kind: str) -> dict:

@@ -123,3 +123,221 @@ def test_detection_and_bad_files():
         model.check_model(2, 2, 64, 4)
     model.check_model(1, 2, 64, 4)
     assert model.block_index("single_block", 1, 1) == 2
+
+
+# --- on the tiny Flux (newer host only) ----------------------------------------------------------
+# The reference block forwards are written from the weights (float64): Flux's double block (modulation =
+# Linear(silu(vec)) split into shift/scale/gate, LayerNorm without affine at 1e-6, qkv, RMS QK-norm with its
+# scale, RoPE, joint SDPA over [txt; img], proj, gated MLP) and single block (linear1 -> qkv | mlp, linear2 of
+# [attn; gelu_tanh(mlp)]), with InstantX's residual added to the attention output before the projection.
+
+from test_pulid_flux import _tiny_flux, flux_only, foreign_recorder, run_flux  # noqa: E402
+
+
+def _f(x):
+    return x.double()
+
+
+def _modulate(p, name, vec, n):
+    out = torch.nn.functional.silu(_f(vec)) @ _f(p[name + ".weight"]).T + _f(p[name + ".bias"])
+    return [c[:, None, :] for c in out.chunk(n, dim=-1)]
+
+
+def _ln(x):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _rms(x, scale):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * _f(scale)
+
+
+def _rope(x, pe):
+    x_ = x.reshape(*x.shape[:-1], -1, 1, 2)
+    pe = _f(pe)
+    return (pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]).reshape(*x.shape)
+
+
+def _heads(qkv, h):
+    b, n = qkv.shape[:2]
+    return qkv.view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)
+
+
+def _sdpa(q, k, v):
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+    return a.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def double_reference(block, args, ip):
+    """``ip(q_img_pre_rope) -> [B, N, C]`` (already weighted) or None."""
+    p, h = block.state_dict(), block.num_heads
+    img, txt, vec, pe = _f(args["img"]), _f(args["txt"]), args["vec"], args["pe"]
+    im1s, im1c, im1g, im2s, im2c, im2g = _modulate(p, "img_mod.lin", vec, 6)
+    tx1s, tx1c, tx1g, tx2s, tx2c, tx2g = _modulate(p, "txt_mod.lin", vec, 6)
+    iq, ik, iv = _heads((_ln(img) * (1 + im1c) + im1s) @ _f(p["img_attn.qkv.weight"]).T + _f(p["img_attn.qkv.bias"]), h)
+    tq, tk, tv = _heads((_ln(txt) * (1 + tx1c) + tx1s) @ _f(p["txt_attn.qkv.weight"]).T + _f(p["txt_attn.qkv.bias"]), h)
+    iq, ik = _rms(iq, p["img_attn.norm.query_norm.scale"]), _rms(ik, p["img_attn.norm.key_norm.scale"])
+    tq, tk = _rms(tq, p["txt_attn.norm.query_norm.scale"]), _rms(tk, p["txt_attn.norm.key_norm.scale"])
+    attn = _sdpa(_rope(torch.cat([tq, iq], 2), pe), _rope(torch.cat([tk, ik], 2), pe), torch.cat([tv, iv], 2))
+    m = txt.shape[1]
+    t_attn, i_attn = attn[:, :m], attn[:, m:]
+    if ip is not None:
+        i_attn = i_attn + ip(iq)
+
+    def mlp(x, pre):
+        hid = x @ _f(p[pre + ".0.weight"]).T + _f(p[pre + ".0.bias"])
+        return torch.nn.functional.gelu(hid, approximate="tanh") @ _f(p[pre + ".2.weight"]).T + _f(p[pre + ".2.bias"])
+
+    img = img + im1g * (i_attn @ _f(p["img_attn.proj.weight"]).T + _f(p["img_attn.proj.bias"]))
+    img = img + im2g * mlp(_ln(img) * (1 + im2c) + im2s, "img_mlp")
+    txt = txt + tx1g * (t_attn @ _f(p["txt_attn.proj.weight"]).T + _f(p["txt_attn.proj.bias"]))
+    txt = txt + tx2g * mlp(_ln(txt) * (1 + tx2c) + tx2s, "txt_mlp")
+    return img, txt
+
+
+def single_reference(block, args, ip):
+    p, h, c = block.state_dict(), block.num_heads, block.hidden_size
+    x, vec, pe = _f(args["img"]), args["vec"], args["pe"]
+    shift, scale, gate = _modulate(p, "modulation.lin", vec, 3)
+    lin1 = (_ln(x) * (1 + scale) + shift) @ _f(p["linear1.weight"]).T + _f(p["linear1.bias"])
+    q, k, v = _heads(lin1[..., :3 * c].contiguous(), h)
+    q, k = _rms(q, p["norm.query_norm.scale"]), _rms(k, p["norm.key_norm.scale"])
+    attn = _sdpa(_rope(q, pe), _rope(k, pe), v)
+    if ip is not None:
+        attn = attn + ip(q)
+    mlp = torch.nn.functional.gelu(lin1[..., 3 * c:], approximate="tanh")
+    return x + gate * (torch.cat([attn, mlp], -1) @ _f(p["linear2.weight"]).T + _f(p["linear2.bias"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_model():
+    return _tiny_flux().build_flux(0)
+
+
+def prompt_tokens(model, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    return IdentityTokens(cond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)),
+                          uncond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)))
+
+
+def flux_state():
+    tf = _tiny_flux()
+    return instantx_state(n_blocks=tf.DEPTH + tf.DEPTH_SINGLE, hidden=tf.HIDDEN, context=48, embed=24, tokens=6)
+
+
+def adapter_on(flux, state, weight, apply_to="both", foreign=None):
+    stage = pack("nodes.instantx_flux_ip_adapter_stage")
+    dispatcher = pack("nodes.dispatcher")
+    tf = _tiny_flux()
+    if foreign is not None:
+        flux = flux.clone()
+        for kind, n in (("double_block", tf.DEPTH), ("single_block", tf.DEPTH_SINGLE)):
+            for i in range(n):
+                flux.set_model_patch_replace(foreign, "dit", kind, i)
+    model = ix.InstantXFluxIPAdapter.from_state(state)
+    with torch.no_grad():
+        tokens = prompt_tokens(model)
+    return stage.apply_instantx_flux_ip_adapter(flux, model, tokens, dispatcher.StageSchedule(weight=weight, apply_to=apply_to)), tokens
+
+
+@flux_only
+@pytest.mark.parametrize("apply_to", ["both", "cond", "uncond"])
+def test_every_block_gets_the_official_residual_before_its_projection(tiny_flux_model, apply_to):
+    """Each double block's image attention and each single block's joint attention get ``w * attn(q_pre_rope, rms(K), V)``
+    before the output projection (float64 reference blocks) on the rows ``apply_to`` selects; other rows are the plain
+    block's; a foreign replace installed before still runs on every block."""
+    tf = _tiny_flux()
+    state = flux_state()
+    records, weight = [], 0.8
+    model, tokens = adapter_on(tiny_flux_model, state, weight, apply_to, foreign_recorder(records))
+    run_flux(model, (0, 1))
+    assert len(records) == tf.DEPTH + tf.DEPTH_SINGLE
+    rows = {"both": [True, True], "cond": [True, False], "uncond": [False, True]}[apply_to]
+    toks = torch.cat([tokens.cond, tokens.uncond]).double()
+    net = tiny_flux_model.model.diffusion_model
+    for j, rec in enumerate(records):
+        double = j < tf.DEPTH
+        block = net.double_blocks[j] if double else net.single_blocks[j - tf.DEPTH]
+        for r, on in enumerate(rows):
+            args = {k: v[r:r + 1] for k, v in rec["args"].items() if k != "pe"}
+            args["pe"] = rec["args"]["pe"][r:r + 1] if rec["args"]["pe"].shape[0] > 1 else rec["args"]["pe"]
+            ip = (lambda q, r=r, j=j: weight * residual_reference(state, j, q, toks[r:r + 1])) if on else None
+            with torch.no_grad():
+                if double:
+                    img, txt = double_reference(block, args, ip)
+                    got_img, got_txt = rec["out"]["img"][r:r + 1].double(), rec["out"]["txt"][r:r + 1].double()
+                    torch.testing.assert_close(got_txt, txt, rtol=1e-4, atol=1e-5)
+                    plain, _ = double_reference(block, args, None)
+                else:
+                    img = single_reference(block, args, ip)
+                    got_img = rec["out"].get("img", next(iter(rec["out"].values())))[r:r + 1].double()
+                    plain = single_reference(block, args, None)
+            torch.testing.assert_close(got_img, img, rtol=1e-4, atol=1e-5)
+            if on:
+                assert (img - plain).abs().max() > 1e-3  # the residual is there to see, not lost in the tolerance
+
+
+@flux_only
+def test_weight_zero_is_the_unpatched_flux_bit_for_bit_and_upstream_untouched(tiny_flux_model):
+    state = flux_state()
+    base = run_flux(tiny_flux_model)
+    off, _ = adapter_on(tiny_flux_model, state, 0.0)
+    assert torch.equal(run_flux(off), base)
+    on, _ = adapter_on(tiny_flux_model, state, 1.0)
+    assert not torch.equal(run_flux(on), base)
+    assert torch.equal(run_flux(tiny_flux_model), base)
+    assert "dit" not in tiny_flux_model.model_options.get("transformer_options", {}).get("patches_replace", {})
+
+
+@flux_only
+def test_nodes_load_the_nested_bin_layout_and_the_siglip_head_encode_and_apply(tiny_flux_model, tmp_path):
+    from safetensors.torch import save_file
+    from test_pulid_nodes import model_folders
+    from testkit.clip_vision import build_clip_vision
+
+    tf = _tiny_flux()
+    nodes = pack("nodes.instantx_flux_ip_adapter_nodes")
+    errors = pack("nodes.errors")
+    vision = build_clip_vision("siglip", seed=0)  # the host's own SigLIP tower: [B, 144, 1152] post-LayerNorm states
+    state = instantx_state(n_blocks=tf.DEPTH + tf.DEPTH_SINGLE, hidden=tf.HIDDEN, context=48, embed=1152, tokens=6)
+    nested = {"image_proj": {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")},
+              "ip_adapter": {k[len("ip_adapter."):]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
+    head_state = siglip_head_state(width=1152, inner=64)
+    with model_folders(tmp_path, "ipadapter", "clip_vision") as where:
+        torch.save(nested, str(where["ipadapter"] / "ip-adapter.pt"))  # the release's .bin: {"image_proj": ..., "ip_adapter": ...}
+        save_file({**head_state, "vision_model.post_layernorm.weight": torch.ones(1152)},
+                  str(where["clip_vision"] / "sigclip_vision_patch14_384.safetensors"))
+        save_file({"vision_model.post_layernorm.weight": torch.ones(1152)}, str(where["clip_vision"] / "headless.safetensors"))
+        weights = nodes.LoadInstantXFluxIPAdapter().load("ip-adapter.pt", "sigclip_vision_patch14_384.safetensors")[0]
+        with pytest.raises(errors.IdentityAttentionError) as info:
+            nodes.LoadInstantXFluxIPAdapter().load("ip-adapter.pt", "headless.safetensors")
+        assert "siglip_file" in str(info.value) and "head" in str(info.value)
+    image = torch.rand(2, 64, 48, 3, generator=torch.Generator().manual_seed(1))
+    apply = nodes.ApplyInstantXFluxIPAdapter()
+    base = run_flux(tiny_flux_model)
+    assert torch.equal(run_flux(apply.apply(tiny_flux_model, weights, vision, image, 0.0, 0.0, 1.0, "both")[0]), base)
+    on = apply.apply(tiny_flux_model, weights, vision, image, 1.0, 0.0, 1.0, "both")[0]
+    assert not torch.equal(run_flux(on), base)
+    assert torch.equal(run_flux(tiny_flux_model), base)  # upstream MODEL unchanged
+    stage = pack("nodes.dit_dispatcher").installed_dit_dispatcher(on).stages[-1]
+    with torch.no_grad():
+        hidden = vision.encode_image(image, crop=False)["last_hidden_state"].float()
+        black = vision.encode_image(torch.zeros_like(image[:1]), crop=False)["last_hidden_state"].float()
+        cond = pooled_reference(head_state, hidden, 16).mean(dim=0, keepdim=True)  # the two images averaged
+        torch.testing.assert_close(stage.tokens.cond.double(), tokens_reference(state, cond), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stage.tokens.uncond.double(), tokens_reference(state, pooled_reference(head_state, black, 16)),
+                                   rtol=1e-4, atol=1e-5)  # the negative: a black image
+    deeper = nodes.InstantXFluxIPAdapterWeights(ix.InstantXFluxIPAdapter.from_state(instantx_state(n_blocks=5, hidden=tf.HIDDEN)), "x")
+    with pytest.raises(errors.IdentityAttentionError) as info:
+        apply.apply(tiny_flux_model, deeper, vision, image, 1.0, 0.0, 1.0, "both")
+    assert "Apply Flux IP-Adapter (InstantX)" in str(info.value) and "flux_ip_adapter" in str(info.value)
+
+
+@flux_only
+def test_apply_refuses_a_unet_model_with_the_fix(tiny):
+    nodes = pack("nodes.instantx_flux_ip_adapter_nodes")
+    errors = pack("nodes.errors")
+    weights = nodes.InstantXFluxIPAdapterWeights(ix.InstantXFluxIPAdapter.from_state(instantx_state()), "x")
+    with pytest.raises(errors.IdentityAttentionError) as info:
+        nodes.ApplyInstantXFluxIPAdapter().apply(tiny.unet("sd15"), weights, None, torch.zeros(1, 8, 8, 3), 1.0, 0.0, 1.0, "both")
+    assert "Flux.1" in str(info.value) and "SDXL" in str(info.value)

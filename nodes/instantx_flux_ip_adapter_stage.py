@@ -20,6 +20,8 @@ Rows: cond rows attend to the image's tokens, uncond rows to a black image's (se
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..adapters.id_adapter import IdentityTokens
@@ -62,10 +64,14 @@ class InstantXFluxStage(DitStage):
         self._moved: dict = {}
 
     def _kv(self, index: int, device, dtype):
+        """Block ``index``'s projections on ``device`` / ``dtype`` (a cached copy; the loaded adapter stays as it is)."""
         key = (index, device, dtype)
         kv = self._moved.get(key)
         if kv is None:
-            kv = self.adapter.blocks[index].to(device=device, dtype=dtype)  # the adapter's own copy (no upstream module)
+            kv = self.adapter.blocks[index]
+            p = kv.to_k_ip.weight
+            if (p.device, p.dtype) != (device, dtype):
+                kv = copy.deepcopy(kv).to(device=device, dtype=dtype)
             self._moved[key] = kv
         return kv
 

@@ -327,6 +327,9 @@ def test_nodes_load_the_nested_bin_layout_and_the_siglip_head_encode_and_apply(t
         torch.testing.assert_close(stage.tokens.cond.double(), tokens_reference(state, cond), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(stage.tokens.uncond.double(), tokens_reference(state, pooled_reference(head_state, black, 16)),
                                    rtol=1e-4, atol=1e-5)  # the negative: a black image
+    with pytest.raises(errors.IdentityAttentionError) as info:  # a CLIP (not SigLIP) vision model: 1024-wide states
+        apply.apply(tiny_flux_model, weights, build_clip_vision("vit-l", seed=0), image, 1.0, 0.0, 1.0, "both")
+    assert "clip_vision" in str(info.value) and "SigLIP" in str(info.value)
     deeper = nodes.InstantXFluxIPAdapterWeights(ix.InstantXFluxIPAdapter.from_state(instantx_state(n_blocks=5, hidden=tf.HIDDEN)), "x")
     with pytest.raises(errors.IdentityAttentionError) as info:
         apply.apply(tiny_flux_model, deeper, vision, image, 1.0, 0.0, 1.0, "both")

@@ -238,6 +238,20 @@ def joint_bias(text_tokens: int, id_tokens: int, weight: float, device, dtype) -
     return bias
 
 
+def joint_row_bias(text_tokens: int, id_tokens: int, weight: float, identity_rows: torch.Tensor) -> torch.Tensor:
+    """Additive logits ``[B, 1, 1, M + T]`` (CPU float32) for one joint call over a whole batch whose
+    rows do not all get the identity: 0 on text columns; on identity columns ``log w`` in rows where
+    ``identity_rows`` ``[B]`` (bool) is True and ``-inf`` elsewhere.
+
+    A row with ``-inf`` identity columns gives those keys zero mass, so its output is its text
+    attention, ``softmax(s q k_text^T) v_text``: exactly in exact arithmetic, up to float rounding
+    in a kernel (the sums run over M + T columns instead of M).
+    """
+    bias = torch.zeros(identity_rows.shape[0], 1, 1, text_tokens + id_tokens)
+    bias[..., text_tokens:] = torch.where(identity_rows.reshape(-1, 1, 1, 1), log_prior(weight), float("-inf"))
+    return bias
+
+
 def fused_joint_call(
     q_joint: torch.Tensor,
     keys: torch.Tensor,

@@ -124,22 +124,26 @@ def content_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, cache=N
 def text_attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False, cache=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The text attention and its content mass in ONE fused call: ``([B, N, H*D] in q's dtype, [B, N])``.
 
-    Per head, values ``[v | content indicator | 0]`` and queries / keys ``[q | 0]`` / ``[k | 0]``,
-    all ``round_up(D + 1, 8)`` wide (SDPA's flash kernels need one head width); the zero channels
-    leave every dot product as it is and the scale is fixed at ``1/sqrt(D)``. Output channels
+    Per head, queries and keys as they are (``D`` wide, so SDPA's default scale is ``1/sqrt(D)``)
+    and values ``[v | content indicator | 0]``, ``round_up(D + 1, 8)`` wide. Output channels
     ``:D`` are ``softmax(q k^T / sqrt(D)) v``, channel ``D`` the per-head content mass.
     ``upcast``: compute in float32 (the host's ``attn_precision``); ``cache``: as for :func:`indicator_channels`.
+
+    Why only the values are widened: SDPA takes a value head width different from q/k's (its
+    math path on a CPU; on CUDA the memory-efficient kernel, which needs q and k of one width and
+    every width a multiple of the GEMM alignment: 8 in half precision, hence the round-up; the
+    flash kernel needs one width for all three and is skipped). Padding q and k to the value
+    width instead cost two ``pad`` launches per layer call (issue #22: CA² over its budget).
     """
     dtype = q.dtype
     if upcast and dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     d = q.shape[-1] // heads
     width = -(-(d + 1) // 8) * 8
-    pad = (0, width - d)
     qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
     b, h, m, _ = vh.shape
     values = torch.cat([vh, indicator_channels(m, width - d, v.device, v.dtype, cache).expand(b, h, m, width - d)], dim=-1)
-    out = F.scaled_dot_product_attention(F.pad(qh, pad), F.pad(kh, pad), values, scale=d**-0.5)
+    out = F.scaled_dot_product_attention(qh, kh, values)
     text = rearrange(out[..., :d], "b h n d -> b n (h d)").to(dtype)
     return text, mass_from_heads(out[..., d])
 

@@ -22,6 +22,14 @@ reported next to it):
 - ``aten.item`` (``.item()``, ``float(t)``) is a sync, not a launch (the mode sees ``item`` or
   ``_local_scalar_dense``, not both).
 
+The host's attention is counted as on a GPU on every device: while a step is counted,
+ComfyUI's ``optimized_attention`` (and ``_masked``, and every ``comfy`` module's copy of that name,
+e.g. Flux's) is its PyTorch SDPA function ``attention_pytorch`` (one launch per attention, what a
+GPU host picks), restored afterwards (:func:`sdpa_host_attention`). On a CPU the host would pick its
+basic attention (``baddbmm`` + ``softmax`` + ``bmm``), so a mechanism that replaces the host's
+attention by its own fused SDPA would get a discount a GPU does not give (issue #22: CA² measured
++6 per layer on CPU, +8 on CUDA). A host without ``attention_pytorch`` is counted as it is.
+
 ``extra per layer`` = (scenario launches - its reference's launches: unpatched, see :func:`reference_for`) / cross-attention layers of the
 model (16 for SD1.5). A budget with ``"per": "layer_read"`` (STFG, which reads the attention maps
 of some layers only: ``layers`` = ``low_resolution`` reads 1/4-grid layers) divides by the layers
@@ -39,7 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -184,9 +194,46 @@ def _inside(counter: OpCounter, fn):
     return wrapped
 
 
+ATTENTION_MODULE = "comfy.ldm.modules.attention"
+ATTENTION_NAMES = ("optimized_attention", "optimized_attention_masked")
+
+
+@contextmanager
+def sdpa_host_attention():
+    """While inside, the host's attention is its PyTorch SDPA function (``attention_pytorch``), as
+    on a GPU; restored on exit (the test process shares one in-process host with every test).
+
+    Rebinds :data:`ATTENTION_NAMES` in ComfyUI's attention module and in every imported ``comfy``
+    module that imported one of them by name (``from ...attention import optimized_attention``:
+    Flux, MMDiT) and holds the same function. Feature-detected: a host without ``attention_pytorch``
+    is left as it is.
+    """
+    attention = sys.modules.get(ATTENTION_MODULE)
+    sdpa = getattr(attention, "attention_pytorch", None)
+    if sdpa is None:
+        yield
+        return
+    host = {name: getattr(attention, name) for name in ATTENTION_NAMES if hasattr(attention, name)}
+    saved = []  # (module, name, function) to restore
+    for module_name, module in list(sys.modules.items()):  # bounded: the modules imported
+        if module is None or not (module_name == "comfy" or module_name.startswith("comfy.")):
+            continue
+        for name, fn in host.items():
+            if getattr(module, "__dict__", {}).get(name) is fn and fn is not sdpa:
+                saved.append((module, name, fn))
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, sdpa)
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
 def count_step(patched, inputs, warmup: int = 2) -> tuple:
     """``(OpCounter, cuda kernel count or None)`` of one sampler step of ``patched`` (a :class:`scenarios.Patched`).
 
+    The host's attention is SDPA while it runs (:func:`sdpa_host_attention`: counted as on a GPU).
     ``warmup`` untimed calls first (first-use caches are built then, as on step 1 of a real run),
     each with a fresh sigma tensor; then one counted call with a fresh sigma.
     """
@@ -223,7 +270,7 @@ def count_step(patched, inputs, warmup: int = 2) -> tuple:
     # a schedule that goes on after the counted sigma: the sampling (and its constants' cache) is not over yet
     sigmas = torch.tensor([inputs.sigma, inputs.sigma / 2, 0.0])
     latent = inputs.latent if patched.latent is None else patched.latent
-    with torch.inference_mode():
+    with torch.inference_mode(), sdpa_host_attention():
         comfy.sample.sample_custom(model, inputs.noise, inputs.cfg, comfy.samplers.KSAMPLER(counting_sampler), sigmas,
                                    inputs.positive, inputs.negative, latent, noise_mask=patched.noise_mask,
                                    disable_pbar=True, seed=0)

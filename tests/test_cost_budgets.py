@@ -6,6 +6,8 @@ On the micro SD1.5 model (counts do not depend on widths), per scenario:
   ``benchmarks/cost_budgets.json`` (STFG: per layer it reads, see ``LedgerRow.layers_read``);
 - 0 host syncs and 0 host-to-device copies inside any attn2 layer;
 - at most one host read of the sigma per step for the whole stack (syncs outside the layers);
+- counted as on a GPU: the host's attention is one SDPA per attention layer while counting,
+  and the host's own again afterwards;
 - windows cost nothing: a stage whose start/end window holds the step's sigma launches exactly
   what it launches with the full window, and a stage outside its window launches nothing.
 
@@ -23,7 +25,7 @@ import torch
 
 from conftest import pack
 
-from benchmarks.cost_ledger import count_step, load_budgets, measure, reference_for
+from benchmarks.cost_ledger import count_step, load_budgets, measure, reference_for, sdpa_host_attention
 from benchmarks.models import build_model, parse_configs, step_inputs
 from benchmarks.scenarios import Patched
 
@@ -54,6 +56,23 @@ def ledger():
     for name, row in rows.items():
         assert row.status == "ok", f"{name}: {row.status}"
     return layers, rows, model, config
+
+
+def test_counted_as_on_a_gpu(ledger):
+    """While counting, every attention of the unpatched step is one SDPA (as on a GPU host), not the
+    CPU host's baddbmm + softmax + bmm; afterwards the host's attention is what it was."""
+    import comfy.ldm.modules.attention as attention
+
+    layers, rows, _, _ = ledger
+    ops = rows["unpatched"].step.ops
+    assert ops["scaled_dot_product_attention"] == 2 * layers, dict(ops)  # attn1 + attn2 of every block
+    assert ops["baddbmm"] == 0 and ops["bmm"] == 0, dict(ops)
+    host = attention.optimized_attention, attention.optimized_attention_masked
+    with pytest.raises(RuntimeError), sdpa_host_attention():
+        assert attention.optimized_attention is attention.attention_pytorch
+        assert attention.optimized_attention_masked is attention.attention_pytorch
+        raise RuntimeError("restored even when the counted step fails")
+    assert (attention.optimized_attention, attention.optimized_attention_masked) == host
 
 
 @pytest.mark.parametrize("name", [_mark(n, OVER_BUDGET) for n in BUDGETED])

@@ -14,16 +14,18 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
 - decoupled: one fused SDPA call for the identity branch (+ PuLID's projection when asked);
 - joint, as the first stage of the call (no foreign patch, no mask): PVA's single fused SDPA
   call over ``[text ; identity]`` keys and values, *instead of* the layer's text attention (+ one
-  ``to_q`` matmul with a separate identity query); on the positive rows only when the negative
-  gets no identity (the node's default): the negative rows then keep the host's text attention
-  of the whole batch (computed for every row, so they are the unpatched rows bit for bit).
-  Its ``[text ; identity]`` keys and values are, inside a sampling, one copy of the layer's
-  text K/V each into buffers whose identity rows were written once per sampling, so a layer
-  launches: the ``to_q`` matmul and the ``[q | q_id]`` cat, two copies, the SDPA call and
-  (positive rows only) the row merge: 6 more launches than unpatched. The budget of 4
-  (issue #22) assumes the joint call *replaces* the text attention; with the negative rows
-  kept bit-identical it runs next to it, and each of those 6 carries a per-call tensor (q,
-  the hidden states, k, v, the output rows), so no cache can take one out;
+  ``to_q`` matmul with a separate identity query). When the identity goes to some chunks only
+  (the node's default: the positive prompt's, the negative gets none), it is still ONE call over
+  the whole batch: an additive mask made once per sampling and batch layout puts ``log w`` on
+  the identity columns of those rows and ``-inf`` on the others', whose output is then their
+  text attention (exact in exact arithmetic; up to float rounding, e.g. 2.4e-7 in float32, not
+  the host's bits: the accepted trade of issue #22 — weight 0 still skips the stage, so it is
+  the unpatched model bit for bit). Its ``[text ; identity]`` keys and values are, inside a
+  sampling, one copy of the layer's text K/V each into buffers whose identity rows were
+  written once per sampling, so a layer launches: the ``to_q`` matmul and the ``[q | q_id]``
+  cat, two copies and the SDPA call, minus the host's text attention it replaces: 4 more
+  launches than unpatched (issue #22's budget). A later stage that needs the plain text
+  attention (a router's prior) computes it (``call.text_attention()``);
 - joint after other stages: one fused SDPA call for the identity part and share, then an
   elementwise mix with what those stages produced;
 - no host sync, no Python loop over batch items.
@@ -257,10 +259,11 @@ class ParallelAttentionStage(AttentionStage):
         return buffer
 
     def _bias(self, call: AttentionCall, keep: Optional[Sequence[bool]], id_tokens: int, dtype) -> Optional[torch.Tensor]:
-        """The joint call's additive logits: ``log w`` on identity columns (None for w = 1); with
+        """The joint call's additive logits: ``log w`` on identity columns (joint mode; None for w = 1); with
         ``keep`` (chunks the stage applies to, not all), ``[b, 1, 1, M + T]`` with ``-inf`` on the
         identity columns of the other rows, made once per sampling and batch layout."""
-        text_tokens, weight = call.k.shape[1], self.schedule.weight
+        # decoupled mode asks for the share only, of the plain joint softmax (its weight scales its branch)
+        text_tokens, weight = call.k.shape[1], self.schedule.weight if self.mode == "joint" else 1.0
         if keep is None or all(keep):
             return joint_bias(text_tokens, id_tokens, weight, call.q.device, dtype)
         keep = tuple(bool(k) for k in keep)

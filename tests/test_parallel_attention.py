@@ -136,8 +136,8 @@ def test_pulid_decoupled_formula(ortho):
 @pytest.mark.parametrize("negative", [None, ZERO_ID, SAME_ID])
 @pytest.mark.parametrize("arch,key", [("sd15", SD15_KEY), ("sdxl", SDXL_KEY)])
 def test_joint_adapter_projections_visual_query(tiny, arch, key, negative):
-    """Positive rows: PVA's joint softmax. Negative rows: by default (PVA's sampling) the text alone,
-    bit for bit the unpatched layer; with the option, the empty face's tokens (this node's old
+    """Positive rows: PVA's joint softmax. Negative rows: by default (PVA's sampling) the text alone
+    (the same single call with -inf identity columns: the text-only formula up to float32 rounding); with the option, the empty face's tokens (this node's old
     behaviour) or the person's own tokens (PVA's extra_feat_neg)."""
     model = tiny.unet(arch)
     adapter = adapter_for(model, num_tokens=4, visual_q=True)
@@ -160,7 +160,7 @@ def test_joint_adapter_projections_visual_query(tiny, arch, key, negative):
     close(got[cond], expected[cond])
     assert not torch.allclose(got[cond], plain[cond], atol=1e-3)
     if negative is None:
-        assert torch.equal(got[~cond], plain[~cond])
+        close(got[~cond], attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads)[~cond], tol=1e-6)
     else:
         close(got[~cond], expected[~cond])
         assert not torch.allclose(got[~cond], plain[~cond], atol=1e-3)
@@ -429,14 +429,16 @@ def follow_the_negative(model):
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_sampling_joint_negative_is_text_only_by_default(tiny, arch):
-    """Default joint mode = PVA's sampling: the negative pass is the unpatched model's, bit for bit, every step."""
+    """Default joint mode = PVA's sampling: the negative pass is the unpatched model's every step (up to
+    float32 rounding: one joint call over the whole batch gives the negative rows -inf identity columns)."""
     model = tiny.unet(arch)
     adapter = adapter_for(model, num_tokens=4)
     identity = synthetic_identity(1, seed=8, clip=False)
     ours = apply(model, adapter, identity, projections="layer")
-    assert torch.equal(sample(follow_the_negative(ours), arch), sample(follow_the_negative(model), arch))
+    plain_negative = sample(follow_the_negative(model), arch)
+    assert_same_sampling(sample(follow_the_negative(ours), arch), plain_negative)
     old = apply(model, adapter, identity, projections="layer", negative=ZERO_ID)
-    assert not torch.equal(sample(follow_the_negative(old), arch), sample(follow_the_negative(model), arch))
+    assert not torch.allclose(sample(follow_the_negative(old), arch), plain_negative, atol=1e-4)
     got = sample(ours, arch)
     assert_same_sampling(got, sample(text_only_negative_by_hand(model, adapter.identity_tokens(identity)), arch))
     assert not torch.allclose(got, sample(model, arch), atol=1e-4)

@@ -15,9 +15,8 @@ The release (x-flux ``IPDoubleStreamBlockProcessor``, ``ImageProjModel``):
 The negative side of the official true-CFG sampler gets the projection of a black image's embedding
 (``neg_image_prompt`` defaults to zeros) at ``neg_ip_scale`` (default 1, as ``ip_scale``).
 
-InstantX's Flux IP-Adapter (``ip-adapter.bin``: ``image_proj.*`` reading SigLIP-so400m's 1152-wide
-features, ``ip_adapter.N.to_k_ip`` reading 4096-wide tokens) is recognised by :func:`is_instantx_flux`
-so loaders can refuse it with the reason.
+InstantX's Flux IP-Adapter (``ip-adapter.bin``) is read by adapters/instantx_flux_ip_adapter.py;
+:func:`is_instantx_flux` lets the other loaders point to its nodes.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from .weight_errors import WeightError
 PROJ_PREFIX = "ip_adapter_proj_model."
 BLOCK_KEY = re.compile(r"^double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$")
 MAX_BLOCKS = 256  # bounded walk over a file's block numbers (Flux.1 has 19)
-SIGLIP_WIDTH = 1152  # google/siglip-so400m-patch14-384's feature width, what InstantX's projection reads
 FIX_DOWNLOAD = "download ip_adapter.safetensors from XLabs-AI/flux-ip-adapter again; this one is damaged or another format"
 
 
@@ -45,23 +43,19 @@ def is_xlabs_flux(keys) -> bool:
 
 
 def is_instantx_flux(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """InstantX's Flux IP-Adapter: ``image_proj`` reading SigLIP width 1152, or ``to_k_ip`` reading Flux's 4096-wide tokens."""
-    first = tensors.get("image_proj.proj.0.weight")
-    if first is not None and first.dim() == 2 and first.shape[1] == SIGLIP_WIDTH:
-        return True
-    for key, value in tensors.items():
-        if key.startswith("ip_adapter.") and key.endswith(".to_k_ip.weight") and value.dim() == 2 and value.shape[1] == 4096:
-            return True
-    return False
+    """InstantX's Flux IP-Adapter (adapters/instantx_flux_ip_adapter.py reads it)."""
+    from .instantx_flux_ip_adapter import is_instantx_flux as detect
+
+    return detect(tensors)
 
 
 def instantx_refusal() -> WeightError:
-    """The one error for InstantX's Flux IP-Adapter, wherever it is loaded."""
+    """The one error for InstantX's Flux IP-Adapter where another loader is given it."""
     return WeightError(
-        "this is InstantX's Flux IP-Adapter (image_proj reading SigLIP-so400m features, ip_adapter.N.to_k_ip); this pack "
-        "does not read it: its image encoder is SigLIP, not CLIP, and its attention is not written for Flux here",
-        fix="use XLabs' Flux IP-Adapter (ip_adapter.safetensors from XLabs-AI/flux-ip-adapter) with "
-        "'Apply Flux IP-Adapter (XLabs)', or PuLID-Flux for faces",
+        "this is InstantX's Flux IP-Adapter (image_proj reading SigLIP features, ip_adapter.N.to_k_ip on every Flux block), "
+        "not XLabs' or a UNet identity adapter",
+        fix="load it with 'Load Flux IP-Adapter (InstantX)' (with the SigLIP file) and connect it to "
+        "'Apply Flux IP-Adapter (InstantX)' with a Flux.1 model",
     )
 
 

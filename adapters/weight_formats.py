@@ -151,7 +151,7 @@ def _refuse_flux_formats(keys) -> None:
 
 
 def refuse_instantx_flux(tensors: Mapping[str, torch.Tensor]) -> None:
-    """InstantX's Flux IP-Adapter: recognised, refused with the reason (its SigLIP image encoder path is not written)."""
+    """InstantX's Flux IP-Adapter: recognised and sent to its own nodes ('Load Flux IP-Adapter (InstantX)')."""
     from .flux_ip_adapter import instantx_refusal, is_instantx_flux
 
     if is_instantx_flux(tensors):

@@ -61,7 +61,7 @@ BASES = ("sd15", "sdxl", "sd2-inpaint", "flux", "any")
 FILE_FORMATS = (
     "ip_adapter", "ip_adapter_plus", "ip_adapter_full_face", "faceid", "faceid_plus", "instantid", "pulid", "fact", "pva", "native",
     "lora", "onnx", "clip_vision", "transface", "eva_clip", "face_parsing", "controlnet", "checkpoint", "pulid_flux",
-    "xlabs_flux_ip_adapter", "diffusion_model", "text_encoder", "vae",
+    "xlabs_flux_ip_adapter", "instantx_flux_ip_adapter", "diffusion_model", "text_encoder", "vae",
 )
 REQUIRED = ("id", "file", "folder", "url", "sha256", "bytes", "verified", "format", "base", "license", "nodes", "description")
 OPTIONAL = ("source", "group", "variant", "requires", "note", "redirect_hosts")

@@ -40,6 +40,7 @@ DIT_KEY = PACK_KEY + "_dit"
 
 _BLOCK = "identity_attention_dit_block"  # the DitBlock running now
 _VEC = "identity_attention_dit_vec"  # its modulation input [B, C]
+_INPUT = "identity_attention_dit_input"  # its stream input: img [B, N, C] (double) / [txt; img] [B, M+N, C] (single)
 _TXT_LEN = "identity_attention_dit_txt_len"  # text tokens at the front of the joint sequence
 _LATENT_HW = "identity_attention_dit_latent_hw"  # (h, w) of the latent being denoised
 _COND = 0
@@ -67,6 +68,7 @@ class DitCall:
         self.options = options
         self.block: DitBlock = options[_BLOCK]
         self.vec: torch.Tensor = options[_VEC]
+        self.block_input: Optional[torch.Tensor] = options.get(_INPUT)  # unchanged until the block adds its residuals
         self.text_tokens = int(options[_TXT_LEN])
         self.chunks = list(options.get("cond_or_uncond") or [_COND])
         self.heads = q.shape[1]
@@ -206,6 +208,7 @@ class DitDispatcher:
             if options is not None:
                 options[_BLOCK] = self.blocks[key]
                 options[_VEC] = args["vec"]
+                options[_INPUT] = args.get("img")
                 if key[0] == "double_block":
                     options[_TXT_LEN] = args["txt"].shape[1]
             try:
@@ -214,6 +217,7 @@ class DitDispatcher:
             finally:
                 if options is not None:
                     options.pop(_BLOCK, None)
+                    options.pop(_INPUT, None)
 
         replace.identity_attention_dit_replace = self
         return replace

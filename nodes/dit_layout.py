@@ -74,6 +74,7 @@ DIT_NODES = {
     "IdentityAttentionPersonalizeIdentity": {"unet": YES, FLUX: NOT_YET + "it fine-tunes PVA's visual projections of UNet cross-attention layers, which Flux has none of; on Flux the command-line trainer's pva target trains the identity transformer (nodes/flux_training.py)"},
     "IdentityAttentionApplyPuLIDFlux": {"unet": "no: PuLID-Flux's modules are made for Flux.1's blocks (the node refuses UNets)", FLUX: YES},
     "IdentityAttentionApplyFluxIPAdapter": {"unet": "no: XLabs' projections are made for Flux.1's double blocks (the node refuses UNets)", FLUX: YES},
+    "IdentityAttentionApplyInstantXFluxIPAdapter": {"unet": "no: InstantX's projections are made for Flux.1's 19 + 38 blocks (the node refuses UNets)", FLUX: YES},
 }
 
 # README "Model families" rows -> the nodes each row stands for
@@ -90,6 +91,7 @@ README_ROWS = {
     "Personalize identity": ("IdentityAttentionPersonalizeIdentity",),
     "Apply PuLID-Flux": ("IdentityAttentionApplyPuLIDFlux",),
     "Apply Flux IP-Adapter (XLabs)": ("IdentityAttentionApplyFluxIPAdapter",),
+    "Apply Flux IP-Adapter (InstantX)": ("IdentityAttentionApplyInstantXFluxIPAdapter",),
 }
 
 

@@ -38,6 +38,7 @@ ORDER = [
     "restore_old_photo_of_person",
     "flux_portrait_pulid",  # last: ComfyUI 0.3+ only, and about 35 GB of Flux files
     "flux_image_prompt_xlabs",
+    "flux_image_prompt_instantx",
 ]
 
 # What the first image should look like, in words (the screenshots are taken on random-weight test models).

@@ -6,6 +6,8 @@
   CFG 1 -> score against the person.
 - ``flux_image_prompt_xlabs``: a reference picture -> CLIP ViT-L/14 -> XLabs' Flux IP-Adapter on
   FLUX.1-dev (the same three loaders) -> a Flux image prompted by text and picture.
+- ``flux_image_prompt_instantx``: the same with InstantX's Flux IP-Adapter, which reads SigLIP so400m
+  (Load CLIP Vision, and its pooling head through the adapter's loader).
 
 The tests and `make demo` swap Flux's three loaders for the tiny Flux (tests/harness/provisioning_flux.py)
 and skip these workflows on a host without Flux; scripts/build_workflows.py builds them only on a host with
@@ -130,12 +132,47 @@ def flux_image_prompt_xlabs(wb) -> str:
     return "A Flux.1-dev image prompted by a picture through XLabs' IP-Adapter (CLIP ViT-L/14 embedding)."
 
 
+def flux_image_prompt_instantx(wb) -> str:
+    picture = wb.node("LoadImage", title="Reference picture (style, object or face)", image="reference_face.png")
+    siglip = manifest_file("siglip-so400m-patch14-384")
+    vision = wb.node("CLIPVisionLoader", title="CLIP vision SigLIP so400m (what InstantX's adapter reads)", clip_name=siglip)
+    adapter = wb.node("IdentityAttentionLoadInstantXFluxIPAdapter", title="InstantX Flux IP-Adapter",
+                      adapter_file=manifest_file("instantx-flux-ip-adapter"), siglip_file=siglip)
+    applied = {}
+
+    def patch(unet):
+        applied["apply"] = wb.node("IdentityAttentionApplyInstantXFluxIPAdapter", title="Apply Flux IP-Adapter (InstantX)",
+                                   model=unet[0], flux_ip_adapter=adapter[0], clip_vision=vision[0], image=picture[0], weight=0.7,
+                                   start_percent=0.0, end_percent=1.0, apply_to="both")
+        return applied["apply"][0]
+
+    gen = flux_base(wb, "a portrait photo of a person in a sunlit greenhouse, soft light, 50mm", patch)
+    apply = applied["apply"]
+    wb.group("1. The picture: SigLIP reads it", [picture, vision], IDENTITY_GREEN)
+    wb.group("2. Model: Flux.1-dev (three loaders) + InstantX's IP-Adapter", [gen["unet"], gen["clip"], gen["vae"], adapter, apply], ADAPTER_BLUE)
+    wb.group("3. Generate (Flux: guidance in the prompt, CFG 1)", [gen[k] for k in ("text", "pos", "neg", "latent", "sampler", "decode", "save")], MODEL_BLUE)
+    wb.note(download_note(["instantx-flux-ip-adapter", "siglip-so400m-patch14-384", "flux1-dev", "flux-t5xxl-fp16", "flux-clip-l", "flux-ae"],
+                          base="flux", extra=(
+        "FLUX.1-dev is gated: accept its license on the Hugging Face page (logged in) and download flux1-dev.safetensors "
+        "in the browser. InstantX's adapter reads SigLIP so400m (the Flux Redux file); the adapter's loader reads "
+        "SigLIP's pooling head from the same file. Needs ComfyUI 0.3 or newer (Flux, SigLIP).")), title="Download first")
+    wb.note(
+        "InstantX's IP-Adapter prompts Flux with a picture: SigLIP reads it, the adapter turns its pooled feature into 128 "
+        "tokens, and in every block of Flux (double and single) the attention also looks at them.\n\n"
+        "weight: InstantX's scale (their demo uses 0.7); 0 = exactly the plain Flux image. The negative prompt gets a "
+        "black picture's tokens; it only matters at CFG > 1.",
+        title="How to read this workflow", near=apply)
+    return "A Flux.1-dev image prompted by a picture through InstantX's IP-Adapter (SigLIP so400m feature)."
+
+
 # ComfyUI's Flux nodes (0.3.x): scripts/build_workflows.py skips these specs on a host without them
 FLUX_HOST_NODES = ("UNETLoader", "DualCLIPLoader", "FluxGuidance", "EmptySD3LatentImage")
 flux_portrait_pulid.requires_nodes = FLUX_HOST_NODES
 flux_image_prompt_xlabs.requires_nodes = FLUX_HOST_NODES
+flux_image_prompt_instantx.requires_nodes = FLUX_HOST_NODES
 
 SPECS = {
     "flux_portrait_pulid": flux_portrait_pulid,
     "flux_image_prompt_xlabs": flux_image_prompt_xlabs,
+    "flux_image_prompt_instantx": flux_image_prompt_instantx,
 }

@@ -32,6 +32,7 @@ WEIGHT_WIDGETS = {
     "VAELoader": ("vae_name", lambda e, v: e["folder"] == "vae" and e["file"] == v),
     "IdentityAttentionLoadPuLIDFlux": ("pulid_file", lambda e, v: e["folder"] == "pulid" and e["file"] == v),
     "IdentityAttentionLoadFluxIPAdapter": ("adapter_file", lambda e, v: e["folder"] == "ipadapter" and e["file"] == v),
+    "IdentityAttentionLoadInstantXFluxIPAdapter": ("adapter_file", lambda e, v: e["folder"] == "ipadapter" and e["file"] == v),
 }
 DOWNLOAD_LINE = re.compile(r"weights download ([^\n]+)")
 

@@ -104,13 +104,13 @@ def test_identity_adapter_loader_names_the_xlabs_nodes_and_refuses_instantx_with
     assert "Load Flux IP-Adapter (XLabs)" in str(info.value)
     instantx = {  # InstantX/FLUX.1-dev-IP-Adapter's layout (tiny): an MLP projector on SigLIP's 1152 features
         "image_proj.proj.0.weight": torch.zeros(16, 1152), "image_proj.proj.2.weight": torch.zeros(32, 16),
-        "image_proj.norm.weight": torch.zeros(8), "ip_adapter.0.to_k_ip.weight": torch.zeros(8, 4096),
-        "ip_adapter.0.to_v_ip.weight": torch.zeros(8, 4096),
+        "image_proj.norm.weight": torch.zeros(8), "ip_adapter.0.to_k_ip.weight": torch.zeros(8, 8),
+        "ip_adapter.0.to_v_ip.weight": torch.zeros(8, 8),
     }
     for load in (formats.detect_format, flux_ip.XLabsFluxIPAdapter.from_state):  # 'Load identity adapter' and the XLabs loader
         with pytest.raises(weight_errors.WeightError) as info:
             load(instantx)
-        assert "InstantX" in str(info.value) and "SigLIP" in str(info.value)
+        assert "InstantX" in str(info.value) and "Load Flux IP-Adapter (InstantX)" in str(info.value)
 
 
 # --- on the tiny Flux (newer host only) ----------------------------------------------------------

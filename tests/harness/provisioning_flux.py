@@ -13,7 +13,12 @@ variant without the guidance embedding. A ``VAELoader`` is swapped only for a Fl
 module per scheduled block) and for the tiny EVA-CLIP of provisioning_pulid.py (width 32),
 under the name the workflow asks for. ``IdentityAttentionLoadFluxIPAdapter`` gets an XLabs Flux IP-Adapter in the release's key layout
 for the tiny Flux's double blocks, reading the 768-wide embedding of the tiny ViT-L/14 (the
-``CLIPVisionLoader`` swap gives it for ``clip-vit-large-patch14`` names). ``EmptySD3LatentImage``
+``CLIPVisionLoader`` swap gives it for ``clip-vit-large-patch14`` names).
+``IdentityAttentionLoadInstantXFluxIPAdapter`` gets an InstantX Flux IP-Adapter (the release's nested
+``{"image_proj", "ip_adapter"}`` pickle, one projection pair per tiny-Flux block) reading SigLIP's 1152
+width, and, when the SigLIP file is missing, one holding only SigLIP's attention-pooling head
+(``vision_model.head.*``, 1152 wide): the ``CLIPVisionLoader`` swap gives the tiny SigLIP tower for
+``sigclip`` / ``siglip`` names. ``EmptySD3LatentImage``
 (Flux's latent) is shrunk like
 ``EmptyLatentImage``.
 
@@ -126,6 +131,58 @@ def _xlabs_flux(node: dict, instance: Instance, context: dict) -> dict:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tiny_xlabs_flux_state(seed=zlib.crc32(name.encode()) & 0x7FFF), str(path))
+    return node
+
+
+def tiny_instantx_flux_state(seed: int = 0, embed: int = 1152, context: int = 32, tokens: int = 4) -> dict:
+    """InstantX's Flux IP-Adapter for the tiny Flux, nested as the release's ``ip-adapter.bin``."""
+    import torch
+
+    from testkit import tiny_flux
+
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) / shape[-1] ** 0.5  # noqa: E731
+    proj = {"proj.0.weight": rand(2 * embed, embed), "proj.0.bias": 0.1 * rand(2 * embed),
+            "proj.2.weight": rand(tokens * context, 2 * embed), "proj.2.bias": 0.1 * rand(tokens * context),
+            "norm.weight": 1 + 0.1 * rand(context), "norm.bias": 0.1 * rand(context)}
+    blocks = {}
+    for j in range(tiny_flux.DEPTH + tiny_flux.DEPTH_SINGLE):
+        blocks[f"{j}.to_k_ip.weight"] = rand(tiny_flux.HIDDEN, context)
+        blocks[f"{j}.to_v_ip.weight"] = rand(tiny_flux.HIDDEN, context)
+    return {"image_proj": proj, "ip_adapter": blocks}
+
+
+def tiny_siglip_head_state(seed: int = 0, width: int = 1152, inner: int = 64) -> dict:
+    """SigLIP's attention-pooling head (``vision_model.head.*``) at SigLIP's width, small MLP."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) / shape[-1] ** 0.5  # noqa: E731
+    p = "vision_model.head."
+    return {p + "probe": rand(1, 1, width), p + "attention.in_proj_weight": rand(3 * width, width),
+            p + "attention.in_proj_bias": 0.02 * rand(3 * width), p + "attention.out_proj.weight": rand(width, width),
+            p + "attention.out_proj.bias": 0.02 * rand(width), p + "layernorm.weight": 1 + 0.05 * rand(width),
+            p + "layernorm.bias": 0.02 * rand(width), p + "mlp.fc1.weight": rand(inner, width), p + "mlp.fc1.bias": 0.02 * rand(inner),
+            p + "mlp.fc2.weight": rand(width, inner), p + "mlp.fc2.bias": 0.02 * rand(width)}
+
+
+@register("IdentityAttentionLoadInstantXFluxIPAdapter")
+def _instantx_flux(node: dict, instance: Instance, context: dict) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    name = node["inputs"].get("adapter_file")
+    if isinstance(name, str) and name:
+        path = instance.models / "ipadapter" / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tiny_instantx_flux_state(seed=zlib.crc32(name.encode()) & 0x7FFF), str(path))
+    siglip = node["inputs"].get("siglip_file")
+    if isinstance(siglip, str) and siglip:
+        path = instance.models / "clip_vision" / siglip
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tiny_siglip_head_state(seed=zlib.crc32(siglip.encode()) & 0x7FFF), str(path))
     return node
 
 

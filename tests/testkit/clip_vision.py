@@ -7,7 +7,9 @@ The tiny model keeps what the adapters read, the widths: penultimate hidden stat
 (ViT-H) or 1664 (bigG) channels and image embeds of 1024 (ViT-H) or 1280 (bigG) (ViT-L/14: 1024 and
 768, for XLabs' Flux IP-Adapter), so the
 released projectors' shapes fit; it has 2 layers and 32-pixel patches (50 tokens at 224x224
-instead of 257), random weights that are a function of the seed.
+instead of 257), random weights that are a function of the seed. The "siglip" kind (SigLIP so400m
+patch14 384, InstantX's Flux IP-Adapter; hosts whose ``comfy.clip_vision`` reads SigLIP) keeps the
+1152 width and 384 px input: 144 tokens with the 32-pixel patches.
 """
 
 from __future__ import annotations
@@ -24,25 +26,32 @@ KINDS = {
     "vit-h": {"hidden_size": 1280, "num_attention_heads": 16, "projection_dim": 1024},
     "vit-bigg": {"hidden_size": 1664, "num_attention_heads": 16, "projection_dim": 1280},
     "vit-l": {"hidden_size": 1024, "num_attention_heads": 16, "projection_dim": 768},  # OpenAI ViT-L/14 (XLabs' Flux IP-Adapter)
+    # SigLIP so400m patch14 384 (InstantX's Flux IP-Adapter): no projection, no class token, 384 px (newer hosts only)
+    "siglip": {"hidden_size": 1152, "num_attention_heads": 16, "model_type": "siglip_vision_model", "image_size": 384,
+               "hidden_act": "gelu_pytorch_tanh", "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
 }
 _CACHE = {}
 _LOCK = threading.Lock()
 
 
 def kind_of_file(name: str) -> str:
-    """"vit-bigg" for ViT-bigG file names, "vit-l" for ViT-L/14 ones (clip-vit-large-patch14), else "vit-h"."""
+    """"vit-bigg" for ViT-bigG file names, "vit-l" for ViT-L/14 ones (clip-vit-large-patch14), "siglip" for SigLIP
+    ones (sigclip_vision_patch14_384), else "vit-h"."""
     lowered = name.lower().replace("_", "-")
+    if "siglip" in lowered or "sigclip" in lowered:
+        return "siglip"
     if "bigg" in lowered or "vit-g" in lowered:
         return "vit-bigg"
     return "vit-l" if "vit-large" in lowered or "vit-l-" in lowered else "vit-h"
 
 
 def config(kind: str) -> dict:
-    return dict(
-        KINDS[kind], attention_dropout=0.0, dropout=0.0, hidden_act="gelu", image_size=224, initializer_factor=1.0,
+    base = dict(
+        attention_dropout=0.0, dropout=0.0, hidden_act="gelu", image_size=224, initializer_factor=1.0,
         initializer_range=0.02, intermediate_size=256, layer_norm_eps=1e-5, model_type="clip_vision_model",
         num_channels=3, num_hidden_layers=2, patch_size=32, torch_dtype="float32",
     )
+    return {**base, **KINDS[kind]}
 
 
 def build_clip_vision(kind: str = "vit-h", seed: int = 0):

@@ -206,7 +206,7 @@ class ParallelAttentionStage(AttentionStage):
         self.ortho = ortho
         self.body = body
         self.needs_hidden_states = source.has_query
-        self.forward_first_on_chunks = mode == "joint"  # the single call also for the positive rows alone
+        self.forward_first_on_chunks = mode == "joint"  # the single call also when some rows get no identity (forward_first_rows)
         self._blocks: Dict[tuple, list] = {}  # where no sampling scope runs (a stage called directly)
         self._constants = DeviceCache()  # the same, for device constants made from CPU tensors
 

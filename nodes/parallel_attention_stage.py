@@ -46,7 +46,6 @@ from ..adapters.parallel_attention import (
     fused_width,
     identity_key_block,
     identity_value_block,
-    joint_bias,
     joint_query,
     joint_row_bias,
     mix_with_text,
@@ -259,18 +258,23 @@ class ParallelAttentionStage(AttentionStage):
         return buffer
 
     def _bias(self, call: AttentionCall, keep: Optional[Sequence[bool]], id_tokens: int, dtype) -> Optional[torch.Tensor]:
-        """The joint call's additive logits: ``log w`` on identity columns (joint mode; None for w = 1); with
-        ``keep`` (chunks the stage applies to, not all), ``[b, 1, 1, M + T]`` with ``-inf`` on the
-        identity columns of the other rows, made once per sampling and batch layout."""
+        """The joint call's additive logits ``[b or 1, 1, 1, M + T]``: ``log w`` on identity columns (joint
+        mode; None for w = 1 with every row kept); with ``keep`` (chunks the stage applies to, not
+        all), ``-inf`` on the identity columns of the other rows. Made once per sampling and batch
+        layout (not per call), a view of rows 16-column aligned (no per-call pad in GPU kernels)."""
         # decoupled mode asks for the share only, of the plain joint softmax (its weight scales its branch)
         text_tokens, weight = call.k.shape[1], self.schedule.weight if self.mode == "joint" else 1.0
+        total = text_tokens + id_tokens
         if keep is None or all(keep):
-            return joint_bias(text_tokens, id_tokens, weight, call.q.device, dtype)
-        keep = tuple(bool(k) for k in keep)
-        n = call.rows_per_chunk
-        key = ("row bias", tuple(call.chunks), n, keep, text_tokens, id_tokens, weight)
-        make = lambda: joint_row_bias(text_tokens, id_tokens, weight, torch.tensor(keep).repeat_interleave(n))  # noqa: E731
-        return device_constant(call.extra_options, id(self), key, call.q.device, dtype, make, self._constants)
+            if weight == 1.0:
+                return None
+            layout, n = None, 1
+        else:
+            layout, n = tuple(bool(k) for k in keep), call.rows_per_chunk
+        key = ("joint bias", layout, n, text_tokens, id_tokens, weight)
+        columns = -(-total // 16) * 16
+        make = lambda: joint_row_bias(text_tokens, id_tokens, weight, torch.tensor(layout or (True,)).repeat_interleave(n), columns)  # noqa: E731
+        return device_constant(call.extra_options, id(self), key, call.q.device, dtype, make, self._constants)[..., :total]
 
     def _joint_call(self, call: AttentionCall, kind: str, keep: Optional[Sequence[bool]] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One fused SDPA call over ``[text ; identity]`` keys: ``(values [b, N, H*D] or None, share [b, N, H, 1] or None)``.

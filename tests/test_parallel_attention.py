@@ -141,6 +141,8 @@ def test_joint_row_bias_formula():
     assert torch.equal(bias[..., :3], torch.zeros(3, 1, 1, 3))
     assert torch.equal(bias[[0, 2], ..., 3:], torch.full((2, 1, 1, 2), math.log(0.5)))
     assert torch.equal(bias[1, ..., 3:], torch.full((1, 1, 2), float("-inf")))
+    padded = pa.joint_row_bias(3, 2, 0.5, torch.tensor([True, False, True]), columns=16)
+    assert padded.shape == (3, 1, 1, 16) and torch.equal(padded[..., :5], bias) and not padded[..., 5:].any()
 
 
 @pytest.mark.parametrize("weight", [0.4, 1.0])

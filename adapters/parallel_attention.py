@@ -238,6 +238,24 @@ def joint_bias(text_tokens: int, id_tokens: int, weight: float, device, dtype) -
     return bias
 
 
+def joint_row_bias(text_tokens: int, id_tokens: int, weight: float, identity_rows: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
+    """Additive logits ``[B, 1, 1, columns]`` (CPU float32) for one joint call over a whole batch whose
+    rows do not all get the identity: 0 on text columns; on the ``T`` identity columns ``log w`` in
+    rows where ``identity_rows`` ``[B]`` (bool) is True and ``-inf`` elsewhere; 0 on any columns
+    past ``M + T`` (``columns``, default ``M + T``).
+
+    A row with ``-inf`` identity columns gives those keys zero mass, so its output is its text
+    attention, ``softmax(s q k_text^T) v_text``: exactly in exact arithmetic, up to float rounding
+    in a kernel (the sums run over M + T columns instead of M). Extra ``columns`` let the caller
+    slice ``[..., :M + T]`` with row strides a multiple of 16 (SDPA's memory-efficient GPU kernel
+    copies a mask whose strides are not into a padded one on every call).
+    """
+    total = text_tokens + id_tokens
+    bias = torch.zeros(identity_rows.shape[0], 1, 1, max(columns or total, total))
+    bias[..., text_tokens:total] = torch.where(identity_rows.reshape(-1, 1, 1, 1), log_prior(weight), float("-inf"))
+    return bias
+
+
 def fused_joint_call(
     q_joint: torch.Tensor,
     keys: torch.Tensor,

@@ -31,10 +31,13 @@ call over ``[text; identity]`` keys, so computing the text attention first and
 then the identity part would cost two. Later stages that need the plain text
 attention (a router's prior, PuLID's projection) still get it from
 ``call.text_attention()``, computed on first use. A stage that sets
-``forward_first_on_chunks`` (PVA joint) gets that single call also when it applies
-to some chunks only (e.g. the positive prompt's); the other rows keep the host's
-text attention of the whole batch, so they are the unpatched rows bit for bit (a
-kernel need not give a row the same bits in a smaller batch).
+``forward_first_on_chunks`` gets that single call also when it applies to some
+chunks only (e.g. the positive prompt's), through
+:meth:`AttentionStage.forward_first_rows`: by default the stage's ``forward_first``
+on its rows, the other rows keeping the host's text attention of the whole batch
+(the unpatched rows bit for bit); PVA joint instead runs ONE call over the whole
+batch whose other rows see no identity (equal to the unpatched rows up to float
+rounding, one attention call per layer instead of two and a merge).
 
 A patch another pack installed in a slot before ours (3-tuple key, or the
 2-tuple block-wide key) is kept as that slot's *fallback*: it computes the
@@ -402,6 +405,18 @@ class AttentionStage:
         """
         return None
 
+    def forward_first_rows(self, call: AttentionCall, keep: Sequence[bool]) -> Optional[torch.Tensor]:
+        """:meth:`forward_first` for a stage with ``forward_first_on_chunks`` that applies to the
+        chunks where ``keep`` is True only: the whole batch's output ``[B, N, H*D]``, or None.
+
+        Default: ``forward_first`` on the kept rows; the other rows keep the whole batch's text
+        attention, the unpatched rows bit for bit (a host kernel need not give a row the same
+        bits in a smaller batch). A stage may instead compute every row in one call, where its
+        other rows equal the text attention up to float rounding.
+        """
+        first = self.forward_first(call.select_chunks(keep))
+        return None if first is None else call.scatter_chunks(call.text_attention(), first, keep)
+
     def is_active(self, call: AttentionCall) -> bool:
         """Whether the stage acts at this layer (besides its sigma window and chunks,
         which the dispatcher checks)."""
@@ -528,11 +543,8 @@ class AttentionDispatcher:
                     if out is not None:
                         continue
                 elif stage.forward_first_on_chunks and window is True and fallback is None:
-                    first = stage.forward_first(call.select_chunks(keep))
-                    if first is not None:
-                        # the other rows: the whole batch's text attention, as unpatched (a host kernel
-                        # need not give a row the same bits in a smaller batch)
-                        out = call.scatter_chunks(call.text_attention(), first, keep)
+                    out = stage.forward_first_rows(call, keep)
+                    if out is not None:
                         continue
                 out = call.text_attention()
             if every_row:

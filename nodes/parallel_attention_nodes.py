@@ -4,7 +4,8 @@ Joint mode's negative pass: PVA's sampling gives the unconditional (negative) pr
 tokens: its context is the text alone (``AtlantixJJ/PVA-CelebAHQ-IDI`` ``lib/pva.py``: with only
 the 77 text tokens the visual part is empty; ``extra_feat_neg`` is off by default). That is the
 default here (``negative_identity`` "none (PVA)"): the stage applies to the positive rows only and
-the negative rows are the unpatched model's, bit for bit. "zero identity" keeps the negative
+the negative rows are the unpatched model's up to float rounding (one joint call over the whole
+batch with no identity columns for them, see nodes/parallel_attention_stage.py). "zero identity" keeps the negative
 attending to the tokens of an empty face (the projector's negative inputs, IP-Adapter's
 convention), which this node did before. "identity (PVA extra_feat_neg)" gives the negative the
 person's own tokens, PVA's ``extra_feat_neg=True`` (its "control" prompts: CFG then amplifies the

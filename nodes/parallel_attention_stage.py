@@ -14,16 +14,18 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
 - decoupled: one fused SDPA call for the identity branch (+ PuLID's projection when asked);
 - joint, as the first stage of the call (no foreign patch, no mask): PVA's single fused SDPA
   call over ``[text ; identity]`` keys and values, *instead of* the layer's text attention (+ one
-  ``to_q`` matmul with a separate identity query); on the positive rows only when the negative
-  gets no identity (the node's default): the negative rows then keep the host's text attention
-  of the whole batch (computed for every row, so they are the unpatched rows bit for bit).
-  Its ``[text ; identity]`` keys and values are, inside a sampling, one copy of the layer's
-  text K/V each into buffers whose identity rows were written once per sampling, so a layer
-  launches: the ``to_q`` matmul and the ``[q | q_id]`` cat, two copies, the SDPA call and
-  (positive rows only) the row merge: 6 more launches than unpatched. The budget of 4
-  (issue #22) assumes the joint call *replaces* the text attention; with the negative rows
-  kept bit-identical it runs next to it, and each of those 6 carries a per-call tensor (q,
-  the hidden states, k, v, the output rows), so no cache can take one out;
+  ``to_q`` matmul with a separate identity query). When the identity goes to some chunks only
+  (the node's default: the positive prompt's, the negative gets none), it is still ONE call over
+  the whole batch: an additive mask made once per sampling and batch layout puts ``log w`` on
+  the identity columns of those rows and ``-inf`` on the others', whose output is then their
+  text attention (exact in exact arithmetic; up to float rounding, e.g. 2.4e-7 in float32, not
+  the host's bits: the accepted trade of issue #22 — weight 0 still skips the stage, so it is
+  the unpatched model bit for bit). Its ``[text ; identity]`` keys and values are, inside a
+  sampling, one copy of the layer's text K/V each into buffers whose identity rows were
+  written once per sampling, so a layer launches: the ``to_q`` matmul and the ``[q | q_id]``
+  cat, two copies and the SDPA call, minus the host's text attention it replaces: 4 more
+  launches than unpatched (issue #22's budget). A later stage that needs the plain text
+  attention (a router's prior) computes it (``call.text_attention()``);
 - joint after other stages: one fused SDPA call for the identity part and share, then an
   elementwise mix with what those stages produced;
 - no host sync, no Python loop over batch items.
@@ -32,7 +34,7 @@ Cost per attn2 call (the math is in ``adapters/parallel_attention.py``):
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,8 +46,8 @@ from ..adapters.parallel_attention import (
     fused_width,
     identity_key_block,
     identity_value_block,
-    joint_bias,
     joint_query,
+    joint_row_bias,
     mix_with_text,
     orthogonalize,
     pad_heads,
@@ -54,7 +56,7 @@ from ..adapters.parallel_attention import (
 from ..adapters.attention_core import token_heads
 from .dispatcher import AttentionCall, AttentionStage, StageSchedule, add_in_region, blend_in_region
 from .host import LayerKey
-from .sampling_scope import sampling_cache
+from .sampling_scope import device_constant, sampling_cache
 
 MODES = ("joint", "decoupled")
 _CACHE_LIMIT = 1024
@@ -203,8 +205,9 @@ class ParallelAttentionStage(AttentionStage):
         self.ortho = ortho
         self.body = body
         self.needs_hidden_states = source.has_query
-        self.forward_first_on_chunks = mode == "joint"  # the single call also for the positive rows alone
+        self.forward_first_on_chunks = mode == "joint"  # the single call also when some rows get no identity (forward_first_rows)
         self._blocks: Dict[tuple, list] = {}  # where no sampling scope runs (a stage called directly)
+        self._constants = DeviceCache()  # the same, for device constants made from CPU tensors
 
     # --- cached per-layout blocks --------------------------------------------------------------
     def _block(self, call: AttentionCall, name, make, source: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -254,12 +257,33 @@ class ParallelAttentionStage(AttentionStage):
         buffer[:, : th.shape[1], :, : th.shape[-1]].copy_(th)
         return buffer
 
-    def _joint_call(self, call: AttentionCall, kind: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _bias(self, call: AttentionCall, keep: Optional[Sequence[bool]], id_tokens: int, dtype) -> Optional[torch.Tensor]:
+        """The joint call's additive logits ``[b or 1, 1, 1, M + T]``: ``log w`` on identity columns (joint
+        mode; None for w = 1 with every row kept); with ``keep`` (chunks the stage applies to, not
+        all), ``-inf`` on the identity columns of the other rows. Made once per sampling and batch
+        layout (not per call), a view of rows 16-column aligned (no per-call pad in GPU kernels)."""
+        # decoupled mode asks for the share only, of the plain joint softmax (its weight scales its branch)
+        text_tokens, weight = call.k.shape[1], self.schedule.weight if self.mode == "joint" else 1.0
+        total = text_tokens + id_tokens
+        if keep is None or all(keep):
+            if weight == 1.0:
+                return None
+            layout, n = None, 1
+        else:
+            layout, n = tuple(bool(k) for k in keep), call.rows_per_chunk
+        key = ("joint bias", layout, n, text_tokens, id_tokens, weight)
+        columns = -(-total // 16) * 16
+        make = lambda: joint_row_bias(text_tokens, id_tokens, weight, torch.tensor(layout or (True,)).repeat_interleave(n), columns)  # noqa: E731
+        return device_constant(call.extra_options, id(self), key, call.q.device, dtype, make, self._constants)[..., :total]
+
+    def _joint_call(self, call: AttentionCall, kind: str, keep: Optional[Sequence[bool]] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """One fused SDPA call over ``[text ; identity]`` keys: ``(values [b, N, H*D] or None, share [b, N, H, 1] or None)``.
 
         kind "fused": values ``[v_text ; v_id]``, the joint output itself (no text attention needed;
         the share comes free with a separate identity query); "identity": values ``[0 ; v_id]`` and
-        the share, to mix with a given text attention; "share": the share alone.
+        the share, to mix with a given text attention; "share": the share alone. ``keep``: per
+        chunk, whether its rows get the identity (None: all); the other rows' identity columns
+        get ``-inf`` (their output is their text attention, their share exactly 0).
         """
         k_id, v_id = self.source.kv(call)
         q_id = self.source.query(call)
@@ -275,11 +299,11 @@ class ParallelAttentionStage(AttentionStage):
             values = self._text_and_identity(call, ("v", width), call.v, self._block(call, ("v", kind, width), id_values, source=v_id))
         else:
             values = self._block(call, ("v", kind, width), lambda: torch.cat([k_id.new_zeros(k_id.shape[0], text_tokens, heads, width), id_values()], dim=1), source=v_id)
-        bias = joint_bias(text_tokens, k_id.shape[1], self.schedule.weight, call.q.device, call.q.dtype) if self.mode == "joint" else None
         q_joint = joint_query(call.q, q_id, heads, width)
         if call.upcast and q_joint.dtype != torch.float32:
             # the host upcasts this model's attention (SD2.x overflows in fp16): do the same
             q_joint, keys, values = q_joint.float(), keys.float(), values.float()
+        bias = self._bias(call, keep, k_id.shape[1], q_joint.dtype)
         part, share = fused_joint_call(q_joint, keys, values, dim_head, value_dim, with_share, bias)
         if share is not None:
             call.scratch[(id(self), "share")] = share  # a mixture-of-attention router reads it, no second pass
@@ -291,6 +315,16 @@ class ParallelAttentionStage(AttentionStage):
         if self.mode != "joint" or self.source.token_count == 0 or self.schedule.mask is not None:
             return None
         part, _ = self._joint_call(call, "fused")
+        return part.to(call.q.dtype)
+
+    def forward_first_rows(self, call: AttentionCall, keep: Sequence[bool]) -> Optional[torch.Tensor]:
+        """Joint mode as the first stage on some chunks only (PVA's default: the positive prompt's):
+        ONE call over the whole batch, ``-inf`` on the identity columns of the other rows, which so
+        get their text attention (equal to the host's up to float rounding), not a second attention
+        call and a row merge."""
+        if self.mode != "joint" or self.source.token_count == 0 or self.schedule.mask is not None:
+            return None
+        part, _ = self._joint_call(call, "fused", keep=keep)
         return part.to(call.q.dtype)
 
     def forward(self, call: AttentionCall, out: torch.Tensor, region: Optional[torch.Tensor]) -> torch.Tensor:
@@ -322,20 +356,20 @@ class ParallelAttentionStage(AttentionStage):
         keep = [self.schedule.applies_to_chunk(code) for code in call.chunks]
         if not any(keep):
             return None
-        share = call.scratch.get((id(self), "share"))  # computed by forward on this very call
+        # computed on this very call: by forward_first / forward_first_rows (whole batch; with some
+        # chunks kept, exactly 0 on the others' rows, their identity columns being -inf), or by
+        # forward on the kept rows (the chunks' scratch)
+        share = call.scratch.get((id(self), "share"))
         part = None if share is not None or all(keep) else call.chunk_scratch(keep).get((id(self), "share"))
         if part is not None:
-            # forward_first ran on the kept rows only: their share, zero on the other rows (one cat)
+            # forward ran on the kept rows only: their share, zero on the other rows (one cat)
             zeros = self._block(call, "no share", lambda: call.q.new_zeros(call.batch, call.q.shape[1], 1))
             share = call.scatter_chunks(zeros, part.mean(dim=2).to(call.q.dtype), keep)
         else:
             if share is None:
-                _, share = self._joint_call(call, "share")
+                _, share = self._joint_call(call, "share", keep=keep)  # 0 on rows not kept
             share = share.mean(dim=2).to(call.q.dtype)  # [b, N, 1]
         region = self.region(call)
         if region is not None:
             share = share * region
-        if not all(keep) and part is None:
-            rows = self._block(call, "keep", lambda: call.per_row({c: torch.full((1, 1, 1), float(k), device=call.q.device, dtype=call.q.dtype) for c, k in zip(call.chunks, keep)}))
-            share = share * rows
         return share

@@ -28,10 +28,11 @@ stage's own (not the schedule's region), because outside it the stage does chang
 
 Cost per attn2 call (issue #22; the fused forms in ``adapters/attention_routing.py``), on top of
 the stages it routes: the identity-attention router reads the share the identity stage's own
-joint call produced on this call (PVA: a channel of its single SDPA, also when that call ran on
-the positive rows only, see ``AttentionCall.chunk_scratch``; no second attention), then mean
-over heads and zero rows (2), amax, maximum, addcdiv, sigmoid (4), one ``lerp`` for the mix and one
-in-place add for the router-map recorder: 8 launches. Learned router: linear, GELU, linear to
+joint call produced on this call (PVA: a channel of its single SDPA over the whole batch, 0 on
+the rows without identity; or of its call on some rows after other stages, see
+``AttentionCall.chunk_scratch``; no second joint attention), then mean over heads (1), the prior
+(the text attention: one SDPA, as PVA's single call does not leave it), amax, maximum, addcdiv,
+sigmoid (4), one ``lerp`` for the mix and one in-place add for the router-map recorder: 8 launches. Learned router: linear, GELU, linear to
 one logit difference, sigmoid. Constants (the floor and logit offset, the folded router weights, the
 stacked base k/v weights) are made once per stage, layer and device. No host sync, no
 host-to-device copy in the layer; the recorder's sigma is the step's, read once per step.

@@ -33,7 +33,6 @@ dispatcher = pack("nodes.dispatcher")
 
 BUDGETED = list(load_budgets()["scenarios"])
 OVER_BUDGET = {  # scenario -> why it is still over (issue #22 item 4, branch `fusion`)
-    "pva_joint": "+6: the positive rows' joint call runs next to the whole batch's text attention (negative rows bit-identical), see cost_budgets.json's note",
 }
 COPIES_IN_LAYERS = {  # scenario -> why it still copies host data inside a layer
 }

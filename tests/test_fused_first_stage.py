@@ -134,7 +134,7 @@ def joint64(inputs, adapter, identity, weight):
     return merge(logits.softmax(-1) @ values)
 
 
-def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny):
+def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny, monkeypatch):
     model = tiny.unet("sd15")
     adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=3, clip=False)
     inputs = layer_inputs(model, SD15_KEY)
@@ -143,20 +143,31 @@ def test_joint_single_call_and_after_another_stage_both_equal_pva(tiny):
     after = run_layer(pva(dispatcher.apply_attention_stage(model, PassThrough(dispatcher.StageSchedule())), adapter, identity), inputs)
     close(first, expected)
     close(after, expected)
-    # PVA's sampling (the node's default): the single call on the positive rows, the negative rows unpatched
-    calls = []
+    # PVA's sampling (the node's default): ONE call over the whole batch, the identity on the positive
+    # rows only; the negative rows get the text attention (float rounding aside), the host's attention never runs
+    calls, host_calls = [], []
     default = pva(model, adapter, identity, negative="none (PVA)")
     stage = default.model_options["transformer_options"][dispatcher.PACK_KEY].stages[-1]
-    original = stage.forward_first
-    stage.forward_first = lambda call: calls.append(list(call.chunks)) or original(call)
+    original = stage.forward_first_rows
+    stage.forward_first_rows = lambda call, keep: calls.append((list(call.chunks), list(keep))) or original(call, keep)
+    monkeypatch.setattr(dispatcher, "host_attention", lambda *a, **k: host_calls.append(1) or pytest.fail("host attention ran"))
     try:
         got = run_layer(default, inputs)
     finally:
-        del stage.forward_first
-    assert calls == [[0]]  # one single call, on the cond chunk alone
+        del stage.forward_first_rows
+        monkeypatch.undo()
+    assert calls == [(list(inputs.codes), [c == 0 for c in inputs.codes])] and host_calls == []
     cond = torch.tensor([inputs.chunk_of_row(r) == 0 for r in range(got.shape[0])])
     close(got[cond], expected[cond])
-    assert torch.equal(got[~cond], unpatched(inputs)[~cond])
+    close(got[~cond], attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads)[~cond], tol=1e-6)
+    # in float64 the negative rows are the text-only formula to rounding of float64
+    hidden64 = inputs.hidden.double()
+    options64 = dict(inputs.extra_options, **{dispatcher.HIDDEN_STATES_KEY: hidden64})
+    inputs64 = dataclasses.replace(inputs, q=inputs.q.double(), k=inputs.k.double(), v=inputs.v.double(), hidden=hidden64, extra_options=options64)
+    got64 = run_layer(default, inputs64)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64[~cond], attention64(inputs.q, inputs.k, inputs.v, inputs.info.heads)[~cond], rtol=1e-12, atol=1e-12)
+    close(got64[cond], expected[cond])
     # with a mask the stage keeps the text attention outside it (no single call there)
     mask = torch.zeros(1, 4, 4)
     mask[:, :2] = 1.0

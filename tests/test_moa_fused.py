@@ -18,7 +18,7 @@ from conftest import pack
 from layer_harness import SD15_KEY, adapter_for, close, layer_inputs, run_layer
 from testkit.synthetic import synthetic_identity
 
-from benchmarks.cost_ledger import OpCounter
+from benchmarks.cost_ledger import OpCounter, sdpa_host_attention
 
 routing = pack("adapters.attention_routing")
 moa_nodes = pack("nodes.mixture_of_attention_nodes")
@@ -109,14 +109,21 @@ def _pva_joint(model, adapter, identity):
 
 
 def _counted(model, inputs) -> OpCounter:
+    """Launches of one layer call, the host's attention counted as one SDPA (as on a GPU, as the ledger does)."""
     counter = OpCounter()
-    with counter:
+    with sdpa_host_attention(), counter:
         run_layer(model, inputs)
     return counter
 
 
+def _attention_calls(counter: OpCounter) -> int:
+    return sum(n for op, n in counter.step.ops.items() if "scaled_dot_product" in op)
+
+
 def test_identity_router_reads_the_share_of_the_positive_rows_call(tiny):
-    """PVA's single joint call ran on the positive rows only: MoA reads its share, no second attention."""
+    """PVA's single joint call ran over the whole batch, the identity on the positive rows only: MoA reads
+    its share, no second joint attention; its prior (the text attention, which that call does not leave)
+    is one SDPA call."""
     model = tiny.unet("sd15")
     adapter, identity = adapter_for(model, num_tokens=4, visual_q=True), synthetic_identity(1, seed=5, clip=False)
     personalized = _pva_joint(model, adapter, identity)
@@ -124,28 +131,41 @@ def test_identity_router_reads_the_share_of_the_positive_rows_call(tiny):
     inputs = layer_inputs(routed, SD15_KEY)
     run_layer(routed, inputs)  # first use: constants and the recorder's sums are made
     alone, both = _counted(personalized, inputs), _counted(routed, inputs)
-    assert both.step.ops["scaled_dot_product_attention"] == alone.step.ops["scaled_dot_product_attention"]
+    assert _attention_calls(alone) == 1 and _attention_calls(both) == 2  # + the prior's text attention only
     assert both.step.ops["linear"] == alone.step.ops["linear"]  # the visual query is not projected again
     extra = both.step.ops - alone.step.ops
-    assert both.step.launches - alone.step.launches == 8, dict(extra)  # mean, zero rows, 4 router, lerp, record
+    assert both.step.launches - alone.step.launches == 8, dict(extra)  # mean, text attention, 4 router, lerp, record
     assert (both.step.syncs, both.step.h2d) == (alone.step.syncs, alone.step.h2d)  # the sigma: read by the warm-up call
     # and it is the same routing as the share recomputed on the whole batch (the unfused path)
     stage = pack("nodes.dispatcher").installed_dispatcher(routed).stages[0]
     call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
     recomputed = stage.identity_share(call)  # no scratch on this call: its own joint "share" pass
+    negative = [not k for k in [code == 0 for code in inputs.codes] for _ in range(inputs.rows)]
+    assert not recomputed[negative].any()  # the negative rows: no share (their identity columns are -inf)
     reused_call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
     keep = [code == 0 for code in reused_call.chunks]
-    stage._joint_call(reused_call.select_chunks(keep), "fused")  # what forward_first does on the positive rows
+    stage._joint_call(reused_call, "fused", keep=keep)  # what forward_first_rows does: the whole batch
     counter = OpCounter()
     with counter:
         reused = stage.identity_share(reused_call)
-    assert dict(counter.step.ops) == {"mean": 1, "cat": 1}, dict(counter.step.ops)  # read, not recomputed
+    assert dict(counter.step.ops) == {"mean": 1}, dict(counter.step.ops)  # read, not recomputed; 0 on the negative rows already
     close(reused, recomputed)
-    assert not reused[[not k for k in keep for _ in range(inputs.rows)]].any()  # the negative rows: no share
+    assert not reused[negative].any()
+    # forward on the positive rows alone (after another stage): their share, zeros put in the negative rows
+    chunk_call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
+    stage._joint_call(chunk_call.select_chunks(keep), "identity")
+    stage.identity_share(chunk_call)  # first use: the zero rows are made (then kept)
+    counter = OpCounter()
+    with counter:
+        reused = stage.identity_share(chunk_call)
+    assert dict(counter.step.ops) == {"mean": 1, "cat": 1}, dict(counter.step.ops)
+    close(reused, recomputed)
+    assert not reused[negative].any()
 
 
 def test_learned_router_costs_four_launches_at_a_layer(tiny):
-    """Linear, GELU, linear to the logits' difference, sigmoid; then the mix (one lerp) and the recorder (one add)."""
+    """Linear, GELU, linear to the logits' difference, sigmoid; then the mix (one lerp) and the recorder (one add);
+    plus the prior, the text attention (one SDPA: PVA's single call over the whole batch does not leave it)."""
     from test_mixture_of_attention import router_adapter
 
     model = tiny.unet("sd15")
@@ -156,6 +176,7 @@ def test_learned_router_costs_four_launches_at_a_layer(tiny):
     run_layer(routed, inputs)  # first use: the folded weights and the recorder's sums are made
     alone, both = _counted(personalized, inputs), _counted(routed, inputs)
     extra = both.step.ops - alone.step.ops
-    assert both.step.launches - alone.step.launches == 6, dict(extra)
+    assert both.step.launches - alone.step.launches == 7, dict(extra)
     assert (extra["gelu"], extra["sigmoid"], extra["lerp"], extra["add_"]) == (1, 1, 1, 1), dict(extra)
+    assert _attention_calls(both) - _attention_calls(alone) == 1, dict(extra)
     assert "softmax" not in extra and "_softmax" not in extra  # the two-expert softmax is the sigmoid

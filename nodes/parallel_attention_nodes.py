@@ -52,7 +52,7 @@ WEIGHT_TOOLTIP = (
 
 NEGATIVE_IDENTITY_TOOLTIP = (
     "Joint mode only: what the negative prompt's pass attends to. none (PVA): the negative prompt's words alone, as PVA samples, "
-    "so that pass is exactly the model without this node. zero identity: the negative also attends to the tokens of an empty face "
+    "so that pass is the model without this node (to float rounding: one attention call serves both prompts). zero identity: the negative also attends to the tokens of an empty face "
     "(as this node did before). identity: the negative attends to the person's tokens too, PVA's extra_feat_neg, so guidance "
     "strengthens the prompt rather than the identity. Decoupled mode always gives the negative the empty face's tokens (IP-Adapter's convention)."
 )

@@ -13,7 +13,7 @@ or run the file from anywhere with ``--comfyui /path/to/ComfyUI`` (or ``COMFYUI_
 is found, in that order, from ``--comfyui``, ``COMFYUI_PATH``, or the pack's location
 (``ComfyUI/custom_nodes/<pack>/`` -> ``ComfyUI``). Models load through ComfyUI's own loaders,
 so any checkpoint ComfyUI opens works. The config format and what is written are described in
-``nodes/trainer.py``.
+``nodes/training/trainer.py``.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_comfyui(find_comfyui(_comfyui_arg(argv)))
     import importlib
 
-    if argv and argv[0] == "prepare":  # cache identity features for a training folder (nodes/prepare_features.py)
-        return importlib.import_module(f"{__package__}.nodes.prepare_features").main(argv[1:])
-    trainer = importlib.import_module(f"{__package__}.nodes.trainer")
+    if argv and argv[0] == "prepare":  # cache identity features for a training folder (nodes/identity/prepare_features.py)
+        return importlib.import_module(f"{__package__}.nodes.identity.prepare_features").main(argv[1:])
+    trainer = importlib.import_module(f"{__package__}.nodes.training.trainer")
     return trainer.main(argv)
 
 

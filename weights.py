@@ -39,10 +39,10 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
         sys.modules[_name] = _pkg
     __package__ = _name
 
-from .adapters.file_hash import sha256_file  # noqa: E402
-from .adapters.weight_errors import WeightError  # noqa: E402
-from .adapters.weights_manifest import DEFAULT_PATH, load_manifest  # noqa: E402
-from .adapters.write_paths import resolve_write_path  # noqa: E402
+from .adapters.weights.file_hash import sha256_file  # noqa: E402
+from .adapters.weights.weight_errors import WeightError  # noqa: E402
+from .adapters.weights.weights_manifest import DEFAULT_PATH, load_manifest  # noqa: E402
+from .adapters.weights.write_paths import resolve_write_path  # noqa: E402
 
 PACK_ROOT = os.path.dirname(os.path.abspath(__file__))  # abspath, not realpath: a linked pack still finds ComfyUI
 
@@ -119,7 +119,7 @@ def _needs(manifest, entries) -> List[str]:
 
 
 def cmd_download(manifest, models_dir: str, names: List[str], force: bool, allow_unverified: bool, out, deadline_s: Optional[float] = None) -> int:
-    from .adapters.weights_download import DEADLINE_S, download  # the only import of networking code
+    from .adapters.weights.weights_download import DEADLINE_S, download  # the only import of networking code
 
     deadline_s = DEADLINE_S if deadline_s is None else deadline_s
 

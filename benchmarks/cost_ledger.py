@@ -147,7 +147,7 @@ def _reads_layer(q, k, v, extra_options) -> bool:
     """Whether a stage of our dispatcher that reads attention maps (STFG) is active in this attn2 call."""
     from .host_setup import pack
 
-    dispatcher = pack("nodes.dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
     installed = extra_options.get(dispatcher.PACK_KEY)
     readers = [s for s in getattr(installed, "stages", ()) if getattr(s, "reads_attention_maps", False)]
     if not readers:

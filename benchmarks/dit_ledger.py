@@ -45,11 +45,11 @@ def flux_step_inputs(seed: int = 0) -> StepInputs:
 
 
 def _joint_identity(model, apply_to: str, weight: float = 1.0):
-    dispatcher = _pack("nodes.dispatcher")
-    dit_dispatcher = _pack("nodes.dit_dispatcher")
-    joint = _pack("nodes.dit_joint_identity")
-    layout = _pack("nodes.dit_layout")
-    IdentityTokens = _pack("adapters.id_adapter").IdentityTokens
+    dispatcher = _pack("nodes.dispatch.dispatcher")
+    dit_dispatcher = _pack("nodes.dispatch.dit_dispatcher")
+    joint = _pack("nodes.pva.dit_joint_identity")
+    layout = _pack("nodes.common.dit_layout")
+    IdentityTokens = _pack("adapters.projectors.id_adapter").IdentityTokens
     gen = torch.Generator().manual_seed(7)
     width = layout.context_width(model)
     tokens = IdentityTokens(cond=torch.randn(1, 4, width, generator=gen), uncond=torch.randn(1, 4, width, generator=gen))
@@ -58,41 +58,41 @@ def _joint_identity(model, apply_to: str, weight: float = 1.0):
 
 
 def _tokens(model, seed: int, count: int = 4):
-    IdentityTokens = _pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = _pack("adapters.projectors.id_adapter").IdentityTokens
     gen = torch.Generator().manual_seed(seed)
-    width = _pack("nodes.dit_layout").context_width(model)
+    width = _pack("nodes.common.dit_layout").context_width(model)
     return IdentityTokens(cond=torch.randn(1, count, width, generator=gen), uncond=torch.randn(1, count, width, generator=gen))
 
 
 def _hidden(model):
-    layout = _pack("nodes.dit_layout")
+    layout = _pack("nodes.common.dit_layout")
     return lambda t: layout.identity_hidden(model, t)
 
 
 def _kv_mixed(model, mode: str):
-    stage = _pack("nodes.dit_kv_mixed").DitKVMixedStage(_pack("nodes.dispatcher").StageSchedule(), _tokens(model, 8), _tokens(model, 9), _hidden(model), mode)
-    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+    stage = _pack("nodes.kv_mixed.dit_kv_mixed").DitKVMixedStage(_pack("nodes.dispatch.dispatcher").StageSchedule(), _tokens(model, 8), _tokens(model, 9), _hidden(model), mode)
+    return _pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(model, stage)
 
 
 def _ca2(model):
     tokens = _tokens(model, 10)
     mask = torch.zeros(1, 8 * LATENT_HW[0], 8 * LATENT_HW[1])
     mask[:, :, : 4 * LATENT_HW[1]] = 1.0
-    stage = _pack("nodes.dit_ca2").DitCA2GateStage(_pack("nodes.dispatcher").StageSchedule(), tokens.cond, tokens.uncond, _hidden(model), mask)
-    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+    stage = _pack("nodes.ca2.dit_ca2").DitCA2GateStage(_pack("nodes.dispatch.dispatcher").StageSchedule(), tokens.cond, tokens.uncond, _hidden(model), mask)
+    return _pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(model, stage)
 
 
 def _moa(model):
     personal = _joint_identity(model, "both")
-    identity_stages = _pack("nodes.dit_dispatcher").installed_dit_dispatcher(personal).stages
-    recorder = _pack("adapters.attention_routing").RouterRecorder()
-    stage = _pack("nodes.dit_moa").DitMixtureOfAttentionStage(_pack("nodes.dispatcher").StageSchedule(), "identity_attention", identity_stages=identity_stages, recorder=recorder)
-    return _pack("nodes.dit_dispatcher").apply_dit_stage(personal, stage)
+    identity_stages = _pack("nodes.dispatch.dit_dispatcher").installed_dit_dispatcher(personal).stages
+    recorder = _pack("adapters.attention.attention_routing").RouterRecorder()
+    stage = _pack("nodes.moa.dit_moa").DitMixtureOfAttentionStage(_pack("nodes.dispatch.dispatcher").StageSchedule(), "identity_attention", identity_stages=identity_stages, recorder=recorder)
+    return _pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(personal, stage)
 
 
 def _nested(model):
-    stage = _pack("nodes.dit_nested").DitNestedAttentionStage(_pack("nodes.dispatcher").StageSchedule(apply_to="cond"), _tokens(model, 11), _hidden(model), 3)
-    return _pack("nodes.dit_dispatcher").apply_dit_stage(model, stage)
+    stage = _pack("nodes.nested.dit_nested").DitNestedAttentionStage(_pack("nodes.dispatch.dispatcher").StageSchedule(apply_to="cond"), _tokens(model, 11), _hidden(model), 3)
+    return _pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(model, stage)
 
 
 # scenario name -> MODEL -> patched MODEL

@@ -1,6 +1,6 @@
 """Where each cross-attention layer sits: its query-token count at a latent size.
 
-``nodes.host.cross_attention_layers`` gives every attn2 layer's key, heads and
+``nodes.common.host.cross_attention_layers`` gives every attn2 layer's key, heads and
 widths; this adds how many query tokens it sees, read analytically from the
 UNet's module tree: each ``Downsample`` in ``input_blocks`` halves the grid
 (stride-2 conv, padding 1: ``ceil(s / 2)``), the middle block runs at the
@@ -73,7 +73,7 @@ def block_grids(diffusion_model, latent_hw: Tuple[int, int]) -> Dict[Tuple[str, 
 
 def layer_table(model_patcher, latent_hw: Tuple[int, int], batch: int = 2, text_tokens: int = 77) -> List[LayerGeometry]:
     """Every cross-attention layer of a MODEL with its token grid, in forward order."""
-    layers = pack("nodes.host").cross_attention_layers(model_patcher)
+    layers = pack("nodes.common.host").cross_attention_layers(model_patcher)
     grids = block_grids(model_patcher.model.diffusion_model, latent_hw)
     return [
         LayerGeometry(

@@ -44,7 +44,7 @@ def prepare(device: str) -> None:
 
 
 def pack(relative: str):
-    """A module of the pack, e.g. ``pack("nodes.dispatcher")``."""
+    """A module of the pack, e.g. ``pack("nodes.dispatch.dispatcher")``."""
     return importlib.import_module(f"{PACKAGE}.{relative}")
 
 

@@ -11,7 +11,7 @@ after a configuration's timing, on the same patched models:
    its own VAE to :class:`IdentityScoring`;
 3. score it with ``tests/harness/real_face_pack.IdentityScorer`` (YuNet + SFace, the
    function the Identity similarity node computes:
-   ``adapters.face_analysis.identity_similarity``) against :data:`REFERENCE_PHOTOS`.
+   ``adapters.faces.face_analysis.identity_similarity``) against :data:`REFERENCE_PHOTOS`.
 
 With random weights the UNet draws no faces: the column then reads "no face (0/1)",
 which is the honest result, not an error. The scorer needs its offline cache

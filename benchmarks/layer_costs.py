@@ -91,7 +91,7 @@ def measure(model, config, names: List[str], repeats: int, log=print) -> tuple:
     from .scenarios import SCENARIOS, BenchContext, ScenarioUnavailable
     from .step_timer import run_round
 
-    host = pack("nodes.host")
+    host = pack("nodes.common.host")
     inputs = step_inputs(model, config)
     table = layer_table(model, config.latent_hw, batch=2, text_tokens=77)
     ctx = BenchContext(config.arch, torch.device(model.load_device), model.model.get_dtype(), inputs.latent, table, {})

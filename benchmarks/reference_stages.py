@@ -19,8 +19,8 @@ import torch
 
 from .host_setup import pack
 
-_dispatcher = pack("nodes.dispatcher")
-_id_adapter = pack("adapters.id_adapter")
+_dispatcher = pack("nodes.dispatch.dispatcher")
+_id_adapter = pack("adapters.projectors.id_adapter")
 
 
 class PassThroughStage(_dispatcher.AttentionStage):

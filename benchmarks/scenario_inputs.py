@@ -89,12 +89,12 @@ class BenchContext:
         return self.cache[key]
 
     def layers(self, model):
-        """The model's cross-attention layers (``nodes.host.LayerInfo``)."""
-        return pack("nodes.host").cross_attention_layers(model)
+        """The model's cross-attention layers (``nodes.common.host.LayerInfo``)."""
+        return pack("nodes.common.host").cross_attention_layers(model)
 
     def _base(self, model) -> Tuple[str, int]:
         context_dim = self.layers(model)[0].context_dim
-        return pack("nodes.host").BASE_BY_CONTEXT_DIM.get(context_dim, "sd15"), context_dim
+        return pack("nodes.common.host").BASE_BY_CONTEXT_DIM.get(context_dim, "sd15"), context_dim
 
     # --- identity and adapters -------------------------------------------------------------------
 
@@ -145,7 +145,7 @@ class BenchContext:
             gen = torch.Generator(device=self.device).manual_seed(11)
             with torch.device(self.device):  # fact_layer_weights draws with the generator on its device
                 layers = {info.key: fact_layer_weights(info.inner_dim, context_dim, gen, 0.5, self.dtype) for info in self.layers(model)}
-            return pack("adapters.id_adapter").IdAdapter(
+            return pack("adapters.projectors.id_adapter").IdAdapter(
                 format="fact",
                 base=base,
                 context_dim=context_dim,

@@ -94,7 +94,7 @@ def scenario(name: str, issue: str, summary: str, floor, needs: Tuple[str, ...] 
 
 
 def _schedule(weight: float = 1.0):
-    return pack("nodes.dispatcher").StageSchedule(weight=weight)
+    return pack("nodes.dispatch.dispatcher").StageSchedule(weight=weight)
 
 
 def _inpainting(model, ctx: BenchContext) -> Patched:
@@ -119,7 +119,7 @@ def _build_unpatched_control(model, ctx):
 def _build_dispatcher_overhead(model, ctx):
     from .reference_stages import PassThroughStage
 
-    return pack("nodes.dispatcher").apply_attention_stage(model, PassThroughStage(_schedule()))
+    return pack("nodes.dispatch.dispatcher").apply_attention_stage(model, PassThroughStage(_schedule()))
 
 
 @scenario(
@@ -133,7 +133,7 @@ def _build_minimal_decoupled(model, ctx):
 
     adapter = ctx.adapter(model, num_tokens=4)
     tokens = adapter.identity_tokens(ctx.identity())
-    return pack("nodes.dispatcher").apply_attention_stage(model, MinimalDecoupledStage(_schedule(0.8), adapter, tokens))
+    return pack("nodes.dispatch.dispatcher").apply_attention_stage(model, MinimalDecoupledStage(_schedule(0.8), adapter, tokens))
 
 
 @scenario(
@@ -150,7 +150,7 @@ def _build_inpainting_unpatched(model, ctx):
 
 
 def _parallel_attention(model, ctx, adapter):
-    node = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+    node = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
     return apply_node(node, model=model, id_adapter=adapter, identity=ctx.identity())
 
 
@@ -159,7 +159,7 @@ def _parallel_attention(model, ctx, adapter):
     "#6",
     f"Apply parallel visual attention, PVA weights (mode auto -> joint): one softmax over [text; {PVA_TOKENS} identity tokens], its own visual query",
     floor=lambda fi: floors.joint(fi, tokens=PVA_TOKENS, visual_q=True),
-    needs=("adapters.parallel_attention", "nodes.parallel_attention_stage", "nodes.parallel_attention_nodes"),
+    needs=("adapters.attention.parallel_attention", "nodes.pva.parallel_attention_stage", "nodes.pva.parallel_attention_nodes"),
 )
 def _build_pva_joint(model, ctx):
     adapter = ctx.adapter(model, PVA_TOKENS, visual_q=True, fmt="pva", mechanism="joint")
@@ -171,7 +171,7 @@ def _build_pva_joint(model, ctx):
     "#6",
     f"Apply parallel visual attention, InstantID-style weights (mode auto -> decoupled): out + w·attn(q, K_id, V_id), {ADAPTER_TOKENS} tokens",
     floor=lambda fi: floors.decoupled(fi, tokens=ADAPTER_TOKENS),
-    needs=("adapters.parallel_attention", "nodes.parallel_attention_stage", "nodes.parallel_attention_nodes"),
+    needs=("adapters.attention.parallel_attention", "nodes.pva.parallel_attention_stage", "nodes.pva.parallel_attention_nodes"),
 )
 def _build_pva_decoupled(model, ctx):
     adapter = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
@@ -183,10 +183,10 @@ def _build_pva_decoupled(model, ctx):
     "#6",
     f"Apply KV-mixed attention: keys from the face embedding (InstantID-style, {ADAPTER_TOKENS} tokens), values from CLIP image features (IP-Adapter Plus-style, {ADAPTER_TOKENS} tokens)",
     floor=lambda fi: floors.decoupled(fi, tokens=ADAPTER_TOKENS),
-    needs=("adapters.kv_mixed_attention", "nodes.parallel_attention_stage", "nodes.kv_mixed_nodes"),
+    needs=("adapters.attention.kv_mixed_attention", "nodes.pva.parallel_attention_stage", "nodes.kv_mixed.kv_mixed_nodes"),
 )
 def _build_kv_mixed(model, ctx):
-    node = pack("nodes.kv_mixed_nodes").ApplyKVMixedAttention
+    node = pack("nodes.kv_mixed.kv_mixed_nodes").ApplyKVMixedAttention
     keys = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
     values = ctx.adapter(model, ADAPTER_TOKENS, projector="clip_embeds", fmt="ip_adapter_plus")
     identity = ctx.identity()
@@ -195,7 +195,7 @@ def _build_kv_mixed(model, ctx):
 
 
 def _has_identity_attention(model) -> bool:
-    dispatcher = pack("nodes.dispatcher").installed_dispatcher(model)
+    dispatcher = pack("nodes.dispatch.dispatcher").installed_dispatcher(model)
     return any(callable(getattr(s, "identity_share", None)) for s in (dispatcher.stages if dispatcher else ()))
 
 
@@ -205,14 +205,14 @@ def _has_identity_attention(model) -> bool:
     "Apply mixture-of-attention (identity_attention router) routing pva_joint's branch against the prior: this row is pva_joint + MoA, so MoA alone is its gap to pva_joint",
     floor=lambda fi: floors.joint(fi, tokens=PVA_TOKENS, visual_q=True) + floors.routing(fi, tokens=PVA_TOKENS),
     stack_floor=lambda fi: floors.routing(fi, tokens=PVA_TOKENS),
-    needs=("adapters.attention_routing", "nodes.routing_stage", "nodes.mixture_of_attention_nodes", "nodes.parallel_attention_nodes"),
+    needs=("adapters.attention.attention_routing", "nodes.moa.routing_stage", "nodes.moa.mixture_of_attention_nodes", "nodes.pva.parallel_attention_nodes"),
 )
 def _build_moa(model, ctx):
     # the node routes the identity attention applied before it (and refuses a MODEL without one):
     # alone, it gets pva_joint's; in a stack, the one already there
     if not _has_identity_attention(model):
         model = _build_pva_joint(model, ctx)
-    return apply_node(pack("nodes.mixture_of_attention_nodes").ApplyMixtureOfAttention, model=model)
+    return apply_node(pack("nodes.moa.mixture_of_attention_nodes").ApplyMixtureOfAttention, model=model)
 
 
 @scenario(
@@ -220,16 +220,16 @@ def _build_moa(model, ctx):
     "#7",
     f"Apply CA² gate (training-free text-attention score): the original image's CLIP tokens ({ADAPTER_TOKENS}, IP-Adapter Plus-style) as a decoupled condition scaled by (1 - Score·Mask)",
     floor=lambda fi: floors.ca2_gate(fi, tokens=ADAPTER_TOKENS),
-    needs=("adapters.ca2_gate", "nodes.ca2_stage", "nodes.visual_condition", "nodes.ca2_nodes"),
+    needs=("adapters.attention.ca2_gate", "nodes.ca2.ca2_stage", "nodes.common.visual_condition", "nodes.ca2.ca2_nodes"),
 )
 def _build_ca2(model, ctx):
-    node = pack("nodes.ca2_nodes").ApplyCA2Gate
+    node = pack("nodes.ca2.ca2_nodes").ApplyCA2Gate
     adapter = ctx.adapter(model, ADAPTER_TOKENS, projector="clip_embeds", fmt="ip_adapter_plus")
     return apply_node(node, model=model, id_adapter=adapter, mask=ctx.edit_mask(), clip_vision=ctx.clip_vision(), image=ctx.original_image())
 
 
 def _stfg(model, ctx, mode: str, **inputs) -> Patched:
-    node = pack("nodes.stfg_nodes").ApplySTFG
+    node = pack("nodes.stfg.stfg_nodes").ApplySTFG
     patched = apply_node(node, model=model, original_latent={"samples": ctx.original_latent()}, mask=ctx.edit_mask(), mode=mode, **inputs)
     return _inpainting(patched, ctx)
 
@@ -239,7 +239,7 @@ def _stfg(model, ctx, mode: str, **inputs) -> Patched:
     "#7",
     "Apply STFG guidance, mode fast, inpainting (closed form, no backward): every layer's text-attention map (paper default) + FFT low-pass pull; compare with inpainting_unpatched",
     floor=floors.boundary_guidance,
-    needs=("adapters.stfg_guidance", "nodes.stfg_attention_stage", "nodes.stfg_post_cfg", "nodes.stfg_nodes"),
+    needs=("adapters.attention.stfg_guidance", "nodes.stfg.stfg_attention_stage", "nodes.stfg.stfg_post_cfg", "nodes.stfg.stfg_nodes"),
 )
 def _build_stfg_fast(model, ctx):
     return _stfg(model, ctx, "fast")
@@ -251,10 +251,10 @@ def _build_stfg_fast(model, ctx):
     "Apply STFG guidance, mode exact with exact_every 1, inpainting: the gradient through the UNet on every step (hosts that support a backward pass only). "
     "The node's default exact_every k = 3 (fast between) costs (this row + (k - 1) x stfg_fast) / k on average",
     floor=floors.boundary_guidance_exact,
-    needs=("adapters.stfg_guidance", "nodes.gradient_support", "nodes.stfg_post_cfg", "nodes.stfg_nodes"),
+    needs=("adapters.attention.stfg_guidance", "nodes.dispatch.gradient_support", "nodes.stfg.stfg_post_cfg", "nodes.stfg.stfg_nodes"),
 )
 def _build_stfg_exact(model, ctx):
-    supported, reason = pack("nodes.gradient_support").gradient_support()
+    supported, reason = pack("nodes.dispatch.gradient_support").gradient_support()
     if not supported:
         raise ScenarioUnavailable(f"this host cannot take a gradient through the UNet: {reason}")
     return _stfg(model, ctx, "exact", exact_every=1)  # the per-step cost; the timer calls at one sigma, so every-k would need a mean
@@ -265,10 +265,10 @@ def _build_stfg_exact(model, ctx):
     "#8",
     f"Apply face adapter (FACT gated self-attention over [x; {FACE_TOKENS} face tokens] + its feed-forward) at every transformer block, gate 0.5",
     floor=lambda fi: floors.gated_self_attention(fi, tokens=FACE_TOKENS),
-    needs=("adapters.gated_self_attention", "nodes.face_adapter_patch", "nodes.face_adapter_nodes"),
+    needs=("adapters.attention.gated_self_attention", "nodes.fact.face_adapter_patch", "nodes.fact.face_adapter_nodes"),
 )
 def _build_face_adapter(model, ctx):
-    node = pack("nodes.face_adapter_nodes").ApplyFaceAdapter
+    node = pack("nodes.fact.face_adapter_nodes").ApplyFaceAdapter
     return apply_node(node, model=model, adapter=ctx.fact_adapter(model, FACE_TOKENS), identity=ctx.identity())
 
 
@@ -277,10 +277,10 @@ def _build_face_adapter(model, ctx):
     "#8",
     "Apply per-stage identity tokens (5 stages): keys and values from two encodings of the prompt, swapped into the positive rows' context",
     floor=floors.split_key_value_context,
-    needs=("adapters.stage_tokens", "nodes.stage_token_patch", "nodes.stage_token_nodes"),
+    needs=("adapters.attention.stage_tokens", "nodes.stage_tokens.stage_token_patch", "nodes.stage_tokens.stage_token_nodes"),
 )
 def _build_stage_tokens(model, ctx):
-    nodes = pack("nodes.stage_token_nodes")
+    nodes = pack("nodes.stage_tokens.stage_token_nodes")
     clip = ctx.text_encoder()
     # init "seed": the node's default "word" reads CLIP's token embedding table, which the tiny text
     # encoder does not expose; the tokens' values do not change what a step costs
@@ -294,10 +294,10 @@ def _build_stage_tokens(model, ctx):
     "#8",
     f"Apply nested attention: the subject token's value from an attention over {ADAPTER_TOKENS} identity tokens (adapter K/V), cond rows",
     floor=lambda fi: floors.nested(fi, tokens=ADAPTER_TOKENS),
-    needs=("adapters.nested_attention", "nodes.nested_attention_stage", "nodes.nested_attention_nodes"),
+    needs=("adapters.attention.nested_attention", "nodes.nested.nested_attention_stage", "nodes.nested.nested_attention_nodes"),
 )
 def _build_nested(model, ctx):
-    node = pack("nodes.nested_attention_nodes").ApplyNestedAttention
+    node = pack("nodes.nested.nested_attention_nodes").ApplyNestedAttention
     adapter = ctx.adapter(model, ADAPTER_TOKENS, fmt="instantid")
     return apply_node(node, model=model, adapter=adapter, identity=ctx.identity(), clip=ctx.text_encoder(), prompt=EDIT_PROMPT)
 

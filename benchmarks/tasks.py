@@ -6,7 +6,7 @@ available" rows) and returns one :class:`TaskResult`. The helpers
 setup of the callable.
 
 - ``identity_encoding``: one 1024x1024 reference photo -> IDENTITY through
-  ``adapters.face_analysis.encode_images`` (detect, align, embed: what Encode
+  ``adapters.faces.face_analysis.encode_images`` (detect, align, embed: what Encode
   identity does per photo) with the toy insightface pack of ``tests/toy_faces.py``
   (insightface's real SCRFD / ArcFace code around tiny ONNX graphs with the
   antelopev2 contracts) and a planted face it finds at the first detection size.
@@ -15,7 +15,7 @@ setup of the callable.
   (``tests/harness/real_face_pack.py``) on a real photo resized to 1024x1024,
   when its offline cache is there (never downloaded from here).
 - ``personalization_40_steps``: the 40-step per-identity fine-tune (PVA's FT40,
-  ``nodes.personalization.personalize_identity``), issue #9.
+  ``nodes.training.personalization.personalize_identity``), issue #9.
 
 The face packs run through onnxruntime: provider CPU on a CPU run, "auto"
 (CUDA when onnxruntime-gpu is installed) on a GPU run; ``detail`` names the pack,
@@ -104,7 +104,7 @@ REAL_PHOTO = "fr_obama.jpg"
 def _face_analysis():
     from .host_setup import pack
 
-    fa = pack("adapters.face_analysis")
+    fa = pack("adapters.faces.face_analysis")
     try:
         fa.require_insightface()
     except fa.FaceAnalysisError as exc:
@@ -128,7 +128,7 @@ def _encode_rate(fa, model, image, device: torch.device, pack_label: str) -> Tas
     "identity_encoding",
     "#3",
     "one 1024² reference photo -> IDENTITY (detect, align, embed) with the toy insightface pack (tests/toy_faces.py)",
-    needs=("adapters.face_analysis",),
+    needs=("adapters.faces.face_analysis",),
 )
 def _identity_encoding(device: torch.device) -> TaskResult:
     fa = _face_analysis()
@@ -145,7 +145,7 @@ def _identity_encoding(device: torch.device) -> TaskResult:
     "identity_encoding_real",
     "#3",
     "one 1024² reference photo -> IDENTITY with the real YuNet + SFace pack (tests/harness/real_face_pack.py), when cached",
-    needs=("adapters.face_analysis",),
+    needs=("adapters.faces.face_analysis",),
 )
 def _identity_encoding_real(device: torch.device) -> TaskResult:
     fa = _face_analysis()
@@ -168,7 +168,7 @@ def _identity_encoding_real(device: torch.device) -> TaskResult:
     "personalization_40_steps",
     "#9",
     "per-identity fine-tune, 40 optimizer steps (PVA FT40), 2 references",
-    needs=("nodes.personalization",),
+    needs=("nodes.training.personalization",),
 )
 def _personalization(device: torch.device) -> TaskResult:
     """``personalize_identity`` on an SD1.5 UNet: full size, fp16 weights, 512² on a GPU; micro, 64² on a CPU.
@@ -182,7 +182,7 @@ def _personalization(device: torch.device) -> TaskResult:
 
     from .host_setup import pack
 
-    personalization = pack("nodes.personalization")
+    personalization = pack("nodes.training.personalization")
     gpu = device.type == "cuda"
     resolution = 512 if gpu else 64
     model = tiny_models.build_unet(

@@ -1,9 +1,10 @@
-"""ComfyUI glue: node classes, the attention dispatcher, folders, errors.
+"""ComfyUI glue, one package per concern: common, dispatch (the attention dispatcher), identity, one per
+mechanism family (pva, kv_mixed, ca2, moa, nested, fact, stage_tokens, stfg), flux, training.
 
-Every module named ``*_nodes.py`` here lists its node classes in ``NODES``;
+Every module named ``*_nodes.py`` in this package's subpackages lists its node classes in ``NODES``;
 each class carries ``NODE_ID`` (the global ComfyUI class name, prefixed with
 ``IdentityAttention``) and ``DISPLAY_NAME``. This module collects them into
-the two mappings ComfyUI reads, passing each through :func:`.input_guard.guard_node_class`
+the two mappings ComfyUI reads, passing each through :func:`.common.input_guard.guard_node_class`
 (every node checks its FLOAT, IMAGE, MASK, LATENT, IDENTITY and ID_TOKENS inputs
 before its own code runs; a node added here gets that by being listed).
 """
@@ -13,18 +14,27 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .folders import register_model_folders
-from .input_guard import guard_node_class
+from .common.folders import register_model_folders
+from .common.input_guard import guard_node_class
 
 NODE_ID_PREFIX = "IdentityAttention"
 
 
+def _node_modules():
+    """``[(leaf name, dotted name)]`` of every ``*_nodes`` module one package down, sorted by leaf name."""
+    found = []
+    for package in pkgutil.iter_modules(__path__):
+        if not package.ispkg:
+            continue
+        sub = importlib.import_module(f"{__name__}.{package.name}")
+        found += [(info.name, f"{sub.__name__}.{info.name}") for info in pkgutil.iter_modules(sub.__path__) if info.name.endswith("_nodes")]
+    return sorted(found)  # by module name: the order ComfyUI lists the nodes in, as before the packages
+
+
 def _collect():
     classes, names = {}, {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if not info.name.endswith("_nodes"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+    for _, dotted in _node_modules():
+        module = importlib.import_module(dotted)
         for cls in getattr(module, "NODES", ()):
             node_id = cls.NODE_ID
             if not node_id.startswith(NODE_ID_PREFIX):

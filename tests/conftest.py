@@ -51,7 +51,7 @@ _register_package()
 
 
 def pack(relative: str):
-    """Import a module of the pack, e.g. ``pack("adapters.attention_core")``."""
+    """Import a module of the pack, e.g. ``pack("adapters.attention.attention_core")``."""
     return importlib.import_module(f"{PACKAGE}.{relative}")
 
 

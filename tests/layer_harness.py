@@ -19,8 +19,8 @@ import comfy.sample
 from conftest import pack
 from testkit.synthetic import synthetic_adapter
 
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
 
 SD15_KEY = ("input", 1, 0)  # an SD1.5 layer at the latent's own resolution
 SDXL_KEY = ("input", 4, 1)  # SDXL: second transformer of the first cross-attention block

@@ -401,7 +401,7 @@ def files(instance):
     if not (folder / ENCODER_FILE).exists():
         torch.save(transface_state_dict(depth=2, heads=False, seed=7), folder / ENCODER_FILE)
     (folder / ENCODER_DAMAGED_FILE).write_bytes((folder / ENCODER_FILE).read_bytes()[:5000])
-    tensors, metadata = pack("adapters.stage_tokens").make_tokens("sd15", seed=3).to_file_dict()
+    tensors, metadata = pack("adapters.attention.stage_tokens").make_tokens("sd15", seed=3).to_file_dict()
     save_file({k: torch.full_like(v, float("nan")) if k.endswith(".keys") else v for k, v in tensors.items()}, str(folder / TOKENS_NAN_FILE), metadata=metadata)
     save_file({"something.else": torch.zeros(3)}, str(folder / TOKENS_FOREIGN_FILE))
     adapters = instance.models / "ipadapter"

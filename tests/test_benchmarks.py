@@ -19,8 +19,8 @@ from benchmarks.scenario_inputs import BenchContext, node_defaults
 from benchmarks.scenarios import FULL_STACK, SCENARIOS
 from benchmarks.step_timer import run_round
 
-dispatcher = pack("nodes.dispatcher")
-gradient_support = pack("nodes.gradient_support")
+dispatcher = pack("nodes.dispatch.dispatcher")
+gradient_support = pack("nodes.dispatch.gradient_support")
 
 
 class Recorder(dispatcher.AttentionStage):
@@ -90,7 +90,7 @@ def test_minimal_decoupled_stage_matches_formula():
 
 def insightface_installed() -> bool:
     try:
-        pack("adapters.face_analysis").require_insightface()
+        pack("adapters.faces.face_analysis").require_insightface()
         return True
     except Exception:
         return False
@@ -156,7 +156,7 @@ def test_scenarios_patch_as_their_nodes(tiny):
     config = Config("sd15", (8, 8))
     inputs = step_inputs(model, config)
     ctx = BenchContext("sd15", torch.device("cpu"), torch.float32, inputs.latent, layer_table(model, config.latent_hw))
-    stage = pack("nodes.parallel_attention_stage")
+    stage = pack("nodes.pva.parallel_attention_stage")
 
     def stages(patched):
         found = dispatcher.installed_dispatcher(patched.model)
@@ -183,7 +183,7 @@ def test_scenarios_patch_as_their_nodes(tiny):
     assert stack.noise_mask is not None and stack.latent is not None  # STFG's inpainting edit
     assert not dispatcher.installed_dispatcher(model)  # the input MODEL is untouched
 
-    defaults = node_defaults(pack("nodes.parallel_attention_nodes").ApplyParallelAttention)
+    defaults = node_defaults(pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention)
     assert defaults["mode"] == "auto" and defaults["weight"] == 1.0 and defaults["references"] == "fused"
     assert "model" not in defaults and "mask" not in defaults  # sockets have no default
 

@@ -1,4 +1,4 @@
-"""CA² gate math (adapters/ca2_gate.py) against float64 references of Eq. 3-6 written here."""
+"""CA² gate math (adapters/attention/ca2_gate.py) against float64 references of Eq. 3-6 written here."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from conftest import pack
 
-ca2 = pack("adapters.ca2_gate")
-core = pack("adapters.attention_core")
-mass_mod = pack("adapters.text_attention_mass")
-sampling_scope = pack("nodes.sampling_scope")
+ca2 = pack("adapters.attention.ca2_gate")
+core = pack("adapters.attention.attention_core")
+mass_mod = pack("adapters.attention.text_attention_mass")
+sampling_scope = pack("nodes.common.sampling_scope")
 
 F64 = torch.float64
 

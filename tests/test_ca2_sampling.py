@@ -12,11 +12,11 @@ from conftest import pack
 from testkit.synthetic import SyntheticClipVision, synthetic_adapter
 from testkit.tiny_models import random_conditioning
 
-host = pack("nodes.host")
-ca2_nodes = pack("nodes.ca2_nodes")
-errors = pack("nodes.errors")
-spatial = pack("adapters.spatial")
-identity = pack("adapters.identity")
+host = pack("nodes.common.host")
+ca2_nodes = pack("nodes.ca2.ca2_nodes")
+errors = pack("nodes.common.errors")
+spatial = pack("adapters.attention.spatial")
+identity = pack("adapters.faces.identity")
 
 TEXT = "text attention (training-free)"
 NATIVE = "native score weights"
@@ -258,8 +258,8 @@ def test_device_constants_live_for_one_sampling(tiny, monkeypatch):
     """CA²'s visual K/V and score weights on the device, and the text-mass indicator, are made on
     first use in a sampling, kept in that sampling's cache and released when it ends: the next
     sampling (another prompt, another image) makes them again and nothing of the last one is left."""
-    ca2_stage = pack("nodes.ca2_stage")
-    sampling_scope = pack("nodes.sampling_scope")
+    ca2_stage = pack("nodes.ca2.ca2_stage")
+    sampling_scope = pack("nodes.common.sampling_scope")
     model = tiny.unet("sd15")
     adapter = image_adapter(model)
     made, caches = [], []

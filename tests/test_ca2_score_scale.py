@@ -8,10 +8,10 @@ import torch
 from conftest import pack
 from test_ca2_sampling import apply_gate, edit_mask, image_adapter, originals, sample
 
-ca2 = pack("adapters.ca2_gate")
-ca2_nodes = pack("nodes.ca2_nodes")
-map_images = pack("nodes.map_images")
-spatial = pack("adapters.spatial")
+ca2 = pack("adapters.attention.ca2_gate")
+ca2_nodes = pack("nodes.ca2.ca2_nodes")
+map_images = pack("nodes.common.map_images")
+spatial = pack("adapters.attention.spatial")
 
 FIXED, PER_STEP = "fixed (trend over steps)", "per step (full contrast)"
 

@@ -29,7 +29,7 @@ from benchmarks.cost_ledger import count_step, load_budgets, measure, reference_
 from benchmarks.models import build_model, parse_configs, step_inputs
 from benchmarks.scenarios import Patched
 
-dispatcher = pack("nodes.dispatcher")
+dispatcher = pack("nodes.dispatch.dispatcher")
 
 BUDGETED = list(load_budgets()["scenarios"])
 OVER_BUDGET = {  # scenario -> why it is still over (issue #22 item 4, branch `fusion`)

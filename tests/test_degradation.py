@@ -1,4 +1,4 @@
-"""Blind-restoration degradations (adapters/degradation.py): seeded, each op against a float64 / Pillow reference, ranges."""
+"""Blind-restoration degradations (adapters/training/degradation.py): seeded, each op against a float64 / Pillow reference, ranges."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import pack
 
-deg = pack("adapters.degradation")
+deg = pack("adapters.training.degradation")
 
 
 def images(b=2, h=48, w=40, seed=0):
@@ -167,7 +167,7 @@ def test_bad_indices_are_refused():
 
 
 def test_degrade_photos_node_gives_the_seeded_degradation_pairs_and_a_report():
-    node_mod = pack("nodes.restoration_nodes")
+    node_mod = pack("nodes.identity.restoration_nodes")
     node = node_mod.DegradePhotos()
     x = images(2, 40, 40)
     degraded, pairs, report = node.degrade(x, 7, 1.0)

@@ -8,9 +8,9 @@ import torch
 from conftest import pack
 from training_fixtures import all_inference, assert_same, inference_models, snapshot
 
-du = pack("nodes.differentiable_unet")
-disp = pack("nodes.dispatcher")
-host = pack("nodes.host")
+du = pack("nodes.dispatch.differentiable_unet")
+disp = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
 
 
 @pytest.fixture(scope="module")

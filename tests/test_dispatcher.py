@@ -12,9 +12,9 @@ import comfy.sample
 from conftest import pack
 from testkit import contribution
 
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-stage_inputs = pack("nodes.stage_inputs")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+stage_inputs = pack("nodes.dispatch.stage_inputs")
 
 EXPECTED_LAYERS = {"sd15": 16, "sdxl": 70}
 
@@ -227,7 +227,7 @@ def test_mask_per_image_and_wrong_batch():
         torch.testing.assert_close(got[r0], base[r0] + 0.7 * torch.tanh(q[r0]))
         assert torch.equal(got[r1], base[r1])
     three = torch.ones(3, 8, 8)
-    with pytest.raises(pack("nodes.errors").IdentityAttentionError, match="mask has 3 frames"):
+    with pytest.raises(pack("nodes.common.errors").IdentityAttentionError, match="mask has 3 frames"):
         run_dispatcher([Dummy(dispatcher.StageSchedule(weight=0.7, mask=three))], q, k, v, eo)
 
 
@@ -250,7 +250,7 @@ def test_schedule_from_percents(tiny):
     assert s.sigma_start == pytest.approx(float(ms.percent_to_sigma(0.2)))
     assert s.sigma_end == pytest.approx(float(ms.percent_to_sigma(0.8)))
     assert s.sigma_start > s.sigma_end
-    with pytest.raises(pack("nodes.errors").IdentityAttentionError, match="start_percent"):
+    with pytest.raises(pack("nodes.common.errors").IdentityAttentionError, match="start_percent"):
         stage_inputs.build_schedule(model, 0.5, 0.8, 0.2)
 
 
@@ -298,8 +298,8 @@ def test_window_on_cpu_is_a_python_decision():
     assert torch.is_tensor(meta) and meta.dtype == torch.bool
 
 
-step_sigma_mod = pack("nodes.step_sigma")
-sampling_scope = pack("nodes.sampling_scope")
+step_sigma_mod = pack("nodes.common.step_sigma")
+sampling_scope = pack("nodes.common.sampling_scope")
 
 
 class SigmaSeen(dispatcher.AttentionStage):

@@ -1,4 +1,4 @@
-"""The CA² gate on the tiny Flux (nodes/dit_ca2.py) against float64 references.
+"""The CA² gate on the tiny Flux (nodes/ca2/dit_ca2.py) against float64 references.
 
 Written from the math: per block, the image queries' output becomes
 ``out_img + w (1 - Score ⊙ M) softmax(q_img K_vis^T / sqrt D) V_vis`` with ``K_vis / V_vis`` the
@@ -40,9 +40,9 @@ INSIDE = torch.tensor([c < 2 for r in range(4) for c in range(4)], dtype=torch.f
 
 
 def gate_stage(flux, photo, weight=1.0, apply_to="both", sharpness=1.0, scale="fixed"):
-    dispatcher = pack("nodes.dispatcher")
-    layout = pack("nodes.dit_layout")
-    ca2 = pack("nodes.dit_ca2")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    layout = pack("nodes.common.dit_layout")
+    ca2 = pack("nodes.ca2.dit_ca2")
     schedule = dispatcher.StageSchedule(weight=weight, apply_to=apply_to)
     return ca2.DitCA2GateStage(schedule, photo.cond, photo.uncond, lambda t: layout.identity_hidden(flux, t), edit_mask(), sharpness, scale)
 
@@ -69,7 +69,7 @@ def reference(rec, h_photo, weight, sharpness=1.0, scale="fixed", base_out=None,
 
 
 def test_weight_zero_is_the_unpatched_model_bit_for_bit(flux):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     photo, _ = token_sets(21)
     base = run(flux, (0, 1))
     assert torch.equal(run(dit.apply_dit_stage(flux, gate_stage(flux, photo, weight=0.0)), (0, 1)), base)
@@ -78,7 +78,7 @@ def test_weight_zero_is_the_unpatched_model_bit_for_bit(flux):
 
 @pytest.mark.parametrize("weight,sharpness,scale", [(1.0, 1.0, "fixed"), (0.6, 0.5, "fixed"), (1.3, 2.0, "per_step")])
 def test_matches_float64_reference_in_every_block(flux, weight, sharpness, scale):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     photo, _ = token_sets(21)
     before, after = [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -94,8 +94,8 @@ def test_matches_float64_reference_in_every_block(flux, weight, sharpness, scale
 
 def test_outside_the_edit_mask_the_photo_acts_at_full_strength(flux):
     """Gate exactly 1 outside the mask (plain decoupled attention to the photo), below 1 inside."""
-    dit = pack("nodes.dit_dispatcher")
-    ca2 = pack("nodes.dit_ca2")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    ca2 = pack("nodes.ca2.dit_ca2")
     photo, _ = token_sets(21)
     before, gated = [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -111,7 +111,7 @@ def test_outside_the_edit_mask_the_photo_acts_at_full_strength(flux):
 
 
 def test_cond_only_leaves_uncond_rows_unpatched(flux):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     photo, _ = token_sets(21)
     before, after = [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -124,10 +124,10 @@ def test_cond_only_leaves_uncond_rows_unpatched(flux):
 
 def test_stacks_after_joint_identity_attention(flux):
     """Joint identity attention, then the gate: the gate adds to the joint stage's output, its score reads the call's q, k."""
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    layout = pack("nodes.dit_layout")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    layout = pack("nodes.common.dit_layout")
     photo, ident = token_sets(21)
     before, middle, after = [], [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -156,8 +156,8 @@ def test_ca2_node_and_inspect_on_flux(flux):
     import comfy.sample
     from testkit.synthetic import SyntheticClipVision
 
-    nodes = pack("nodes.ca2_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.ca2.ca2_nodes")
+    errors = pack("nodes.common.errors")
     node = nodes.ApplyCA2Gate()
     encoder = SyntheticClipVision(0)
     adapter = node_adapter()
@@ -196,11 +196,11 @@ def run_rows(model, chunks, per_chunk, seed=0):
 
 def test_one_original_per_image_of_the_batch(flux):
     """Two originals for two images: cond row i reads photo i, uncond rows the uncond tokens; three for two refuse."""
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    layout = pack("nodes.dit_layout")
-    ca2 = pack("nodes.dit_ca2")
-    errors = pack("nodes.errors")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    layout = pack("nodes.common.dit_layout")
+    ca2 = pack("nodes.ca2.dit_ca2")
+    errors = pack("nodes.common.errors")
     gen = torch.Generator().manual_seed(5)
     photos = torch.randn(3, 3, tiny_flux.CONTEXT, generator=gen)
     uncond = torch.randn(1, 3, tiny_flux.CONTEXT, generator=gen)

@@ -20,7 +20,7 @@ def readme_family_rows():
 
 
 def test_readme_table_matches_dit_nodes():
-    layout = pack("nodes.dit_layout")
+    layout = pack("nodes.common.dit_layout")
     rows = readme_family_rows()
     assert set(rows) == set(layout.README_ROWS)
     covered = [node_id for ids in layout.README_ROWS.values() for node_id in ids]
@@ -33,17 +33,17 @@ def test_readme_table_matches_dit_nodes():
 
 
 def test_every_listed_node_exists():
-    layout = pack("nodes.dit_layout")
-    text = "".join(p.read_text() for p in (REPO / "nodes").glob("*.py"))
+    layout = pack("nodes.common.dit_layout")
+    text = "".join(p.read_text() for p in (REPO / "nodes").rglob("*.py"))
     for node_id in layout.DIT_NODES:
         assert f'NODE_ID = "{node_id}"' in text, node_id
 
 
 @pytest.mark.skipif(not tiny_flux.flux_available(), reason=tiny_flux.SKIP_REASON)
 def test_unet_only_nodes_refuse_flux_naming_the_node():
-    guard = pack("nodes.input_guard")
-    errors = pack("nodes.errors")
-    layout = pack("nodes.dit_layout")
+    guard = pack("nodes.common.input_guard")
+    errors = pack("nodes.common.errors")
+    layout = pack("nodes.common.dit_layout")
     flux = tiny_flux.build_flux(0)
 
     class FaceAdapterLike:
@@ -63,7 +63,7 @@ def test_unet_only_nodes_refuse_flux_naming_the_node():
 
 
 def test_unet_models_pass_the_family_check(tiny):
-    layout = pack("nodes.dit_layout")
+    layout = pack("nodes.common.dit_layout")
     unet = tiny.unet("sd15")
     for node_id in layout.DIT_NODES:
         layout.check_model_family(node_id, unet, node_id)
@@ -74,8 +74,8 @@ def test_unet_models_pass_the_family_check(tiny):
 def test_model_report_on_flux_lists_blocks_effects_and_unet_only_nodes():
     from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-    inspect_nodes = pack("nodes.inspect_nodes")
-    pva = pack("nodes.parallel_attention_nodes").ApplyParallelAttention()
+    inspect_nodes = pack("nodes.identity.inspect_nodes")
+    pva = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention()
     flux = tiny_flux.build_flux(0)
     adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, mechanism="joint")
     model, = pva.apply(flux, adapter, synthetic_identity(), 0.7, 0.0, 1.0, "both", "auto", "layer", "fused")

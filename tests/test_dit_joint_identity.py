@@ -1,4 +1,4 @@
-"""The DiT path (nodes/dit_dispatcher.py) and joint identity attention on the tiny Flux.
+"""The DiT path (nodes/dispatch/dit_dispatcher.py) and joint identity attention on the tiny Flux.
 
 References are float64, written from the math: for every block, the image queries attend over
 ``[txt; img; id]`` with ``log w`` on the identity columns, the identity keys/values being the
@@ -27,24 +27,24 @@ def flux():
 
 
 def tokens(seed=5):
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     gen = torch.Generator().manual_seed(seed)
     return IdentityTokens(cond=torch.randn(1, T_ID, tiny_flux.CONTEXT, generator=gen), uncond=torch.randn(1, T_ID, tiny_flux.CONTEXT, generator=gen))
 
 
 def patched(flux, weight=1.0, apply_to="both", mask=None, ident=None):
-    dispatcher = pack("nodes.dispatcher")
-    dit_dispatcher = pack("nodes.dit_dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    layout = pack("nodes.dit_layout")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    layout = pack("nodes.common.dit_layout")
     schedule = dispatcher.StageSchedule(weight=weight, apply_to=apply_to, mask=mask)
     stage = joint.DitJointIdentityStage(schedule, ident or tokens(), lambda t: layout.identity_hidden(flux, t))
     return dit_dispatcher.apply_dit_stage(flux, stage)
 
 
 def recorder(records):
-    dispatcher = pack("nodes.dispatcher")
-    dit_dispatcher = pack("nodes.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
 
     class Recorder(dit_dispatcher.DitStage):
         label = "recorder"
@@ -117,7 +117,7 @@ def test_upstream_model_is_not_mutated(flux):
 
 @pytest.mark.parametrize("weight", [1.0, 2.5])
 def test_matches_float64_reference_in_every_block(flux, weight):
-    dit_dispatcher = pack("nodes.dit_dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
     ident = tokens()
     before, after = [], []
     model = dit_dispatcher.apply_dit_stage(flux, recorder(before))
@@ -134,7 +134,7 @@ def test_matches_float64_reference_in_every_block(flux, weight):
 
 
 def test_cond_only_leaves_uncond_rows_unpatched(flux):
-    dit_dispatcher = pack("nodes.dit_dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
     before, after = [], []
     model = dit_dispatcher.apply_dit_stage(flux, recorder(before))
     model = dit_dispatcher.apply_dit_stage(patched(model, apply_to="cond"), recorder(after))
@@ -145,7 +145,7 @@ def test_cond_only_leaves_uncond_rows_unpatched(flux):
 
 
 def test_mask_limits_the_identity_to_its_patches(flux):
-    dit_dispatcher = pack("nodes.dit_dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0  # left half of the image: latent 8x8 -> 4x4 patches, columns 0-1
     before, full, after = [], [], []
@@ -181,7 +181,7 @@ def test_foreign_block_replace_and_attention_override_keep_running(flux):
 
 
 def test_stacked_stages_run_in_order(flux):
-    dit_dispatcher = pack("nodes.dit_dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
     records = []
     model = patched(patched(flux, weight=2.0), weight=0.5)
     model = dit_dispatcher.apply_dit_stage(model, recorder(records))
@@ -193,8 +193,8 @@ def test_stacked_stages_run_in_order(flux):
 def test_parallel_attention_node_on_flux(flux):
     from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-    nodes = pack("nodes.parallel_attention_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.pva.parallel_attention_nodes")
+    errors = pack("nodes.common.errors")
     adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, mechanism="joint")
     identity = synthetic_identity()
     node = nodes.ApplyParallelAttention()

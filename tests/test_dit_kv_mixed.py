@@ -1,4 +1,4 @@
-"""KV-mixed attention on the tiny Flux (nodes/dit_kv_mixed.py) against float64 references.
+"""KV-mixed attention on the tiny Flux (nodes/kv_mixed/dit_kv_mixed.py) against float64 references.
 
 Written from the math: per block, ``K_id`` is the block's text-side key (modulation, norm,
 qkv, RMS key norm) of ``txt_in(E_key)``, ``V_id`` its text-side value of ``txt_in(E_value)``;
@@ -30,22 +30,22 @@ def flux():
 
 
 def token_sets(seed=11):
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     gen = torch.Generator().manual_seed(seed)
     make = lambda: IdentityTokens(cond=torch.randn(1, T_ID, tiny_flux.CONTEXT, generator=gen), uncond=torch.randn(1, T_ID, tiny_flux.CONTEXT, generator=gen))
     return make(), make()
 
 
 def kv_stage(flux, keys, values, mode="joint", weight=1.0, apply_to="both", mask=None):
-    dispatcher = pack("nodes.dispatcher")
-    layout = pack("nodes.dit_layout")
-    kv = pack("nodes.dit_kv_mixed")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    layout = pack("nodes.common.dit_layout")
+    kv = pack("nodes.kv_mixed.dit_kv_mixed")
     schedule = dispatcher.StageSchedule(weight=weight, apply_to=apply_to, mask=mask)
     return kv.DitKVMixedStage(schedule, keys, values, lambda t: layout.identity_hidden(flux, t), mode)
 
 
 def patched(flux, model, keys, values, **kw):
-    return pack("nodes.dit_dispatcher").apply_dit_stage(model, kv_stage(flux, keys, values, **kw))
+    return pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(model, kv_stage(flux, keys, values, **kw))
 
 
 def hidden64(flux, toks, chunks):
@@ -98,7 +98,7 @@ def test_weight_zero_is_the_unpatched_model_bit_for_bit(flux, mode):
 
 @pytest.mark.parametrize("mode,weight", [("joint", 1.0), ("joint", 2.5), ("decoupled", 0.7), ("decoupled", -0.4)])
 def test_matches_float64_reference_in_every_block(flux, mode, weight):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     keys, values = token_sets()
     before, after = [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -122,7 +122,7 @@ def test_keys_and_values_come_from_their_own_sources(flux):
 
 @pytest.mark.parametrize("mode", ["joint", "decoupled"])
 def test_cond_only_leaves_uncond_rows_unpatched(flux, mode):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     keys, values = token_sets()
     before, after = [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -135,7 +135,7 @@ def test_cond_only_leaves_uncond_rows_unpatched(flux, mode):
 
 @pytest.mark.parametrize("mode", ["joint", "decoupled"])
 def test_mask_limits_the_identity_to_its_patches(flux, mode):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     keys, values = token_sets()
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0  # left half: the 4x4 patch grid's columns 0-1
@@ -151,10 +151,10 @@ def test_mask_limits_the_identity_to_its_patches(flux, mode):
 
 def test_stacks_after_joint_identity_attention(flux):
     """Joint identity attention, then KV-mixed (decoupled): KV-mixed adds to the joint stage's output."""
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    layout = pack("nodes.dit_layout")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    layout = pack("nodes.common.dit_layout")
     keys, values = token_sets()
     before, middle, after = [], [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -173,8 +173,8 @@ def test_stacks_after_joint_identity_attention(flux):
 
 def kv_adapter64(seed=0, tokens=2):
     """A trained-kv_mixed-shaped adapter whose encoders make Flux-context-wide tokens (no UNet layers)."""
-    enc_mod = pack("adapters.kv_mixed_encoders")
-    IdAdapter = pack("adapters.id_adapter").IdAdapter
+    enc_mod = pack("adapters.projectors.kv_mixed_encoders")
+    IdAdapter = pack("adapters.projectors.id_adapter").IdAdapter
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode(False):
         e = enc_mod.KVMixedEncoder(in_dim=512, token_dim=tiny_flux.CONTEXT, tokens=tokens, key_bottleneck=8, value_bottleneck=48)
@@ -191,8 +191,8 @@ NODE_ARGS = dict(weight=1.0, start_percent=0.0, end_percent=1.0, apply_to="both"
 def test_kv_mixed_node_two_adapters_on_flux(flux):
     from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-    nodes = pack("nodes.kv_mixed_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.kv_mixed.kv_mixed_nodes")
+    errors = pack("nodes.common.errors")
     node = nodes.ApplyKVMixedAttention()
     key_adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, num_tokens=4, seed=1)
     value_adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, num_tokens=2, seed=2)
@@ -202,7 +202,7 @@ def test_kv_mixed_node_two_adapters_on_flux(flux):
     for mode in ("joint", "decoupled"):
         model, = node.apply(flux, key_adapter, identity, **{**NODE_ARGS, "mode": mode}, **two)
         assert not torch.equal(run(model, (0, 1)), base)
-        stage = pack("nodes.dit_dispatcher").installed_dit_dispatcher(model).stages[-1]
+        stage = pack("nodes.dispatch.dit_dispatcher").installed_dit_dispatcher(model).stages[-1]
         assert stage.mode == mode and stage.tokens["value"].cond.shape[1] == 4  # values resampled to the 4 keys
         zero, = node.apply(flux, key_adapter, identity, **{**NODE_ARGS, "mode": mode, "weight": 0.0}, **two)
         assert torch.equal(run(zero, (0, 1)), base)
@@ -223,12 +223,12 @@ def test_kv_mixed_node_two_adapters_on_flux(flux):
 def test_kv_mixed_node_trained_pairing_on_flux(flux):
     from testkit.synthetic import synthetic_identity
 
-    nodes = pack("nodes.kv_mixed_nodes")
+    nodes = pack("nodes.kv_mixed.kv_mixed_nodes")
     node = nodes.ApplyKVMixedAttention()
     adapter = kv_adapter64()
     identity = synthetic_identity()
     model, = node.apply(flux, adapter, identity, **{**NODE_ARGS, "projections": "adapter"}, pairing=nodes.TRAINED)  # projections: fixed by the pairing
-    stage = pack("nodes.dit_dispatcher").installed_dit_dispatcher(model).stages[-1]
+    stage = pack("nodes.dispatch.dit_dispatcher").installed_dit_dispatcher(model).stages[-1]
     keys, values = nodes.trained_tokens(adapter, identity, False, "test")
     assert torch.equal(stage.tokens["key"].cond, keys.cond) and torch.equal(stage.tokens["value"].cond, values.cond)
     assert not torch.equal(keys.cond, values.cond)

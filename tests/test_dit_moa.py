@@ -1,4 +1,4 @@
-"""Mixture-of-attention routing on the tiny Flux (nodes/dit_moa.py) against float64 references.
+"""Mixture-of-attention routing on the tiny Flux (nodes/moa/dit_moa.py) against float64 references.
 
 Written from the math: per block and image token, ``R0 * prior + R1 * personalized`` with prior =
 the host's joint attention output, personalized = the output of the identity stages before the
@@ -40,11 +40,11 @@ INSIDE = torch.tensor([c < 2 for r in range(4) for c in range(4)])
 
 def identity_model(flux, before, middle, apply_to="both"):
     """recorder(before) -> joint identity (w 2) -> KV-mixed decoupled (w 0.7) -> recorder(middle)."""
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    kv = pack("nodes.dit_kv_mixed")
-    layout = pack("nodes.dit_layout")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    kv = pack("nodes.kv_mixed.dit_kv_mixed")
+    layout = pack("nodes.common.dit_layout")
     ident, values = token_sets(31)
     hidden = lambda t: layout.identity_hidden(flux, t)  # noqa: E731
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -54,10 +54,10 @@ def identity_model(flux, before, middle, apply_to="both"):
 
 
 def routed(model, router="identity_attention", weight=1.0, temperature=1.0, mask=None, apply_to="both", record=True):
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    moa = pack("nodes.dit_moa")
-    routing = pack("adapters.attention_routing")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    moa = pack("nodes.moa.dit_moa")
+    routing = pack("adapters.attention.attention_routing")
     stages = [s for s in dit.installed_dit_dispatcher(model).stages if s.label != "recorder"]
     stage = moa.DitMixtureOfAttentionStage(dispatcher.StageSchedule(weight=weight, apply_to=apply_to), router, temperature, mask, stages, routing.RouterRecorder() if record else None)
     return dit.apply_dit_stage(model, stage)
@@ -78,7 +78,7 @@ def share64(rec, h_ident):
 def test_mask_router_is_prior_outside_and_personalized_inside_exactly(flux):
     before, middle, after = [], [], []
     model, _ = identity_model(flux, before, middle)
-    model = pack("nodes.dit_dispatcher").apply_dit_stage(routed(model, "mask", mask=left_half()), recorder(after))
+    model = pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(routed(model, "mask", mask=left_half()), recorder(after))
     run(model, (0, 1))
     for b, mid, a in zip(before, middle, after):
         m = a["m"]
@@ -104,7 +104,7 @@ def test_weight_zero_leaves_the_personalized_model_bit_for_bit(flux):
 def test_identity_attention_router_matches_float64_reference(flux, weight, temperature):
     before, middle, after = [], [], []
     model, (ident, _) = identity_model(flux, before, middle)
-    model = pack("nodes.dit_dispatcher").apply_dit_stage(routed(model, weight=weight, temperature=temperature, mask=left_half()), recorder(after))
+    model = pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(routed(model, weight=weight, temperature=temperature, mask=left_half()), recorder(after))
     run(model, (0, 1))
     h_ident = hidden64(flux, ident, (0, 1))
     for b, mid, a in zip(before, middle, after):
@@ -122,7 +122,7 @@ def test_identity_attention_router_matches_float64_reference(flux, weight, tempe
 def test_cond_only_leaves_uncond_rows_personalized(flux):
     before, middle, after = [], [], []
     model, _ = identity_model(flux, before, middle)
-    model = pack("nodes.dit_dispatcher").apply_dit_stage(routed(model, apply_to="cond"), recorder(after))
+    model = pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(routed(model, apply_to="cond"), recorder(after))
     run(model, (0, 1))
     for mid, a in zip(middle, after):
         assert torch.equal(a["out"][1:], mid["out"][1:])
@@ -133,7 +133,7 @@ def test_share_follows_the_identity_stages_rows(flux):
     """An identity stage on cond only gives the uncond rows no share: they route to the prior."""
     before, middle, after = [], [], []
     model, _ = identity_model(flux, before, middle, apply_to="cond")
-    model = pack("nodes.dit_dispatcher").apply_dit_stage(routed(model), recorder(after))
+    model = pack("nodes.dispatch.dit_dispatcher").apply_dit_stage(routed(model), recorder(after))
     run(model, (0, 1))
     r1_uncond = torch.sigmoid(torch.tensor(-5.0))  # share 0 -> normalised 0 -> sigmoid(-5)
     for b, mid, a in zip(before, middle, after):
@@ -146,9 +146,9 @@ def test_moa_nodes_on_flux(flux):
     import comfy.sample
     from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-    moa_nodes = pack("nodes.mixture_of_attention_nodes")
-    errors = pack("nodes.errors")
-    pva = pack("nodes.parallel_attention_nodes").ApplyParallelAttention()
+    moa_nodes = pack("nodes.moa.mixture_of_attention_nodes")
+    errors = pack("nodes.common.errors")
+    pva = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention()
     node = moa_nodes.ApplyMixtureOfAttention()
     adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT, mechanism="joint")
     personal, = pva.apply(flux, adapter, synthetic_identity(), 1.5, 0.0, 1.0, "both", "auto", "layer", "fused")

@@ -1,4 +1,4 @@
-"""Nested attention on the tiny Flux (nodes/dit_nested.py) against float64 references.
+"""Nested attention on the tiny Flux (nodes/nested/dit_nested.py) against float64 references.
 
 Written from the math: per block and image query, ``out + w r a_S(q) (v*_q - V[s])`` with
 ``v*_q = softmax(q Kn^T / sqrt D) Vn`` (``Kn / Vn`` the block's text-side key (RMS key norm) /
@@ -27,9 +27,9 @@ def flux():
 
 
 def nested_stage(flux, ident, index=3, prompt_length=0, weight=1.0, apply_to="both", mask=None):
-    dispatcher = pack("nodes.dispatcher")
-    layout = pack("nodes.dit_layout")
-    nested = pack("nodes.dit_nested")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    layout = pack("nodes.common.dit_layout")
+    nested = pack("nodes.nested.dit_nested")
     schedule = dispatcher.StageSchedule(weight=weight, apply_to=apply_to, mask=mask)
     return nested.DitNestedAttentionStage(schedule, ident, lambda t: layout.identity_hidden(flux, t), index, prompt_length)
 
@@ -49,7 +49,7 @@ def reference(rec, h_ident, positions, weight, base_out=None):
 
 
 def test_weight_zero_is_the_unpatched_model_bit_for_bit(flux):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     ident, _ = token_sets(41)
     base = run(flux, (0, 1))
     assert torch.equal(run(dit.apply_dit_stage(flux, nested_stage(flux, ident, weight=0.0)), (0, 1)), base)
@@ -59,7 +59,7 @@ def test_weight_zero_is_the_unpatched_model_bit_for_bit(flux):
 @pytest.mark.parametrize("index,prompt_length,weight,positions", [(3, 0, 1.0, (3,)), (5, 0, 0.6, (5,)), (1, 4, 1.4, (1, 5))])
 def test_matches_float64_reference_in_every_block(flux, index, prompt_length, weight, positions):
     """(1, 4): a 4-token prompt repeated twice in the 8 text tokens: both copies of the subject count."""
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     ident, _ = token_sets(41)
     stage = nested_stage(flux, ident, index, prompt_length, weight)
     assert stage.positions(8) == positions
@@ -75,7 +75,7 @@ def test_matches_float64_reference_in_every_block(flux, index, prompt_length, we
 
 
 def test_cond_only_leaves_uncond_rows_unpatched(flux):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     ident, _ = token_sets(41)
     before, after = [], []
     model = dit.apply_dit_stage(dit.apply_dit_stage(dit.apply_dit_stage(flux, recorder(before)), nested_stage(flux, ident, apply_to="cond")), recorder(after))
@@ -86,7 +86,7 @@ def test_cond_only_leaves_uncond_rows_unpatched(flux):
 
 
 def test_mask_limits_the_change_to_its_patches(flux):
-    dit = pack("nodes.dit_dispatcher")
+    dit = pack("nodes.dispatch.dit_dispatcher")
     ident, _ = token_sets(41)
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0
@@ -100,10 +100,10 @@ def test_mask_limits_the_change_to_its_patches(flux):
 
 
 def test_stacks_after_joint_identity_attention(flux):
-    dit = pack("nodes.dit_dispatcher")
-    dispatcher = pack("nodes.dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    layout = pack("nodes.dit_layout")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    layout = pack("nodes.common.dit_layout")
     ident, other = token_sets(41)
     before, middle, after = [], [], []
     model = dit.apply_dit_stage(flux, recorder(before))
@@ -118,8 +118,8 @@ def test_stacks_after_joint_identity_attention(flux):
 
 
 def test_index_past_the_prompt_names_the_input(flux):
-    dit = pack("nodes.dit_dispatcher")
-    errors = pack("nodes.errors")
+    dit = pack("nodes.dispatch.dit_dispatcher")
+    errors = pack("nodes.common.errors")
     ident, _ = token_sets(41)
     with pytest.raises(errors.IdentityAttentionError, match="token_index"):
         run(dit.apply_dit_stage(flux, nested_stage(flux, ident, index=8)), (0,))
@@ -128,8 +128,8 @@ def test_index_past_the_prompt_names_the_input(flux):
 def test_nested_node_on_flux(flux):
     from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-    nodes = pack("nodes.nested_attention_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.nested.nested_attention_nodes")
+    errors = pack("nodes.common.errors")
     node = nodes.ApplyNestedAttention()
     adapter = synthetic_adapter([], "sd15", tiny_flux.CONTEXT)
     identity = synthetic_identity()
@@ -147,5 +147,5 @@ def test_nested_node_on_flux(flux):
         node.apply(flux, synthetic_adapter([], "sd15", 768), identity, **args)
     clip = tiny_flux.build_flux_clip()
     last, = node.apply(flux, adapter, identity, **{**args, "subject": "last prompt token"}, clip=clip, prompt="a photo of a person")
-    stage = pack("nodes.dit_dispatcher").installed_dit_dispatcher(last).stages[-1]
+    stage = pack("nodes.dispatch.dit_dispatcher").installed_dit_dispatcher(last).stages[-1]
     assert stage.token_index == 5 and stage.prompt_length == 77  # <start> a photo of a person: CLIP stand-in's tokens

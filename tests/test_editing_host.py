@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import pack
 from harness.server import PromptFailed
 
-gradient_support = pack("nodes.gradient_support")
+gradient_support = pack("nodes.dispatch.gradient_support")
 
 pytestmark = pytest.mark.host
 

@@ -12,14 +12,14 @@ from conftest import pack
 from testkit import contribution
 from testkit.synthetic import fact_layer_weights, synthetic_fact_adapter, synthetic_identity
 
-gsa = pack("adapters.gated_self_attention")
-core = pack("adapters.attention_core")
-id_adapter = pack("adapters.id_adapter")
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-patch_mod = pack("nodes.face_adapter_patch")
-nodes_mod = pack("nodes.face_adapter_nodes")
-errors = pack("nodes.errors")
+gsa = pack("adapters.attention.gated_self_attention")
+core = pack("adapters.attention.attention_core")
+id_adapter = pack("adapters.projectors.id_adapter")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+patch_mod = pack("nodes.fact.face_adapter_patch")
+nodes_mod = pack("nodes.fact.face_adapter_nodes")
+errors = pack("nodes.common.errors")
 
 
 # --- the reference, written from FACT's equations (not from the implementation) ----------------------
@@ -108,7 +108,7 @@ def test_fused_path_equals_the_unfused_formula():
 
 def test_face_kv_rows_made_once_per_sampling():
     """The face tokens' per-row K/V are stacked once per sampling and equal the per-call stack."""
-    sampling_scope = pack("nodes.sampling_scope")
+    sampling_scope = pack("nodes.common.sampling_scope")
     key, C, heads, hw = ("input", 1, 0), 64, 2, (4, 6)
     adapter = fact_adapter_for([(key, C)], token_dim=48)
     tokens = tokens_pair(D=48)

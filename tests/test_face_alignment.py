@@ -1,4 +1,4 @@
-"""The pack's own ArcFace alignment (adapters/face_alignment.py) against float64 references and insightface's norm_crop.
+"""The pack's own ArcFace alignment (adapters/faces/face_alignment.py) against float64 references and insightface's norm_crop.
 
 The reference fit is written here independently of Umeyama's SVD: a similarity
 ``x' = a x - b y + tx, y' = b x + a y + ty`` is linear in (a, b, tx, ty), so the least-squares
@@ -18,8 +18,8 @@ import pytest
 import toy_faces as toy
 from conftest import pack
 
-align = pack("adapters.face_alignment")
-fa = pack("adapters.face_analysis")
+align = pack("adapters.faces.face_alignment")
+fa = pack("adapters.faces.face_analysis")
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]])
 

@@ -22,12 +22,12 @@ from test_face_adapter import extra_options_for, gelu64, ln64, reference_fact, s
 from testkit.synthetic import synthetic_identity
 import weight_fixtures as wf
 
-gsa = pack("adapters.gated_self_attention")
-formats = pack("adapters.weight_formats")
-safe_load = pack("adapters.safe_load")
-host = pack("nodes.host")
-nodes_mod = pack("nodes.face_adapter_nodes")
-errors = pack("nodes.errors")
+gsa = pack("adapters.attention.gated_self_attention")
+formats = pack("adapters.formats.weight_formats")
+safe_load = pack("adapters.weights.safe_load")
+host = pack("nodes.common.host")
+nodes_mod = pack("nodes.fact.face_adapter_nodes")
+errors = pack("nodes.common.errors")
 
 
 def fact_file(tmp_path, seed=7):
@@ -81,7 +81,7 @@ def exact_attention(monkeypatch):
     """The host's attention replaced by the float64-exact reference (the CPU host's is float32 inside)."""
     import comfy.ldm.modules.attention as comfy_attention
 
-    core = pack("adapters.attention_core")
+    core = pack("adapters.attention.attention_core")
     # the current host also passes attn_precision / transformer_options: float64 needs neither
     monkeypatch.setattr(comfy_attention, "optimized_attention", lambda q, k, v, heads, *a, **kw: core.reference_attention(q, k, v, heads))
 

@@ -15,9 +15,9 @@ import torch
 from conftest import pack
 from test_pulid_flux import _tiny_flux, flux_only, foreign_recorder, run_flux
 
-flux_ip = pack("adapters.flux_ip_adapter")
-weight_errors = pack("adapters.weight_errors")
-formats = pack("adapters.weight_formats")
+flux_ip = pack("adapters.flux.flux_ip_adapter")
+weight_errors = pack("adapters.weights.weight_errors")
+formats = pack("adapters.formats.weight_formats")
 
 
 def xlabs_state(n_double=2, hidden=64, context=32, embed=24, tokens=4, seed=0, dtype=torch.float32):
@@ -118,7 +118,7 @@ def test_identity_adapter_loader_names_the_xlabs_nodes_and_refuses_instantx_with
 
 def prompt_tokens(model, seed=5):
     gen = torch.Generator().manual_seed(seed)
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     return IdentityTokens(cond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)),
                           uncond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)))
 
@@ -129,8 +129,8 @@ def tiny_flux_model():
 
 
 def adapter_on(flux, state, weight, apply_to="both", foreign=None):
-    patch = pack("nodes.flux_ip_adapter_patch")
-    dispatcher = pack("nodes.dispatcher")
+    patch = pack("nodes.flux.flux_ip_adapter_patch")
+    dispatcher = pack("nodes.dispatch.dispatcher")
     tf = _tiny_flux()
     if foreign is not None:
         flux = flux.clone()
@@ -189,8 +189,8 @@ def test_nodes_load_detect_encode_and_apply(tiny_flux_model, tmp_path):
     from testkit.clip_vision import build_clip_vision
 
     tf = _tiny_flux()
-    nodes = pack("nodes.flux_ip_adapter_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.flux_ip_adapter_nodes")
+    errors = pack("nodes.common.errors")
     vision = build_clip_vision("vit-h", seed=0)  # image embeds of 1024
     with model_folders(tmp_path, "ipadapter") as where:
         save_file(xlabs_state(n_double=tf.DEPTH, hidden=tf.HIDDEN, embed=1024), str(where["ipadapter"] / "ip_adapter.safetensors"))
@@ -215,8 +215,8 @@ def test_nodes_load_detect_encode_and_apply(tiny_flux_model, tmp_path):
 
 @flux_only
 def test_apply_refuses_a_unet_model_with_the_fix(tiny):
-    nodes = pack("nodes.flux_ip_adapter_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.flux_ip_adapter_nodes")
+    errors = pack("nodes.common.errors")
     weights = nodes.FluxIPAdapterWeights(flux_ip.XLabsFluxIPAdapter.from_state(xlabs_state()), "x")
     with pytest.raises(errors.IdentityAttentionError) as info:
         nodes.ApplyFluxIPAdapter().apply(tiny.unet("sd15"), weights, None, torch.zeros(1, 8, 8, 3), 1.0, 0.0, 1.0, "both")

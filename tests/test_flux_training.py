@@ -1,4 +1,4 @@
-"""The trainer's ``pva`` target on the tiny Flux.1 (nodes/flux_training.py): PVA's identity transformer
+"""The trainer's ``pva`` target on the tiny Flux.1 (nodes/training/flux_training.py): PVA's identity transformer
 trained through joint identity attention with the rectified-flow loss.
 
 Checked: the loss convention against the host's CONST sampling and a float64 reference; the training
@@ -58,7 +58,7 @@ def run_model(model, x, t, context, y, guidance, grad=False):
 def test_flow_loss_follows_the_hosts_const_sampling_and_a_float64_reference():
     import comfy.model_sampling
 
-    losses = pack("adapters.training_losses")
+    losses = pack("adapters.training.training_losses")
     gen = torch.Generator().manual_seed(0)
     x0, noise, v_hat = (torch.randn(2, 16, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     sigma = torch.tensor([0.3, 0.8], dtype=torch.float64)
@@ -76,17 +76,17 @@ def test_flow_loss_follows_the_hosts_const_sampling_and_a_float64_reference():
     weighted = (err * weight).sum() / (weight.sum() * 16)
     assert torch.allclose(losses.flow_matching_loss(x0_hat, x_t, sigma, x0, noise, weight), weighted.float(), rtol=1e-6)
     flux = tiny_flux.build_flux(0)
-    assert pack("nodes.flux_training").is_rectified_flow(flux) and not pack("nodes.flux_training").is_rectified_flow(tdf.tiny_models("sd15", 0)[0])
+    assert pack("nodes.training.flux_training").is_rectified_flow(flux) and not pack("nodes.training.flux_training").is_rectified_flow(tdf.tiny_models("sd15", 0)[0])
 
 
 def test_training_forward_is_the_inference_nodes_joint_attention_and_norm_copies_change_nothing():
-    ft = pack("nodes.flux_training")
-    dispatcher = pack("nodes.dispatcher")
-    dit_dispatcher = pack("nodes.dit_dispatcher")
-    joint = pack("nodes.dit_joint_identity")
-    layout = pack("nodes.dit_layout")
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
-    targets = pack("nodes.training_targets")
+    ft = pack("nodes.training.flux_training")
+    dispatcher = pack("nodes.dispatch.dispatcher")
+    dit_dispatcher = pack("nodes.dispatch.dit_dispatcher")
+    joint = pack("nodes.pva.dit_joint_identity")
+    layout = pack("nodes.common.dit_layout")
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
+    targets = pack("nodes.training.training_targets")
     flux = tiny_flux.build_flux(0)
     gen = torch.Generator().manual_seed(5)
     tok = torch.randn(2, T_ID, tiny_flux.CONTEXT, generator=gen)  # one identity per row
@@ -115,7 +115,7 @@ def test_training_forward_is_the_inference_nodes_joint_attention_and_norm_copies
 
 
 def test_gradients_reach_the_projector_and_the_loss_on_a_fixed_batch_goes_down(tmp_path, models):
-    trainer_mod = pack("nodes.trainer")
+    trainer_mod = pack("nodes.training.trainer")
     one = tdf.make_folder(tmp_path / "one", identities=1, per_identity=2, seed=3)
     cfg = flux_config(tmp_path, one, steps=8, out="down", grad_accum=1, condition_dropout=0, learning_rate=1e-2)
     tr = trainer_mod.Trainer(trainer_mod.load_config(str(cfg)), models, config_dir=str(tmp_path))
@@ -144,7 +144,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_par
 
     from training_fixtures import assert_same, snapshot
 
-    trainer_mod = pack("nodes.trainer")
+    trainer_mod = pack("nodes.training.trainer")
     flux = models[0]
     x, t, c, y, g = tiny_flux.flux_inputs(3)
     weights, options, plain = snapshot(flux.model.diffusion_model), copy.deepcopy(flux.model_options), run_model(flux, x, t, c, y, g)
@@ -163,18 +163,18 @@ def test_resume_reproduces_the_uninterrupted_run_and_the_file_loads_in_apply_par
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(k.startswith("projector.") for k in a)  # no layer projections on Flux
 
-    read = pack("adapters.safe_load").read_weight_file(str(tmp_path / "whole" / "flux_pva.safetensors"))
-    adapter = pack("adapters.weight_formats").convert(read.tensors, read.metadata)
+    read = pack("adapters.weights.safe_load").read_weight_file(str(tmp_path / "whole" / "flux_pva.safetensors"))
+    adapter = pack("adapters.formats.weight_formats").convert(read.tensors, read.metadata)
     assert adapter.base == "flux" and adapter.mechanism == "joint" and adapter.token_dim == tiny_flux.CONTEXT
-    ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+    ApplyParallelAttention = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
     with torch.inference_mode():
         patched = ApplyParallelAttention().apply(flux, adapter, identity(2), 1.0, 0.0, 1.0, "both", "joint", "layer", "per_reference")[0]
     assert not torch.allclose(run_model(patched, x, t, c, y, g), run_model(flux, x, t, c, y, g))
 
 
 def test_flux_refuses_the_prompt_word_and_unet_only_targets(tmp_path, folder, models):
-    trainer_mod = pack("nodes.trainer")
-    errors = pack("nodes.errors")
+    trainer_mod = pack("nodes.training.trainer")
+    errors = pack("nodes.common.errors")
     with pytest.raises(errors.IdentityAttentionError, match="<new1>"):
         trainer_mod.Trainer(trainer_mod.load_config(str(flux_config(tmp_path, folder, out="word", caption="photo of a <new1> person"))), models, config_dir=str(tmp_path))
     cfg = flux_config(tmp_path, folder, out="router", targets={"router": {"hidden": 8}})
@@ -183,7 +183,7 @@ def test_flux_refuses_the_prompt_word_and_unet_only_targets(tmp_path, folder, mo
 
 
 def test_gradient_checkpointing_of_flux_blocks_gives_the_same_loss_and_gradients(tmp_path, folder, models):
-    trainer_mod = pack("nodes.trainer")
+    trainer_mod = pack("nodes.training.trainer")
     results = {}
     for mode in (False, True):
         cfg = flux_config(tmp_path, folder, out=f"ckpt_{mode}", grad_accum=1, gradient_checkpointing=mode)
@@ -207,7 +207,7 @@ def test_gradient_checkpointing_of_flux_blocks_gives_the_same_loss_and_gradients
 def test_split_text_encoders_of_a_flux_model_load_as_flux(models):
     import comfy.sd
 
-    trainer_models = pack("nodes.trainer_models")
+    trainer_models = pack("nodes.training.trainer_models")
     assert trainer_models.clip_type(None, models[0]) == comfy.sd.CLIPType.FLUX  # CLIP-L + T5-XXL, as DualCLIPLoader "flux"
     assert trainer_models.clip_type(None, tdf.tiny_models("sd15", 0)[0]) is None  # ComfyUI's default
     assert trainer_models.clip_type("SD3", models[0]) == comfy.sd.CLIPType.SD3

@@ -33,11 +33,11 @@ from layer_harness import (
 from testkit import ForeignReplace
 from testkit.synthetic import synthetic_identity
 
-dispatcher = pack("nodes.dispatcher")
-mass_mod = pack("adapters.text_attention_mass")
-pva_nodes = pack("nodes.parallel_attention_nodes")
-stfg_stage = pack("nodes.stfg_attention_stage")
-sampling_scope = pack("nodes.sampling_scope")
+dispatcher = pack("nodes.dispatch.dispatcher")
+mass_mod = pack("adapters.attention.text_attention_mass")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
+stfg_stage = pack("nodes.stfg.stfg_attention_stage")
+sampling_scope = pack("nodes.common.sampling_scope")
 
 
 class PassThrough(dispatcher.AttentionStage):

@@ -24,8 +24,8 @@ import pytest
 
 from conftest import pack
 
-wd = pack("adapters.weights_download")
-weight_errors = pack("adapters.weight_errors")
+wd = pack("adapters.weights.weights_download")
+weight_errors = pack("adapters.weights.weight_errors")
 cli = pack("weights")
 WeightError = weight_errors.WeightError
 
@@ -284,7 +284,7 @@ def test_a_missing_manifest_is_one_line(tmp_path):
 
 
 def test_redirect_hosts_are_validated():
-    manifest = pack("adapters.weights_manifest")
+    manifest = pack("adapters.weights.weights_manifest")
     entry = dict(manifest.load_manifest().entries[0])
     for hosts, ok in ((["cdn.example.com"], True), (["*.example.com"], True), (["*"], False), (["http://x.com"], False), ("x.com", False), (["a..b"], False)):
         entry["redirect_hosts"] = hosts

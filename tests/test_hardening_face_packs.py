@@ -15,8 +15,8 @@ import pytest
 import toy_faces
 from conftest import pack
 
-face_analysis = pack("adapters.face_analysis")
-face_pack_files = pack("adapters.face_pack_files")
+face_analysis = pack("adapters.faces.face_analysis")
+face_pack_files = pack("adapters.faces.face_pack_files")
 
 pytest.importorskip("insightface")
 

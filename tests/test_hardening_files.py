@@ -22,8 +22,8 @@ import torch
 import weight_fixtures as wf
 from conftest import pack
 
-safe_load = pack("adapters.safe_load")
-weight_errors = pack("adapters.weight_errors")
+safe_load = pack("adapters.weights.safe_load")
+weight_errors = pack("adapters.weights.weight_errors")
 WeightError = weight_errors.WeightError
 
 
@@ -161,8 +161,8 @@ def test_zip_inflation_is_refused_by_every_loader(tmp_path):
     for loader in (safe_load.read_weight_file, safe_load.load_pytorch_object):
         with pytest.raises(WeightError, match="would unpack to"):
             loader(str(path))
-    encoder_nodes = pack("nodes.face_encoder_nodes")
-    errors = pack("nodes.errors")
+    encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+    errors = pack("nodes.common.errors")
     with pytest.raises(errors.IdentityAttentionError, match="would unpack to") as info:
         encoder_nodes.load_face_encoder(str(path))
     assert "encoder_name" in str(info.value)
@@ -170,19 +170,19 @@ def test_zip_inflation_is_refused_by_every_loader(tmp_path):
 
 @pytest.mark.parametrize("shape", ["dicts 40 levels x 10", "list 300 deep"])
 def test_face_encoder_and_trainer_resume_are_bounded(tmp_path, shape):
-    encoder_nodes = pack("nodes.face_encoder_nodes")
-    errors = pack("nodes.errors")
+    encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+    errors = pack("nodes.common.errors")
     build, message = REFUSED[shape]
     path = _save(build(), tmp_path / "encoder.safetensors", "zip")  # a pickle under a safetensors name
     with pytest.raises(errors.IdentityAttentionError, match=message):
         encoder_nodes.load_face_encoder(str(path))
-    trainer = pack("nodes.trainer")
+    trainer = pack("nodes.training.trainer")
     with pytest.raises(WeightError, match=message):
         trainer.Trainer.resume(object.__new__(trainer.Trainer), str(path))
 
 
 def test_face_encoder_reads_by_content_not_name(tmp_path):
-    encoder_nodes = pack("nodes.face_encoder_nodes")
+    encoder_nodes = pack("nodes.identity.face_encoder_nodes")
     sd = wf.transface_state_dict(depth=1, heads=False)
     path = tmp_path / "encoder.safetensors"  # really a torch zip
     torch.save({"state_dict": sd, "epoch": 3}, path)
@@ -190,7 +190,7 @@ def test_face_encoder_reads_by_content_not_name(tmp_path):
 
 
 def test_cached_training_features_are_read_through_the_safe_loader(tmp_path):
-    training_data = pack("adapters.training_data")
+    training_data = pack("adapters.training.training_data")
     path = _save(shared_dicts(40, 10), tmp_path / "x.id.safetensors", "zip")
     with pytest.raises(WeightError, match="nested more than"):
         training_data.load_features(str(path))
@@ -227,8 +227,8 @@ def test_onnx_size_limit_and_real_models(tmp_path):
 
 # --- every dtype (class 3) -----------------------------------------------------------------------------
 
-formats = pack("adapters.weight_formats")
-dtypes = pack("adapters.weight_dtypes")
+formats = pack("adapters.formats.weight_formats")
+dtypes = pack("adapters.weights.weight_dtypes")
 
 FLOAT8_NAMES = [n for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, n)]
 KEPT = ["float16", "bfloat16", "float32", "float64"]
@@ -302,8 +302,8 @@ def test_other_dtypes_are_refused_by_name(tmp_path, name, fmt):
 
 @pytest.mark.parametrize("name", FLOAT8_NAMES + sorted(REFUSED_DTYPES))
 def test_face_encoder_and_identity_tokens_apply_the_same_rule(tmp_path, name):
-    encoder_nodes = pack("nodes.face_encoder_nodes")
-    errors = pack("nodes.errors")
+    encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+    errors = pack("nodes.common.errors")
     dtype = getattr(torch, name)
     sd = wf.transface_state_dict(depth=1, heads=False)
     sd = {k: (v.to(dtype) if dtype != torch.bool else v > 0) for k, v in sd.items()}

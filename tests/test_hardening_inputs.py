@@ -20,9 +20,9 @@ import torch
 from conftest import pack
 
 nodes = pack("nodes")
-guard = pack("nodes.input_guard")
-checks = pack("nodes.input_checks")
-errors = pack("nodes.errors")
+guard = pack("nodes.common.input_guard")
+checks = pack("nodes.common.input_checks")
+errors = pack("nodes.common.errors")
 Error = errors.IdentityAttentionError
 
 CLASSES = dict(sorted(nodes.NODE_CLASS_MAPPINGS.items()))
@@ -145,7 +145,7 @@ def _identities():
 
 
 def _tokens():
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     fields = {f.name for f in dataclasses.fields(IdentityTokens)}
     kwargs = {"cond": torch.full((1, 4, 8), math.nan), "uncond": torch.zeros(1, 4, 8)}
     kwargs.update({k: None for k in fields - set(kwargs)})

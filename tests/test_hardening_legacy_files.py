@@ -21,9 +21,9 @@ import torch
 
 from conftest import pack
 
-safe_load = pack("adapters.safe_load")
-legacy = pack("adapters.legacy_torch_sizes")
-WeightError = pack("adapters.weight_errors").WeightError
+safe_load = pack("adapters.weights.safe_load")
+legacy = pack("adapters.weights.legacy_torch_sizes")
+WeightError = pack("adapters.weights.weight_errors").WeightError
 
 MAGIC = 0x1950A86A20F9469CFC6C
 STORAGE_CLASSES = {torch.float32: torch.FloatStorage, torch.float16: torch.HalfStorage, torch.float64: torch.DoubleStorage,
@@ -168,7 +168,7 @@ def test_scan_imports_nothing_and_counts_globals(tmp_path, monkeypatch):
         f.write(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
         pickle.dump([], f, protocol=2)
     assert legacy.legacy_storage_problem(str(path), path.stat().st_size) is None  # nothing declared, nothing run
-    with pytest.raises(pack("adapters.weight_errors").UnsafeFileError):
+    with pytest.raises(pack("adapters.weights.weight_errors").UnsafeFileError):
         safe_load.read_weight_file(str(path))
     monkeypatch.setattr(legacy, "MAX_GLOBALS", 3)
     many = tmp_path / "globals.pt"

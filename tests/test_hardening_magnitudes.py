@@ -15,10 +15,10 @@ import torch
 import weight_fixtures as wf
 from conftest import pack
 
-safe_load = pack("adapters.safe_load")
-formats = pack("adapters.weight_formats")
-dtypes = pack("adapters.weight_dtypes")
-WeightError = pack("adapters.weight_errors").WeightError
+safe_load = pack("adapters.weights.safe_load")
+formats = pack("adapters.formats.weight_formats")
+dtypes = pack("adapters.weights.weight_dtypes")
+WeightError = pack("adapters.weights.weight_errors").WeightError
 
 FORMATS = {
     "ip_adapter sd15": lambda: wf.ip_family_state("ip_adapter", "sd15", scale=16)[0],
@@ -98,8 +98,8 @@ def test_float8_values_are_bounded_after_conversion():
 
 @pytest.mark.parametrize("value", [1e30, float("nan"), -1e6])
 def test_face_encoder_refuses_huge_weights(tmp_path, value):
-    encoder_nodes = pack("nodes.face_encoder_nodes")
-    errors = pack("nodes.errors")
+    encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+    errors = pack("nodes.common.errors")
     sd = wf.transface_state_dict(depth=1, heads=False)
     name = _poison(sd, value)
     path = tmp_path / "encoder.pt"
@@ -113,8 +113,8 @@ def test_face_encoder_refuses_huge_weights(tmp_path, value):
 def test_pulid_loaders_refuse_huge_weights_in_eva_clip_and_parsing_files(tmp_path, monkeypatch, value):
     import folder_paths
 
-    pulid_nodes = pack("nodes.pulid_nodes")
-    errors = pack("nodes.errors")
+    pulid_nodes = pack("nodes.identity.pulid_nodes")
+    errors = pack("nodes.common.errors")
     loaders = (("eva", wf.tiny_eva_state(width=32, depth=1, mlp_hidden=16, embed_dim=16), pulid_nodes.LoadEvaClip, "clip_vision"),
                ("bisenet", wf.bisenet_state(), pulid_nodes.LoadFaceParsing, "facexlib"))
     for stem, state, loader, folder in loaders:
@@ -127,7 +127,7 @@ def test_pulid_loaders_refuse_huge_weights_in_eva_clip_and_parsing_files(tmp_pat
 
 
 def test_cached_training_features_are_bounded(tmp_path):
-    training_data = pack("adapters.training_data")
+    training_data = pack("adapters.training.training_data")
     path = _write(tmp_path, {"embedding": torch.tensor([[1.0, 2e30]])}, "safetensors", stem="features")
     with pytest.raises(WeightError) as info:
         training_data.load_features(str(path))

@@ -9,9 +9,9 @@ import torch
 from conftest import pack
 from training_fixtures import identity, inference_models, photos, tiny_pva_adapter
 
-pers = pack("nodes.personalization")
-errors = pack("nodes.errors")
-Recipe = pack("adapters.training_schedule").PersonalizeRecipe
+pers = pack("nodes.training.personalization")
+errors = pack("nodes.common.errors")
+Recipe = pack("adapters.training.training_schedule").PersonalizeRecipe
 
 
 @pytest.fixture(scope="module")

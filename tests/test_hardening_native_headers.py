@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 import weight_fixtures as wf
 from conftest import pack
 
-native = pack("adapters.native_format")
-formats = pack("adapters.weight_formats")
-WeightError = pack("adapters.weight_errors").WeightError
+native = pack("adapters.formats.native_format")
+formats = pack("adapters.formats.weight_formats")
+WeightError = pack("adapters.weights.weight_errors").WeightError
 
 VALUES = {
     "nesting bomb": "[" * 100_000 + "]" * 100_000,

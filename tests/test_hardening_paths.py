@@ -1,7 +1,7 @@
 """Every path a node writes (issue 21, class 4).
 
 Save names are checked as a whole against the real target folder
-(``adapters/write_paths.py``); Windows' rules are checked on every OS (``ntpath`` on
+(``adapters/weights/write_paths.py``); Windows' rules are checked on every OS (``ntpath`` on
 Linux), and files are written to a fresh temporary file in the folder and renamed,
 never through a planted link. Tried on the rules themselves, on the atomic writer
 and on every node that writes: Save identity tokens (``filename_prefix``) and
@@ -19,7 +19,7 @@ import torch
 
 from conftest import pack
 
-write_paths = pack("adapters.write_paths")
+write_paths = pack("adapters.weights.write_paths")
 WritePathError = write_paths.WritePathError
 
 WINDOWS_ONLY = [  # harmless-looking on Linux, dangerous on Windows
@@ -140,9 +140,9 @@ def node_root(tmp_path, monkeypatch, tree):
 @pytest.mark.parametrize("prefix", WINDOWS_ONLY[:12] + EVERYWHERE[:14] + ["linked_out/anna", "afile.safetensors/anna", "linked_out/../linked_out/x"], ids=repr)
 def test_save_identity_tokens_refuses_every_bad_prefix(node_root, prefix):
     root, _, victim = node_root
-    nodes_mod = pack("nodes.stage_token_nodes")
-    errors = pack("nodes.errors")
-    tokens = pack("adapters.stage_tokens").make_tokens("sd15")
+    nodes_mod = pack("nodes.stage_tokens.stage_token_nodes")
+    errors = pack("nodes.common.errors")
+    tokens = pack("adapters.attention.stage_tokens").make_tokens("sd15")
     with pytest.raises(errors.IdentityAttentionError) as info:
         nodes_mod.SaveIdentityTokens().save(tokens, prefix)
     assert info.value.input_name == "filename_prefix" and info.value.node == "Save identity tokens"
@@ -152,8 +152,8 @@ def test_save_identity_tokens_refuses_every_bad_prefix(node_root, prefix):
 
 def test_save_identity_tokens_writes_inside(node_root):
     root, _, _ = node_root
-    nodes_mod = pack("nodes.stage_token_nodes")
-    tokens = pack("adapters.stage_tokens").make_tokens("sd15")
+    nodes_mod = pack("nodes.stage_tokens.stage_token_nodes")
+    tokens = pack("adapters.attention.stage_tokens").make_tokens("sd15")
     assert nodes_mod.SaveIdentityTokens().save(tokens, "people/anna")["result"][0] == "people/anna_00001.safetensors"
     assert nodes_mod.SaveIdentityTokens().save(tokens, "linked_in/anna")["result"][0] == "linked_in/anna_00001.safetensors"
     assert (root / "inside" / "anna_00001.safetensors").is_file()
@@ -161,8 +161,8 @@ def test_save_identity_tokens_writes_inside(node_root):
 
 @pytest.mark.parametrize("name", ["CON", "nul", "a:b", "../x", "a/b", "C:x", "x" * 200, "a\x00"], ids=repr)
 def test_personalize_save_names_are_checked_before_training(name):
-    train_nodes = pack("nodes.train_nodes")
-    errors = pack("nodes.errors")
+    train_nodes = pack("nodes.training.train_nodes")
+    errors = pack("nodes.common.errors")
     with pytest.raises(errors.IdentityAttentionError) as info:
         train_nodes.checked_save_name(name, "Personalize identity")
     assert info.value.input_name == "save_name"
@@ -170,7 +170,7 @@ def test_personalize_save_names_are_checked_before_training(name):
 
 def test_personalize_saves_never_follow_links(node_root, tmp_path):
     root, _, victim = node_root
-    train_nodes = pack("nodes.train_nodes")
+    train_nodes = pack("nodes.training.train_nodes")
     os.symlink(victim, root / "anna.safetensors")
     with pytest.raises(WritePathError, match="symbolic link"):
         train_nodes.save_outputs("anna", None, {})

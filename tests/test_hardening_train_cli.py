@@ -15,8 +15,8 @@ import pytest
 import training_data_fixtures as tdf
 from conftest import pack
 
-checks = pack("adapters.training_config_checks")
-trainer_mod = pack("nodes.trainer")
+checks = pack("adapters.training.training_config_checks")
+trainer_mod = pack("nodes.training.trainer")
 TrainingConfigError = checks.TrainingConfigError
 
 
@@ -125,7 +125,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, folder, monkeypatch, capsys):
 def test_a_cli_run_that_cannot_fit_is_refused_before_work_with_the_resolution_that_fits(tmp_path, folder, monkeypatch, resolution, fits):
     import comfy.model_management as mm
 
-    pers = pack("nodes.personalization")
+    pers = pack("nodes.training.personalization")
     models = tdf.tiny_models("sd15", 0)
     model = models[0]
     micro = 1 * 2  # batch_size x time_resample
@@ -167,7 +167,7 @@ def test_nan_written_in_json_is_refused_before_models_load(tmp_path, folder, mon
 
 @pytest.mark.parametrize("line", ["{not json", "[" * 100_000, '{"caption": "no file"}', "[1, 2]", '{"file": 5}', "9" * 5000, "\xff\xfe"])
 def test_bad_metadata_lines_are_one_error_naming_the_line(tmp_path, line):
-    data = pack("adapters.training_data")
+    data = pack("adapters.training.training_data")
     folder = tdf.make_folder(tmp_path / "data")
     (folder / "metadata.jsonl").write_bytes(b'{"file": "x.png", "caption": "ok"}\n' + line.encode("latin-1") + b"\n")
     with pytest.raises(TrainingConfigError) as info:
@@ -176,7 +176,7 @@ def test_bad_metadata_lines_are_one_error_naming_the_line(tmp_path, line):
 
 
 def test_oversized_metadata_file_is_refused_unread(tmp_path, monkeypatch):
-    data = pack("adapters.training_data")
+    data = pack("adapters.training.training_data")
     folder = tdf.make_folder(tmp_path / "data")
     (folder / "metadata.jsonl").write_text('{"file": "x.png"}\n' * 100)
     monkeypatch.setattr(data, "MAX_METADATA_BYTES", 100)

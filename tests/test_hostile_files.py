@@ -50,14 +50,14 @@ from safetensors.torch import save, save_file
 import weight_fixtures as wf
 from conftest import pack
 
-safe_load = pack("adapters.safe_load")
-weight_errors = pack("adapters.weight_errors")
-formats = pack("adapters.weight_formats")
-native = pack("adapters.native_format")
-manifest_mod = pack("adapters.weights_manifest")
-face_analysis = pack("adapters.face_analysis")
-id_adapter = pack("adapters.id_adapter")
-projectors = pack("adapters.projectors")
+safe_load = pack("adapters.weights.safe_load")
+weight_errors = pack("adapters.weights.weight_errors")
+formats = pack("adapters.formats.weight_formats")
+native = pack("adapters.formats.native_format")
+manifest_mod = pack("adapters.weights.weights_manifest")
+face_analysis = pack("adapters.faces.face_analysis")
+id_adapter = pack("adapters.projectors.id_adapter")
+projectors = pack("adapters.projectors.projectors")
 
 WeightError = weight_errors.WeightError
 EXAMPLES = int(os.environ.get("IDENTITY_ATTENTION_FUZZ_EXAMPLES", "60"))
@@ -619,7 +619,7 @@ def node_folders(tmp_path, monkeypatch):
     """The pack's model folders pointed at a fresh tree with a link out of it (in-process host)."""
     import folder_paths
 
-    weights_nodes = pack("nodes.weights_nodes")
+    weights_nodes = pack("nodes.identity.weights_nodes")
     outside = tmp_path / "outside"
     outside.mkdir()
     folders = {}
@@ -634,7 +634,7 @@ def node_folders(tmp_path, monkeypatch):
 
 
 def _node_error(fn, *args):
-    errors = pack("nodes.errors")
+    errors = pack("nodes.common.errors")
     with pytest.raises(errors.IdentityAttentionError) as err:
         fn(*args)
     return str(err.value)
@@ -642,7 +642,7 @@ def _node_error(fn, *args):
 
 def test_load_identity_adapter_refuses_links_out_of_the_folders(node_folders, tiny):
     folders, outside = node_folders
-    weights_nodes = pack("nodes.weights_nodes")
+    weights_nodes = pack("nodes.identity.weights_nodes")
     state, _ = wf.ip_family_state("faceid", "sd15", seed=1)
     save_file(state, str(outside / "faceid.safetensors"))
     os.symlink(outside / "faceid.safetensors", folders["ipadapter"] / "faceid_link.safetensors")
@@ -657,15 +657,15 @@ def test_load_identity_adapter_refuses_links_out_of_the_folders(node_folders, ti
 
 def test_face_encoder_and_identity_tokens_refuse_links_out(node_folders):
     folders, outside = node_folders
-    face_encoder_nodes = pack("nodes.face_encoder_nodes")
-    stage_token_nodes = pack("nodes.stage_token_nodes")
+    face_encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+    stage_token_nodes = pack("nodes.stage_tokens.stage_token_nodes")
     from test_transface_encoder import transface_state_dict
 
     torch.save(transface_state_dict(depth=1, heads=False), outside / "transface.pt")
     os.symlink(outside / "transface.pt", folders["identity_attention"] / "transface.pt")
     message = _node_error(face_encoder_nodes.LoadFaceEncoder().load, "transface.pt")
     assert message.startswith("Load face encoder (TransFace): input 'encoder_name':") and "symbolic link" in message
-    tensors, metadata = pack("adapters.stage_tokens").make_tokens("sd15").to_file_dict()
+    tensors, metadata = pack("adapters.attention.stage_tokens").make_tokens("sd15").to_file_dict()
     save_file(tensors, str(outside / "tokens.safetensors"), metadata=metadata)
     os.symlink(outside / "tokens.safetensors", folders["identity_attention"] / "tokens.safetensors")
     message = _node_error(stage_token_nodes.LoadIdentityTokens().load, "tokens.safetensors")

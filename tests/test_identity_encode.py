@@ -19,8 +19,8 @@ import torch
 import toy_faces as toy
 from conftest import pack
 
-fa = pack("adapters.face_analysis")
-identity_mod = pack("adapters.identity")
+fa = pack("adapters.faces.face_analysis")
+identity_mod = pack("adapters.faces.identity")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 import toy_faces as toy
 from conftest import pack
 
-fa = pack("adapters.face_analysis")
-nodes = pack("nodes.identity_nodes")
-errors = pack("nodes.errors")
+fa = pack("adapters.faces.face_analysis")
+nodes = pack("nodes.identity.identity_nodes")
+errors = pack("nodes.common.errors")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_encode_node_outputs(face_model):
     cx, cy = (box_a[0] + box_a[2]) // 2, (box_a[1] + box_a[3]) // 2
     assert masks[0][0, cy, cx] == 1.0 and masks[0][0, 0, 0] == 0.0
     # the preview shows the chosen face's box in green
-    green = torch.tensor(pack("adapters.face_visuals").GREEN)
+    green = torch.tensor(pack("adapters.faces.face_visuals").GREEN)
     assert torch.equal(previews[1][1, box_b[1] + 4, box_b[2]], green)
 
 

@@ -18,7 +18,7 @@ import real_faces as rf
 from conftest import pack
 from harness import real_face_pack, real_face_photos
 
-fa = pack("adapters.face_analysis")
+fa = pack("adapters.faces.face_analysis")
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Face masks, previews and crop batches (adapters/face_visuals.py), against formulas written here."""
+"""Face masks, previews and crop batches (adapters/faces/face_visuals.py), against formulas written here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from conftest import pack
 
-fv = pack("adapters.face_visuals")
+fv = pack("adapters.faces.face_visuals")
 
 
 def reference_mask(h, w, bbox, eye_angle, grow, feather):

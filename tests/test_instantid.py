@@ -33,12 +33,12 @@ from testkit.tiny_models import random_conditioning
 
 cv2 = pytest.importorskip("cv2")
 
-fk = pack("adapters.face_keypoints")
-identity_net = pack("adapters.identity_net")
-formats = pack("adapters.weight_formats")
-nodes = pack("nodes.instantid_nodes")
-weights_nodes = pack("nodes.weights_nodes")
-errors = pack("nodes.errors")
+fk = pack("adapters.faces.face_keypoints")
+identity_net = pack("adapters.projectors.identity_net")
+formats = pack("adapters.formats.weight_formats")
+nodes = pack("nodes.identity.instantid_nodes")
+weights_nodes = pack("nodes.identity.weights_nodes")
+errors = pack("nodes.common.errors")
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
 RESAMPLER = dict(depth=1, heads=1)  # wf.ip_family_state("instantid"): resampler_layout(64, 1, 1, 16, 512, 2048)

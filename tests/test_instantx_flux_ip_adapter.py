@@ -18,9 +18,9 @@ import torch
 
 from conftest import pack
 
-ix = pack("adapters.instantx_flux_ip_adapter")
-weight_errors = pack("adapters.weight_errors")
-formats = pack("adapters.weight_formats")
+ix = pack("adapters.flux.instantx_flux_ip_adapter")
+weight_errors = pack("adapters.weights.weight_errors")
+formats = pack("adapters.formats.weight_formats")
 
 
 def instantx_state(n_blocks=3, hidden=64, context=32, embed=24, tokens=4, seed=0, dtype=torch.float32):
@@ -215,7 +215,7 @@ def tiny_flux_model():
 
 def prompt_tokens(model, seed=5):
     gen = torch.Generator().manual_seed(seed)
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     return IdentityTokens(cond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)),
                           uncond=model.tokens(torch.randn(1, model.embed_dim, generator=gen)))
 
@@ -226,8 +226,8 @@ def flux_state():
 
 
 def adapter_on(flux, state, weight, apply_to="both", foreign=None):
-    stage = pack("nodes.instantx_flux_ip_adapter_stage")
-    dispatcher = pack("nodes.dispatcher")
+    stage = pack("nodes.flux.instantx_flux_ip_adapter_stage")
+    dispatcher = pack("nodes.dispatch.dispatcher")
     tf = _tiny_flux()
     if foreign is not None:
         flux = flux.clone()
@@ -296,8 +296,8 @@ def test_nodes_load_the_nested_bin_layout_and_the_siglip_head_encode_and_apply(t
     from testkit.clip_vision import build_clip_vision
 
     tf = _tiny_flux()
-    nodes = pack("nodes.instantx_flux_ip_adapter_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.instantx_flux_ip_adapter_nodes")
+    errors = pack("nodes.common.errors")
     vision = build_clip_vision("siglip", seed=0)  # the host's own SigLIP tower: [B, 144, 1152] post-LayerNorm states
     state = instantx_state(n_blocks=tf.DEPTH + tf.DEPTH_SINGLE, hidden=tf.HIDDEN, context=48, embed=1152, tokens=6)
     nested = {"image_proj": {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")},
@@ -319,7 +319,7 @@ def test_nodes_load_the_nested_bin_layout_and_the_siglip_head_encode_and_apply(t
     on = apply.apply(tiny_flux_model, weights, vision, image, 1.0, 0.0, 1.0, "both")[0]
     assert not torch.equal(run_flux(on), base)
     assert torch.equal(run_flux(tiny_flux_model), base)  # upstream MODEL unchanged
-    stage = pack("nodes.dit_dispatcher").installed_dit_dispatcher(on).stages[-1]
+    stage = pack("nodes.dispatch.dit_dispatcher").installed_dit_dispatcher(on).stages[-1]
     with torch.no_grad():
         hidden = vision.encode_image(image, crop=False)["last_hidden_state"].float()
         black = vision.encode_image(torch.zeros_like(image[:1]), crop=False)["last_hidden_state"].float()
@@ -338,8 +338,8 @@ def test_nodes_load_the_nested_bin_layout_and_the_siglip_head_encode_and_apply(t
 
 @flux_only
 def test_apply_refuses_a_unet_model_with_the_fix(tiny):
-    nodes = pack("nodes.instantx_flux_ip_adapter_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.instantx_flux_ip_adapter_nodes")
+    errors = pack("nodes.common.errors")
     weights = nodes.InstantXFluxIPAdapterWeights(ix.InstantXFluxIPAdapter.from_state(instantx_state()), "x")
     with pytest.raises(errors.IdentityAttentionError) as info:
         nodes.ApplyInstantXFluxIPAdapter().apply(tiny.unet("sd15"), weights, None, torch.zeros(1, 8, 8, 3), 1.0, 0.0, 1.0, "both")

@@ -27,10 +27,10 @@ from layer_harness import (
 )
 from testkit.synthetic import synthetic_identity
 
-kv = pack("adapters.kv_mixed_attention")
-errors = pack("nodes.errors")
-kv_nodes = pack("nodes.kv_mixed_nodes")
-pva_nodes = pack("nodes.parallel_attention_nodes")
+kv = pack("adapters.attention.kv_mixed_attention")
+errors = pack("nodes.common.errors")
+kv_nodes = pack("nodes.kv_mixed.kv_mixed_nodes")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
 
 NODE = kv_nodes.ApplyKVMixedAttention()
 

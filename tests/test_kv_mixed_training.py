@@ -12,14 +12,14 @@ from conftest import pack
 from layer_harness import SD15_KEY, adapter_for, attention64, close, layer_inputs, rows_of, run_layer, unpatched
 from testkit.synthetic import synthetic_identity
 
-enc_mod = pack("adapters.kv_mixed_encoders")
-kv_nodes = pack("nodes.kv_mixed_nodes")
-errors = pack("nodes.errors")
-native = pack("adapters.native_format")
-trainer_mod = pack("nodes.trainer")
-host = pack("nodes.host")
-IdAdapter = pack("adapters.id_adapter").IdAdapter
-IdentityFeatures = pack("adapters.identity").IdentityFeatures
+enc_mod = pack("adapters.projectors.kv_mixed_encoders")
+kv_nodes = pack("nodes.kv_mixed.kv_mixed_nodes")
+errors = pack("nodes.common.errors")
+native = pack("adapters.formats.native_format")
+trainer_mod = pack("nodes.training.trainer")
+host = pack("nodes.common.host")
+IdAdapter = pack("adapters.projectors.id_adapter").IdAdapter
+IdentityFeatures = pack("adapters.faces.identity").IdentityFeatures
 NODE = kv_nodes.ApplyKVMixedAttention()
 
 

@@ -12,15 +12,15 @@ from safetensors.torch import save_file
 import weight_fixtures as wf
 from conftest import pack
 
-weights_nodes = pack("nodes.weights_nodes")
-stage_token_nodes = pack("nodes.stage_token_nodes")
-identity_nodes = pack("nodes.identity_nodes")
-folders_mod = pack("nodes.folders")
-encoder_nodes = pack("nodes.face_encoder_nodes")
-pulid_nodes = pack("nodes.pulid_nodes")
-node_errors = pack("nodes.errors")
-guidance = pack("adapters.weights_guidance")
-manifest_mod = pack("adapters.weights_manifest")
+weights_nodes = pack("nodes.identity.weights_nodes")
+stage_token_nodes = pack("nodes.stage_tokens.stage_token_nodes")
+identity_nodes = pack("nodes.identity.identity_nodes")
+folders_mod = pack("nodes.common.folders")
+encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+pulid_nodes = pack("nodes.identity.pulid_nodes")
+node_errors = pack("nodes.common.errors")
+guidance = pack("adapters.weights.weights_guidance")
+manifest_mod = pack("adapters.weights.weights_manifest")
 
 import folder_paths  # noqa: E402  (the in-process host, set up by conftest)
 
@@ -145,9 +145,9 @@ GUIDED_LOADERS = [
      lambda: wf.tiny_eva_state(seed=2)),
     (pulid_nodes.LoadFaceParsing, "parsing_name", pulid_nodes.PARSING_FOLDERS, "facexlib-parsing-bisenet", "facexlib/parsing_bisenet.pth",
      lambda: wf.bisenet_state(seed=2)),
-    (pack("nodes.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", "ip_adapter.safetensors",
+    (pack("nodes.flux.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", "ip_adapter.safetensors",
      lambda: __import__("test_flux_ip_adapter").xlabs_state(seed=2)),
-    (pack("nodes.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", "pulid_flux_v0.9.1.safetensors",
+    (pack("nodes.flux.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", "pulid_flux_v0.9.1.safetensors",
      lambda: __import__("test_pulid_flux").tiny_pulid_flux_state(seed=2)),
 ]
 IDS = [row[0].__name__ for row in GUIDED_LOADERS]
@@ -242,16 +242,16 @@ def test_the_page_gets_the_message_before_the_prompt_runs(server):
 
 # --- every other loader of the pack: TransFace, EVA-CLIP, face parsing, face analysis -----------------------------
 
-pulid_nodes = pack("nodes.pulid_nodes")
-face_encoder_nodes = pack("nodes.face_encoder_nodes")
+pulid_nodes = pack("nodes.identity.pulid_nodes")
+face_encoder_nodes = pack("nodes.identity.face_encoder_nodes")
 
 # (loader class, input name, its folders, the manifest id it reads, whether the value is <folder>/<file>)
 GUIDED_LOADERS_PREFIXED = [
     (face_encoder_nodes.LoadFaceEncoder, "encoder_name", ("identity_attention",), "transface-s", False),
     (pulid_nodes.LoadEvaClip, "eva_clip_name", ("clip_vision", "pulid"), "eva02-clip-l-336", True),
     (pulid_nodes.LoadFaceParsing, "parsing_name", ("facexlib", "pulid"), "facexlib-parsing-bisenet", True),
-    (pack("nodes.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", False),
-    (pack("nodes.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", False),
+    (pack("nodes.flux.flux_ip_adapter_nodes").LoadFluxIPAdapter, "adapter_file", ("ipadapter",), "xlabs-flux-ip-adapter", False),
+    (pack("nodes.flux.flux_identity_pulid_nodes").LoadPuLIDFlux, "pulid_file", ("pulid",), "pulid-flux-v0.9.1", False),
 ]
 
 

@@ -27,13 +27,13 @@ from layer_harness import (
 from testkit import ForeignReplace
 from testkit.synthetic import synthetic_identity
 
-routing = pack("adapters.attention_routing")
-id_adapter_mod = pack("adapters.id_adapter")
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-errors = pack("nodes.errors")
-moa_nodes = pack("nodes.mixture_of_attention_nodes")
-pva_nodes = pack("nodes.parallel_attention_nodes")
+routing = pack("adapters.attention.attention_routing")
+id_adapter_mod = pack("adapters.projectors.id_adapter")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+errors = pack("nodes.common.errors")
+moa_nodes = pack("nodes.moa.mixture_of_attention_nodes")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
 
 MOA = moa_nodes.ApplyMixtureOfAttention()
 INSPECT = moa_nodes.InspectRouter()

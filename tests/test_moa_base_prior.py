@@ -11,12 +11,12 @@ from conftest import pack
 from layer_harness import SD15_KEY, adapter_for, assert_same_sampling, attention64, close, layer_inputs, run_layer, sample, tokens_mask
 from testkit.synthetic import synthetic_identity
 
-routing = pack("adapters.attention_routing")
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-errors = pack("nodes.errors")
-moa_nodes = pack("nodes.mixture_of_attention_nodes")
-pva_nodes = pack("nodes.parallel_attention_nodes")
+routing = pack("adapters.attention.attention_routing")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+errors = pack("nodes.common.errors")
+moa_nodes = pack("nodes.moa.mixture_of_attention_nodes")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
 
 MOA = moa_nodes.ApplyMixtureOfAttention()
 
@@ -162,7 +162,7 @@ def test_base_projections_find_the_loaded_weights_in_every_host_layout(tiny):
     """Each place ComfyUI keeps a loaded weight while a patch is in effect, as both hosts lay it out."""
     import collections
 
-    base_mod = pack("nodes.base_projections")
+    base_mod = pack("nodes.dispatch.base_projections")
     model = tiny.unet("sd15", seed=5)
     layers = host.cross_attention_layers(model)
     info = {i.key: i for i in layers}[SD15_KEY]

@@ -20,9 +20,9 @@ from testkit.synthetic import synthetic_identity
 
 from benchmarks.cost_ledger import OpCounter, sdpa_host_attention
 
-routing = pack("adapters.attention_routing")
-moa_nodes = pack("nodes.mixture_of_attention_nodes")
-pva_nodes = pack("nodes.parallel_attention_nodes")
+routing = pack("adapters.attention.attention_routing")
+moa_nodes = pack("nodes.moa.mixture_of_attention_nodes")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
 
 
 def r1_formula64(share: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -137,12 +137,12 @@ def test_identity_router_reads_the_share_of_the_positive_rows_call(tiny):
     assert both.step.launches - alone.step.launches == 8, dict(extra)  # mean, text attention, 4 router, lerp, record
     assert (both.step.syncs, both.step.h2d) == (alone.step.syncs, alone.step.h2d)  # the sigma: read by the warm-up call
     # and it is the same routing as the share recomputed on the whole batch (the unfused path)
-    stage = pack("nodes.dispatcher").installed_dispatcher(routed).stages[0]
-    call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
+    stage = pack("nodes.dispatch.dispatcher").installed_dispatcher(routed).stages[0]
+    call = pack("nodes.dispatch.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
     recomputed = stage.identity_share(call)  # no scratch on this call: its own joint "share" pass
     negative = [not k for k in [code == 0 for code in inputs.codes] for _ in range(inputs.rows)]
     assert not recomputed[negative].any()  # the negative rows: no share (their identity columns are -inf)
-    reused_call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
+    reused_call = pack("nodes.dispatch.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
     keep = [code == 0 for code in reused_call.chunks]
     stage._joint_call(reused_call, "fused", keep=keep)  # what forward_first_rows does: the whole batch
     counter = OpCounter()
@@ -152,7 +152,7 @@ def test_identity_router_reads_the_share_of_the_positive_rows_call(tiny):
     close(reused, recomputed)
     assert not reused[negative].any()
     # forward on the positive rows alone (after another stage): their share, zeros put in the negative rows
-    chunk_call = pack("nodes.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
+    chunk_call = pack("nodes.dispatch.dispatcher").AttentionCall(inputs.q, inputs.k, inputs.v, dict(inputs.extra_options), SD15_KEY)
     stage._joint_call(chunk_call.select_chunks(keep), "identity")
     stage.identity_share(chunk_call)  # first use: the zero rows are made (then kept)
     counter = OpCounter()

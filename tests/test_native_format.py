@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 import weight_fixtures as wf
 from conftest import pack
 
-native = pack("adapters.native_format")
-formats = pack("adapters.weight_formats")
-safe_load = pack("adapters.safe_load")
-id_adapter = pack("adapters.id_adapter")
-identity_mod = pack("adapters.identity")
-errors = pack("adapters.weight_errors")
+native = pack("adapters.formats.native_format")
+formats = pack("adapters.formats.weight_formats")
+safe_load = pack("adapters.weights.safe_load")
+id_adapter = pack("adapters.projectors.id_adapter")
+identity_mod = pack("adapters.faces.identity")
+errors = pack("adapters.weights.weight_errors")
 
 
 def _read(path):

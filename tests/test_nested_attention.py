@@ -12,13 +12,13 @@ from conftest import pack
 from testkit import contribution, make_dummy_stage
 from testkit.synthetic import synthetic_adapter, synthetic_identity
 
-na = pack("adapters.nested_attention")
-core = pack("adapters.attention_core")
-id_adapter = pack("adapters.id_adapter")
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-nodes_mod = pack("nodes.nested_attention_nodes")
-errors = pack("nodes.errors")
+na = pack("adapters.attention.nested_attention")
+core = pack("adapters.attention.attention_core")
+id_adapter = pack("adapters.projectors.id_adapter")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+nodes_mod = pack("nodes.nested.nested_attention_nodes")
+errors = pack("nodes.common.errors")
 
 
 def reference_nested(q, k, v, kn, vn, s, heads):
@@ -109,8 +109,8 @@ def test_fused_path_equals_the_unfused_formula():
 
 def test_stage_caches_rows_once_per_sampling():
     """The stage's per-row nested K/V and one-hot values are made once per sampling; the result is the formula."""
-    stage_mod = pack("nodes.nested_attention_stage")
-    sampling_scope = pack("nodes.sampling_scope")
+    stage_mod = pack("nodes.nested.nested_attention_stage")
+    sampling_scope = pack("nodes.common.sampling_scope")
     key, heads, C, Dt = ("input", 1, 0), 4, 32, 24
     gen = torch.Generator().manual_seed(8)
     adapter = id_adapter.IdAdapter(

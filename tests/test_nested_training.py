@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 import training_data_fixtures as tdf
 from conftest import pack
 
-qf = pack("adapters.query_former")
-nested = pack("adapters.nested_attention")
-native = pack("adapters.native_format")
-trainer_mod = pack("nodes.trainer")
-IdentityFeatures = pack("adapters.identity").IdentityFeatures
+qf = pack("adapters.projectors.query_former")
+nested = pack("adapters.attention.nested_attention")
+native = pack("adapters.formats.native_format")
+trainer_mod = pack("nodes.training.trainer")
+IdentityFeatures = pack("adapters.faces.identity").IdentityFeatures
 
 
 def randomized(module, seed):
@@ -151,7 +151,7 @@ def test_nested_target_resumes_exactly_and_the_node_applies_its_file(tmp_path, f
     from training_fixtures import fixed_batch, identity, inference_models, x0_prediction
 
     model, _, vae = inference_models("sd15", seed=0)
-    node = pack("nodes.nested_attention_nodes").ApplyNestedAttention()
+    node = pack("nodes.nested.nested_attention_nodes").ApplyNestedAttention()
     with torch.inference_mode():
         patched = node.apply(model, loaded, identity(2), "native nested weights (nested.to_k, nested.to_v)", "token index", 5, 1.0, 0.0, 1.0, "both", "fused")[0]
     x0, sigma, eps = fixed_batch(model, vae)

@@ -13,13 +13,13 @@ from conftest import pack
 from layer_harness import SD15_KEY, adapter_for, attention64, close, layer_inputs, rows_of, run_layer
 from testkit.synthetic import synthetic_identity
 
-set_mod = pack("adapters.set_encoder")
-qf = pack("adapters.query_former")
-native = pack("adapters.native_format")
-trainer_mod = pack("nodes.trainer")
-errors = pack("nodes.errors")
-PoolNode = pack("nodes.omni_id_nodes").PoolReferencePhotos
-ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+set_mod = pack("adapters.projectors.set_encoder")
+qf = pack("adapters.projectors.query_former")
+native = pack("adapters.formats.native_format")
+trainer_mod = pack("nodes.training.trainer")
+errors = pack("nodes.common.errors")
+PoolNode = pack("nodes.identity.omni_id_nodes").PoolReferencePhotos
+ApplyParallelAttention = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
 
 
 def pool64(tokens, tau=0.1):
@@ -68,7 +68,7 @@ def test_pool_node_makes_any_adapter_read_every_photo(tiny):
 
 def test_set_encoder_reads_any_number_of_photos_into_a_fixed_size():
     m = qf.QueryFormer(in_dim=512, dim=32, token_dim=16, tokens=5, depth=1, heads=4, reads_set=True).eval()
-    IdentityFeatures = pack("adapters.identity").IdentityFeatures
+    IdentityFeatures = pack("adapters.faces.identity").IdentityFeatures
     outs = []
     for count in (1, 3, 7):
         x = torch.randn(count, 512)

@@ -27,15 +27,15 @@ from layer_harness import (
 )
 from testkit.synthetic import synthetic_identity
 
-pa = pack("adapters.parallel_attention")
-core = pack("adapters.attention_core")
-dispatcher = pack("nodes.dispatcher")
-host = pack("nodes.host")
-errors = pack("nodes.errors")
-stage_mod = pack("nodes.parallel_attention_stage")
-pva_nodes = pack("nodes.parallel_attention_nodes")
-id_adapter_mod = pack("adapters.id_adapter")
-sampling_scope = pack("nodes.sampling_scope")
+pa = pack("adapters.attention.parallel_attention")
+core = pack("adapters.attention.attention_core")
+dispatcher = pack("nodes.dispatch.dispatcher")
+host = pack("nodes.common.host")
+errors = pack("nodes.common.errors")
+stage_mod = pack("nodes.pva.parallel_attention_stage")
+pva_nodes = pack("nodes.pva.parallel_attention_nodes")
+id_adapter_mod = pack("adapters.projectors.id_adapter")
+sampling_scope = pack("nodes.common.sampling_scope")
 
 NODE = pva_nodes.ApplyParallelAttention()
 

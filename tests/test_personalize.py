@@ -8,12 +8,12 @@ import torch
 from conftest import pack
 from training_fixtures import all_inference, assert_same, fixed_batch, identity, inference_models, photos, snapshot, tiny_pva_adapter, x0_prediction
 
-pers = pack("nodes.personalization")
-pt = pack("nodes.prompt_token")
-du = pack("nodes.differentiable_unet")
-losses_mod = pack("adapters.training_losses")
-Recipe = pack("adapters.training_schedule").PersonalizeRecipe
-ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+pers = pack("nodes.training.personalization")
+pt = pack("nodes.dispatch.prompt_token")
+du = pack("nodes.dispatch.differentiable_unet")
+losses_mod = pack("adapters.training.training_losses")
+Recipe = pack("adapters.training.training_schedule").PersonalizeRecipe
+ApplyParallelAttention = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
 TEMPLATE = "photo of a <new1> person"
 
 
@@ -87,8 +87,8 @@ def test_training_computes_what_the_inference_node_computes(setup):
     x0, sigma, eps = fixed_batch(model, s["vae"])
     context = prompt_context(s["clip"], {"l": torch.zeros(768)})
     expected = x0_prediction(apply_joint(model, adapter, s["identity"]), x0, sigma, eps, context)
-    target = pack("nodes.pva_training").PVATarget(model, adapter)
-    feed = pack("nodes.training_targets").TrainingFeed()
+    target = pack("nodes.training.pva_training").PVATarget(model, adapter)
+    feed = pack("nodes.training.training_targets").TrainingFeed()
     with torch.inference_mode():
         feed.tokens = du.as_normal(adapter.identity_tokens(s["identity"]).cond)
         clone = du.differentiable_clone(target.install(model, feed), checkpoint=False)
@@ -121,7 +121,7 @@ def test_adapter_without_projections_starts_as_copies_of_the_layers(setup):
     result = run(s, steps=1, adapter=bare, learning_rate=0.0, token_learning_rate=0.0)
     assert result.copied_layers == 16
     diffusion = s["model"].model.diffusion_model
-    for info in pack("nodes.host").cross_attention_layers(s["model"]):
+    for info in pack("nodes.common.host").cross_attention_layers(s["model"]):
         attn2 = diffusion.get_submodule(info.module_path).attn2
         for name in ("to_q", "to_k", "to_v"):
             assert torch.equal(result.adapter.layers[info.key][name], getattr(attn2, name).weight.float())
@@ -174,15 +174,15 @@ def test_interrupt_leaves_everything_clean_and_a_rerun_is_exact(setup, two_steps
 def test_saved_adapter_loads_through_the_weights_loader_and_patches(setup, two_steps, tmp_path):
     s = setup
     result = two_steps[0]
-    native = pack("adapters.native_format")
-    convert = pack("adapters.weight_formats").convert
-    read = pack("adapters.safe_load").read_weight_file
+    native = pack("adapters.formats.native_format")
+    convert = pack("adapters.formats.weight_formats").convert
+    read = pack("adapters.weights.safe_load").read_weight_file
     path = str(tmp_path / "person.safetensors")
     native.write_native(result.adapter, path)
     loaded_file = read(path)
     loaded = convert(loaded_file.tensors, loaded_file.metadata, source="person.safetensors")
     assert loaded.format == "native" and loaded.mechanism == "joint"
-    pack("adapters.weight_formats").check_against_model(loaded, pack("nodes.host").cross_attention_layers(s["model"]))
+    pack("adapters.formats.weight_formats").check_against_model(loaded, pack("nodes.common.host").cross_attention_layers(s["model"]))
     assert torch.equal(loaded.extras["modifier_vec.l"], result.vectors["l"])
     x0, sigma, eps = fixed_batch(s["model"], s["vae"])
     context = prompt_context(s["clip"], result.vectors)
@@ -191,14 +191,14 @@ def test_saved_adapter_loads_through_the_weights_loader_and_patches(setup, two_s
     assert torch.equal(from_file, in_memory)
     assert not torch.equal(from_file, x0_prediction(s["model"], x0, sigma, eps, context))
     # the learned word through the prompt node
-    IdentityPrompt = pack("nodes.prompt_token_nodes").IdentityPrompt
+    IdentityPrompt = pack("nodes.training.prompt_token_nodes").IdentityPrompt
     with torch.inference_mode():
         cond = IdentityPrompt().encode(s["clip"], loaded, TEMPLATE)[0]
     assert torch.equal(cond[0][0], context)
 
 
 def test_square_crop_is_centred_on_the_face_and_stays_inside_the_photo():
-    crop = pack("adapters.training_masks").square_crop_resize
+    crop = pack("adapters.training.training_masks").square_crop_resize
     images = torch.rand(3, 40, 100, 3, generator=torch.Generator().manual_seed(0))
     out = crop(images, 40, [(20.0, 10.0), None, (5.0, 90.0)])
     assert torch.equal(out[0], images[0, :, 0:40])  # face at the left edge: the square starts at the edge

@@ -18,9 +18,9 @@ import torch
 import weight_fixtures as wf
 from conftest import pack
 
-projectors = pack("adapters.projectors")
-identity_mod = pack("adapters.identity")
-errors = pack("adapters.weight_errors")
+projectors = pack("adapters.projectors.projectors")
+identity_mod = pack("adapters.faces.identity")
+errors = pack("adapters.weights.weight_errors")
 
 Features = identity_mod.IdentityFeatures
 
@@ -315,7 +315,7 @@ def test_missing_clip_features_named():
 
 def test_projector_keeps_file_dtype_and_identity_tokens_run():
     """A half-precision file stays half precision; IdAdapter.identity_tokens feeds it (fused references)."""
-    id_adapter = pack("adapters.id_adapter")
+    id_adapter = pack("adapters.projectors.id_adapter")
     s = {k: v.half() for k, v in wf.random_state(wf.faceid_layout(4, 16), seed=13).items()}
     cls = projectors.PROJECTORS["FaceIDProjection"]
     p = projectors.build_projector("FaceIDProjection", cls.config_from_state(s), s)

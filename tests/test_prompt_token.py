@@ -8,8 +8,8 @@ import torch
 from conftest import pack
 from training_fixtures import all_inference, inference_models
 
-pt = pack("nodes.prompt_token")
-du = pack("nodes.differentiable_unet")
+pt = pack("nodes.dispatch.prompt_token")
+du = pack("nodes.dispatch.differentiable_unet")
 
 
 @pytest.fixture(scope="module")

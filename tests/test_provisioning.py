@@ -20,8 +20,8 @@ from harness.host import Instance
 
 import folder_paths  # noqa: E402  (the in-process host, set up by conftest)
 
-weights_nodes = pack("nodes.weights_nodes")
-fa = pack("adapters.face_analysis")
+weights_nodes = pack("nodes.identity.weights_nodes")
+fa = pack("adapters.faces.face_analysis")
 
 ADAPTER_ENTRIES = [e for e in prov.manifest_entries() if "IdentityAttentionLoadIdentityAdapter" in e["nodes"]]
 LORA_ENTRIES = [e for e in prov.manifest_entries() if e["format"] == "lora"]

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from conftest import pack
 from weight_fixtures import bisenet_layout, bisenet_state, eva_clip_layout, meta_state, pulid_comfyui_state, pulid_state, tiny_eva_state
 
-eva = pack("adapters.eva_clip_vision")
-parsing = pack("adapters.face_parsing")
-face_image = pack("adapters.pulid_face_image")
-safe_load = pack("adapters.safe_load")
-formats = pack("adapters.weight_formats")
-identity_mod = pack("adapters.identity")
+eva = pack("adapters.faces.eva_clip_vision")
+parsing = pack("adapters.faces.face_parsing")
+face_image = pack("adapters.faces.pulid_face_image")
+safe_load = pack("adapters.weights.safe_load")
+formats = pack("adapters.formats.weight_formats")
+identity_mod = pack("adapters.faces.identity")
 
 
 # --- EVA02-CLIP ------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import torch
 from conftest import pack
 from weight_fixtures import prefixed, pulid_v11_layout, random_state
 
-pulid_flux = pack("adapters.pulid_flux")
-projector_pulid = pack("adapters.projector_pulid")
-weight_errors = pack("adapters.weight_errors")
+pulid_flux = pack("adapters.flux.pulid_flux")
+projector_pulid = pack("adapters.projectors.projector_pulid")
+weight_errors = pack("adapters.weights.weight_errors")
 
 
 def ca_layout(dim, kv_dim, inner):
@@ -175,7 +175,7 @@ flux_only = pytest.mark.skipif(_SKIP, reason=_REASON)
 
 def id_tokens(seed=7):
     gen = torch.Generator().manual_seed(seed)
-    IdentityTokens = pack("adapters.id_adapter").IdentityTokens
+    IdentityTokens = pack("adapters.projectors.id_adapter").IdentityTokens
     return IdentityTokens(cond=torch.randn(1, 8, 48, generator=gen), uncond=torch.randn(1, 8, 48, generator=gen))
 
 
@@ -204,8 +204,8 @@ def run_flux(model, chunks=(0, 1), seed=0):
 
 
 def pulid_on(flux, weight=1.0, apply_to="both", ident=None, foreign=None):
-    patch = pack("nodes.flux_identity_pulid_patch")
-    dispatcher = pack("nodes.dispatcher")
+    patch = pack("nodes.flux.flux_identity_pulid_patch")
+    dispatcher = pack("nodes.dispatch.dispatcher")
     tf = _tiny_flux()
     if foreign is not None:
         flux = flux.clone()
@@ -278,7 +278,7 @@ def test_flux_blocks_get_the_official_residual_after_a_foreign_replace(tiny_flux
 
 def eva_identity(seed=11):
     """An IDENTITY with the ArcFace + EVA-CLIP features the tiny PuLID-Flux encoder reads (EVA width 32)."""
-    identity_mod = pack("adapters.identity")
+    identity_mod = pack("adapters.faces.identity")
     gen = torch.Generator().manual_seed(seed)
     face = identity_mod.FaceRecord(0, (64, 64), torch.zeros(4), torch.zeros(5, 2), 0.9, torch.randn(512, generator=gen), torch.zeros(112, 112, 3))
     return identity_mod.Identity(faces=(face,), eva_clip_embeds=torch.randn(1, 768, generator=gen), eva_clip_hidden=torch.randn(1, 5, 7, 32, generator=gen))
@@ -290,8 +290,8 @@ def test_nodes_load_detect_and_apply_on_flux(tiny_flux_model, tmp_path):
     from test_pulid_nodes import model_folders
 
     tf = _tiny_flux()
-    nodes = pack("nodes.flux_identity_pulid_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.flux_identity_pulid_nodes")
+    errors = pack("nodes.common.errors")
     with model_folders(tmp_path, "pulid") as where:
         save_file(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN), str(where["pulid"] / "pulid_flux_tiny.safetensors"))
         save_file(tiny_pulid_flux_state(n_ca=2, dim=32), str(where["pulid"] / "pulid_flux_narrow.safetensors"))
@@ -320,8 +320,8 @@ def test_nodes_load_detect_and_apply_on_flux(tiny_flux_model, tmp_path):
 
 @flux_only
 def test_apply_refuses_a_unet_model_with_the_fix(tiny):
-    nodes = pack("nodes.flux_identity_pulid_nodes")
-    errors = pack("nodes.errors")
+    nodes = pack("nodes.flux.flux_identity_pulid_nodes")
+    errors = pack("nodes.common.errors")
     weights = nodes.PuLIDFluxWeights(pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2)), "x")
     with pytest.raises(errors.IdentityAttentionError) as info:
         nodes.ApplyPuLIDFlux().apply(tiny.unet("sd15"), weights, eva_identity(), 1.0, 0.0, 1.0, "both")
@@ -330,7 +330,7 @@ def test_apply_refuses_a_unet_model_with_the_fix(tiny):
 
 def test_unet_adapter_loader_names_flux_files_and_their_node():
     """'Load identity adapter' (UNet formats) detects PuLID-Flux and XLabs' Flux IP-Adapter from content and says which node reads them."""
-    formats = pack("adapters.weight_formats")
+    formats = pack("adapters.formats.weight_formats")
     with pytest.raises(weight_errors.WeightError) as info:
         formats.detect_format(tiny_pulid_flux_state(n_ca=2))
     assert "PuLID-Flux" in str(info.value) and "Load PuLID-Flux" in str(info.value)
@@ -348,8 +348,8 @@ def test_flux_window_outside_is_unpatched_bit_for_bit_inside_patched(tiny_flux_m
     """start/end as sigmas: a step outside [sigma_end, sigma_start] gives the unpatched output exactly."""
     import copy
 
-    patch = pack("nodes.flux_identity_pulid_patch")
-    dispatcher = pack("nodes.dispatcher")
+    patch = pack("nodes.flux.flux_identity_pulid_patch")
+    dispatcher = pack("nodes.dispatch.dispatcher")
     tf = _tiny_flux()
     model = pulid_flux.PuLIDFlux.from_state(tiny_pulid_flux_state(n_ca=2, dim=tf.HIDDEN))
 

@@ -14,12 +14,12 @@ from layer_harness import layer_inputs, run_layer, unpatched
 from test_pulid_encoders import OPENAI_MEAN, OPENAI_STD, bisenet_reference, eva_reference
 from weight_fixtures import bisenet_state, pulid_comfyui_state, pulid_state, tiny_eva_state
 
-nodes = pack("nodes.pulid_nodes")
-attention_nodes = pack("nodes.parallel_attention_nodes")
-errors = pack("nodes.errors")
-identity_mod = pack("adapters.identity")
-face_image = pack("adapters.pulid_face_image")
-formats = pack("adapters.weight_formats")
+nodes = pack("nodes.identity.pulid_nodes")
+attention_nodes = pack("nodes.pva.parallel_attention_nodes")
+errors = pack("nodes.common.errors")
+identity_mod = pack("adapters.faces.identity")
+face_image = pack("adapters.faces.pulid_face_image")
+formats = pack("adapters.formats.weight_formats")
 
 TEMPLATE = torch.tensor([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]])
 SDXL_KEY = ("input", 4, 0)
@@ -62,7 +62,7 @@ def photo_identity(count=2, seed=0):
 def tiny_eva(seed=1):
     """Tiny EVA with the release's output width (768) and PuLID fixture's EVA width (32: one head of 32)."""
     sd = tiny_eva_state(seed=seed, width=32, mlp_hidden=48, embed_dim=768)
-    return sd, nodes.EvaClip(pack("adapters.eva_clip_vision").EvaVisionTransformer.from_state_dict(sd), "tiny-eva.pt")
+    return sd, nodes.EvaClip(pack("adapters.faces.eva_clip_vision").EvaVisionTransformer.from_state_dict(sd), "tiny-eva.pt")
 
 
 def test_loaders_read_the_model_folders(tmp_path):
@@ -98,7 +98,7 @@ def test_encode_fills_eva_fields_as_pulid_computes_them():
     images, identity = photo_identity()
     eva_sd, eva_clip = tiny_eva()
     parse_sd = bisenet_state(seed=4)
-    parsing = nodes.FaceParsing(pack("adapters.face_parsing").BiSeNet.from_state_dict(parse_sd), "parsing_bisenet.pth")
+    parsing = nodes.FaceParsing(pack("adapters.faces.face_parsing").BiSeNet.from_state_dict(parse_sd), "parsing_bisenet.pth")
     out, preview = nodes.EncodePuLIDFeatures().encode(eva_clip, identity, images, parsing)
     assert out.eva_clip_embeds.shape == (2, 768) and out.eva_clip_hidden.shape == (2, 5, 10, 32)
     assert preview.shape == (2, 512, 512, 3)

@@ -19,15 +19,15 @@ import toy_faces as toy
 import weight_fixtures as wf
 from conftest import pack
 
-fa = pack("adapters.face_analysis")
-rid = pack("adapters.recognizer_identity")
-pack_files = pack("adapters.face_pack_files")
-manifest_mod = pack("adapters.weights_manifest")
-formats = pack("adapters.weight_formats")
-check = pack("nodes.recognizer_check")
-identity_inputs = pack("nodes.identity_inputs")
-identity_nodes = pack("nodes.identity_nodes")
-errors = pack("nodes.errors")
+fa = pack("adapters.faces.face_analysis")
+rid = pack("adapters.faces.recognizer_identity")
+pack_files = pack("adapters.faces.face_pack_files")
+manifest_mod = pack("adapters.weights.weights_manifest")
+formats = pack("adapters.formats.weight_formats")
+check = pack("nodes.common.recognizer_check")
+identity_inputs = pack("nodes.pva.identity_inputs")
+identity_nodes = pack("nodes.identity.identity_nodes")
+errors = pack("nodes.common.errors")
 
 
 def build_resnet_shaped_recognizer(path: Path, convolutions: int, seed: int = 0) -> Path:
@@ -169,7 +169,7 @@ def test_mismatch_is_an_error_naming_both_and_the_fix(identities):
     assert identity_inputs.identity_tokens(faceid, identities["buffalo_l"], False, "n").cond.shape[1] == 4
     assert identity_inputs.identity_tokens(instantid, identities["antelopev2"], False, "n").cond.shape[1] == 16
     # the other helper (face adapter / nested attention nodes) runs the same check
-    token_inputs = pack("nodes.identity_token_inputs")
+    token_inputs = pack("nodes.common.identity_token_inputs")
     with pytest.raises(errors.IdentityAttentionError, match="load buffalo_l for IP-Adapter-FaceID-Plus files"):
         token_inputs.identity_tokens(adapter_of("faceid_plus"), identities["antelopev2"], False, "Apply nested attention")
 
@@ -199,7 +199,7 @@ def test_loader_node_carries_the_policy_and_says_which_pack(tmp_path, monkeypatc
     import folder_paths
     from safetensors.torch import save_file
 
-    weights_nodes = pack("nodes.weights_nodes")
+    weights_nodes = pack("nodes.identity.weights_nodes")
     for name in weights_nodes.ADAPTER_FOLDERS:
         (tmp_path / name).mkdir()
         monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".safetensors", ".bin"}))

@@ -1,4 +1,4 @@
-"""Dual-Pivot stage 2 (nodes/restoration_training.py): the restoration_guide target on the micro SDXL model, on CPU.
+"""Dual-Pivot stage 2 (nodes/training/restoration_training.py): the restoration_guide target on the micro SDXL model, on CPU.
 
 The guide is the host's ControlNet: zero before training, equal to the host's own ControlNet at
 sampling time, trained on degraded -> clean pairs under the fixed pivot prompt, exact on resume,
@@ -17,9 +17,9 @@ import training_data_fixtures as tdf
 from conftest import pack
 from training_fixtures import assert_same, photos, snapshot
 
-trainer_mod = pack("nodes.trainer")
-rt = pack("nodes.restoration_training")
-targets_mod = pack("nodes.training_targets")
+trainer_mod = pack("nodes.training.trainer")
+rt = pack("nodes.training.restoration_training")
+targets_mod = pack("nodes.training.training_targets")
 
 PIVOT = "a photo of sks person"
 
@@ -103,7 +103,7 @@ def test_training_path_equals_the_hosts_controlnet_at_sampling_time(tmp_path, mo
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     tensors, header = target.export_files("sdxl", 2048)[""]
     path = tmp_path / "guide.safetensors"
-    pack("adapters.write_paths").write_safetensors(str(path), tensors, metadata=header)
+    pack("adapters.weights.write_paths").write_safetensors(str(path), tensors, metadata=header)
     x, sigma, hint, context, y = inputs(model, seed=1)
     feed = targets_mod.TrainingFeed()
     patched = target.install(model, feed)
@@ -130,7 +130,7 @@ def test_batch_inputs_fix_the_pivot_prompt_and_degrade_per_position():
     assert batch["captions"] == [PIVOT, PIVOT]
     hint = out["restoration_hint"]
     assert hint.shape == (4, 3, 32, 32) and torch.equal(hint[0], hint[1])
-    again = pack("adapters.degradation").degrade(images[1:], 4, indices=[8])[0]
+    again = pack("adapters.training.degradation").degrade(images[1:], 4, indices=[8])[0]
     assert torch.equal(hint[2], again[0].permute(2, 0, 1))
 
 

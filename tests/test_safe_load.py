@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from conftest import pack
 
-safe_load = pack("adapters.safe_load")
-errors = pack("adapters.weight_errors")
+safe_load = pack("adapters.weights.safe_load")
+errors = pack("adapters.weights.weight_errors")
 
 
 def _good_safetensors(path):

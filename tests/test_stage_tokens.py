@@ -9,14 +9,14 @@ import comfy.sample
 import comfy.samplers
 from conftest import pack
 
-st = pack("adapters.stage_tokens")
-pt = pack("adapters.prompt_tokens")
-host = pack("nodes.host")
-dispatcher = pack("nodes.dispatcher")
-patch_mod = pack("nodes.stage_token_patch")
-nodes_mod = pack("nodes.stage_token_nodes")
-prompt_encoding = pack("nodes.prompt_encoding")
-errors = pack("nodes.errors")
+st = pack("adapters.attention.stage_tokens")
+pt = pack("adapters.attention.prompt_tokens")
+host = pack("nodes.common.host")
+dispatcher = pack("nodes.dispatch.dispatcher")
+patch_mod = pack("nodes.stage_tokens.stage_token_patch")
+nodes_mod = pack("nodes.stage_tokens.stage_token_nodes")
+prompt_encoding = pack("nodes.common.prompt_encoding")
+errors = pack("nodes.common.errors")
 
 
 # --- stages ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""STFG math (adapters/stfg_guidance.py) against references written here (Eq. 7, 9, 10, 15)."""
+"""STFG math (adapters/attention/stfg_guidance.py) against references written here (Eq. 7, 9, 10, 15)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from conftest import pack
 
-stfg = pack("adapters.stfg_guidance")
+stfg = pack("adapters.attention.stfg_guidance")
 
 F64 = torch.float64
 

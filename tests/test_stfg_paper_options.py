@@ -17,12 +17,12 @@ from layer_harness import heads_of, layer_info, layer_inputs, logits64, run_laye
 from test_stfg_guidance import F64, case, lp_ref
 from test_stfg_sampling import SIZE, apply_stfg, edit_mask, inpaint, latent_mask, original_latent
 
-stfg = pack("adapters.stfg_guidance")
-stfg_nodes = pack("nodes.stfg_nodes")
-post_cfg = pack("nodes.stfg_post_cfg")
-attention_stage = pack("nodes.stfg_attention_stage")
-dispatcher = pack("nodes.dispatcher")
-errors = pack("nodes.errors")
+stfg = pack("adapters.attention.stfg_guidance")
+stfg_nodes = pack("nodes.stfg.stfg_nodes")
+post_cfg = pack("nodes.stfg.stfg_post_cfg")
+attention_stage = pack("nodes.stfg.stfg_attention_stage")
+dispatcher = pack("nodes.dispatch.dispatcher")
+errors = pack("nodes.common.errors")
 
 
 def update_reference(denoised, z0, idx, mask, sigma, lam, box, cap):

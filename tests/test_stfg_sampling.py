@@ -10,13 +10,13 @@ from conftest import pack
 from testkit import tiny_models
 from testkit.tiny_models import random_conditioning
 
-stfg = pack("adapters.stfg_guidance")
-stfg_nodes = pack("nodes.stfg_nodes")
-post_cfg = pack("nodes.stfg_post_cfg")
-attention_stage = pack("nodes.stfg_attention_stage")
-dispatcher = pack("nodes.dispatcher")
-gradient_support = pack("nodes.gradient_support")
-errors = pack("nodes.errors")
+stfg = pack("adapters.attention.stfg_guidance")
+stfg_nodes = pack("nodes.stfg.stfg_nodes")
+post_cfg = pack("nodes.stfg.stfg_post_cfg")
+attention_stage = pack("nodes.stfg.stfg_attention_stage")
+dispatcher = pack("nodes.dispatch.dispatcher")
+gradient_support = pack("nodes.dispatch.gradient_support")
+errors = pack("nodes.common.errors")
 
 SIZE = 16  # latent side; 128 px
 

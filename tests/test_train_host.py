@@ -26,7 +26,7 @@ def inputs(instance, tiny):
     """A tiny PVA adapter file for the test kit's SD1.5 model, and a reference photo."""
     from PIL import Image
 
-    native = pack("adapters.native_format")
+    native = pack("adapters.formats.native_format")
     native.write_native(tiny_pva_adapter(tiny.unet("sd15", 0), seed=3), str(instance.models / "identity_attention" / ADAPTER_FILE))
     img = (photos(1, 64, seed=5)[0].numpy() * 255).round().astype(np.uint8)
     Image.fromarray(img).save(instance.input / "identity_attention_person.png")
@@ -98,7 +98,7 @@ def test_personalize_through_prompt_saves_and_plugs_into_joint_attention(server,
         assert entry["outputs"][node_id]["images"][0]["type"] == "temp"  # the loss curve shown on the node
         saved = instance.models / "identity_attention" / f"{SAVE_NAME}.safetensors"
         assert saved.is_file()
-        loaded = pack("adapters.native_format").read_native(str(saved))
+        loaded = pack("adapters.formats.native_format").read_native(str(saved))
         assert loaded.mechanism == "joint" and len(loaded.layers) == 16 and "modifier_vec.l" in loaded.extras
         assert any(p.joinpath(f"{SAVE_NAME}.safetensors").is_file() for p in embedding_candidates)
         # the saved file through the loader, in the same graph shape

@@ -15,9 +15,9 @@ import training_data_fixtures as tdf
 from conftest import REPO, TESTS, pack
 from training_fixtures import fixed_batch, identity, tiny_pva_adapter, x0_prediction
 
-trainer_mod = pack("nodes.trainer")
-data_mod = pack("adapters.training_data")
-native = pack("adapters.native_format")
+trainer_mod = pack("nodes.training.trainer")
+data_mod = pack("adapters.training.training_data")
+native = pack("adapters.formats.native_format")
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +85,14 @@ def test_exported_pva_weights_load_through_the_weights_loader_and_patch_a_model(
     trainer_mod.run(str(pva_config(tmp_path, folder, steps=1, out="export")), models=models)
     path = tmp_path / "export" / "pva.safetensors"
     loaded = native.read_native(str(path))  # as 'Load identity adapter' reads a native file
-    read = pack("adapters.safe_load").read_weight_file(str(path))
-    converted = pack("adapters.weight_formats").convert(read.tensors, read.metadata)
+    read = pack("adapters.weights.safe_load").read_weight_file(str(path))
+    converted = pack("adapters.formats.weight_formats").convert(read.tensors, read.metadata)
     assert converted.mechanism == loaded.mechanism == "joint" and type(converted.projector).__name__ == "PVATransformNetwork"
     from training_fixtures import inference_models
 
     model, clip, vae = inference_models("sd15", seed=0)
-    pack("adapters.weight_formats").check_against_model(converted, pack("nodes.host").cross_attention_layers(model))
-    ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
+    pack("adapters.formats.weight_formats").check_against_model(converted, pack("nodes.common.host").cross_attention_layers(model))
+    ApplyParallelAttention = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
     with torch.inference_mode():
         patched = ApplyParallelAttention().apply(model, converted, identity(2), 1.0, 0.0, 1.0, "both", "auto", "adapter", "per_reference")[0]
     x0, sigma, eps = fixed_batch(model, vae)
@@ -119,8 +119,8 @@ def test_moa_router_trains_with_its_router_loss_and_plugs_into_the_moa_node(tmp_
     assert routers.mechanism == "moa_router" and len(routers.layers) == 16
     assert set(next(iter(routers.layers.values()))) == {"router.0.weight", "router.0.bias", "router.2.weight", "router.2.bias"}
     model, clip, vae = inference_models("sd15", seed=0)
-    ApplyParallelAttention = pack("nodes.parallel_attention_nodes").ApplyParallelAttention
-    ApplyMoA = pack("nodes.mixture_of_attention_nodes").ApplyMixtureOfAttention
+    ApplyParallelAttention = pack("nodes.pva.parallel_attention_nodes").ApplyParallelAttention
+    ApplyMoA = pack("nodes.moa.mixture_of_attention_nodes").ApplyMixtureOfAttention
     branch = native.read_native(str(adapter_path))
     with torch.inference_mode():
         personalized = ApplyParallelAttention().apply(model, branch, identity(2), 1.0, 0.0, 1.0, "both", "joint", "adapter", "fused")[0]
@@ -135,7 +135,7 @@ def test_progress_line_and_loss_plot():
     line.t0 -= 10.0
     text = line.text(10, {"loss": 0.5})
     assert text.startswith("step 10/100 | loss 0.5000 | 1.00 s/step | ETA 1m 30s")
-    plot = pack("adapters.loss_plot")
+    plot = pack("adapters.training.loss_plot")
     img = plot.draw_loss_curves({"loss": [1.0, 0.8, 0.9, 0.5], "router": [0.1, 0.1, 0.05, 0.02]}, width=320, height=200)
     tensor = plot.image_tensor(img)
     assert tensor.shape == (1, 200, 320, 3) and 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
@@ -198,7 +198,7 @@ def test_ca2_score_predictor_trains_and_exports_its_weight_names(tmp_path, folde
     entry = out.layers[("input", 1, 0)]
     assert set(entry) == {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias", "to_k", "to_v"}
     assert entry["score.0.weight"].shape == (8, 32 + 768) and entry["score.2.weight"].shape == (2, 8)
-    start = pack("adapters.trainable_modules").ScorePredictors({("input", 1, 0): 32}, 768, hidden=8, seed=0).export()[("input", 1, 0)]
+    start = pack("adapters.training.trainable_modules").ScorePredictors({("input", 1, 0): 32}, 768, hidden=8, seed=0).export()[("input", 1, 0)]
     assert not torch.equal(start["score.0.weight"], entry["score.0.weight"])  # it trained
 
 
@@ -208,7 +208,7 @@ def test_face_adapter_trains_with_fair_and_exports_facts_names(tmp_path, folder,
     run = trainer_mod.run(str(_target_config(tmp_path, folder, "fact", {"face_adapter": {"adapter": str(adapter_path), "fair_weight": 0.01}})), models=models)
     assert "fair" in run.history and all(math_isfinite(v) for v in run.history["fair"])
     out = native.read_native(str(tmp_path / "fact" / "fact.safetensors"))
-    names = set(pack("adapters.weight_formats").FACT_NAMES)
+    names = set(pack("adapters.formats.weight_formats").FACT_NAMES)
     assert out.mechanism == "gated_self_attention" and len(out.layers) == 16
     assert set(out.layers[("input", 1, 0)]) == names
     assert any(float(e["alpha_attn"].abs()) > 0 for e in out.layers.values())  # the gates opened
@@ -216,7 +216,7 @@ def test_face_adapter_trains_with_fair_and_exports_facts_names(tmp_path, folder,
     from training_fixtures import inference_models
 
     model, clip, vae = inference_models("sd15", seed=0)
-    ApplyFaceAdapter = pack("nodes.face_adapter_nodes").ApplyFaceAdapter
+    ApplyFaceAdapter = pack("nodes.fact.face_adapter_nodes").ApplyFaceAdapter
     with torch.inference_mode():
         patched = ApplyFaceAdapter().apply(model, out, identity(2), 1.0, 0.0, 1.0, "both", "fused")[0]
     x0, sigma, eps = fixed_batch(model, vae)
@@ -234,9 +234,9 @@ def test_stage_tokens_train_with_the_face_wise_attention_loss(tmp_path, folder, 
         header = f.metadata()
     assert header["format"] == "identity_attention_tokens" and header["count"] == "5" and header["encoders"] == "l"
     assert tensors["l.keys"].shape == (5, 1, 768) and tensors["l.values"].shape == (5, 1, 768)
-    loaded = pack("adapters.stage_tokens").StageTokens.from_file_dict(tensors, header)  # what 'Load identity tokens' does
+    loaded = pack("adapters.attention.stage_tokens").StageTokens.from_file_dict(tensors, header)  # what 'Load identity tokens' does
     assert loaded.stages == 5 and loaded.base == "sd15" and torch.equal(loaded.keys["l"], tensors["l.keys"])
-    stage_of = pack("nodes.stage_token_training").stage_of
+    stage_of = pack("nodes.training.stage_token_training").stage_of
     assert stage_of(torch.tensor([999, 800, 799, 0]), 5).tolist() == [0, 0, 1, 4]
 
 

@@ -11,9 +11,9 @@ import training_data_fixtures as tdf
 from conftest import pack
 from training_fixtures import tiny_pva_adapter
 
-cd = pack("adapters.condition_dropout")
-trainer_mod = pack("nodes.trainer")
-native = pack("adapters.native_format")
+cd = pack("adapters.training.condition_dropout")
+trainer_mod = pack("nodes.training.trainer")
+native = pack("adapters.formats.native_format")
 
 
 def test_dropout_draw_is_ip_adapters_rule():
@@ -86,7 +86,7 @@ def test_face_adapter_paired_and_shuffled_faces(tmp_path, folder, models):
 
 
 def tdf_batch(trainer):
-    collate = pack("adapters.training_data").collate
+    collate = pack("adapters.training.training_data").collate
     return collate([trainer.dataset.sample(trainer.dataset.position(k)) for k in range(4)])
 
 
@@ -111,8 +111,8 @@ def test_prepare_caches_identity_features(tmp_path):
     import toy_faces as toy
     from PIL import Image
 
-    fa = pack("adapters.face_analysis")
-    prep = pack("nodes.prepare_features")
+    fa = pack("adapters.faces.face_analysis")
+    prep = pack("nodes.identity.prepare_features")
     model = fa.load_face_analysis(toy.toy_pack(), "CPU", 640)
     root = tmp_path / "faces"
     (root / "anna").mkdir(parents=True)
@@ -128,6 +128,6 @@ def test_prepare_caches_identity_features(tmp_path):
     again = prep.prepare_folder(str(root), model)
     assert again.skipped == [str(root / "anna" / "0.png")] and not again.written
     # the trainer's data stream reads them (no face analysis at training time)
-    data = pack("adapters.training_data")
+    data = pack("adapters.training.training_data")
     stream = data.StreamingImages(data.ImageFolderIndex(str(root)), 32, need_own_features=True)
     assert torch.equal(stream.features_of(0)["arcface"][0], direct)

@@ -11,10 +11,10 @@ from conftest import pack
 from testkit.synthetic import synthetic_identity
 from weight_fixtures import transface_state_dict
 
-tf = pack("adapters.transface_encoder")
-crop_mask = pack("adapters.face_crop_mask")
-encoder_nodes = pack("nodes.face_encoder_nodes")
-errors = pack("nodes.errors")
+tf = pack("adapters.faces.transface_encoder")
+crop_mask = pack("adapters.faces.face_crop_mask")
+encoder_nodes = pack("nodes.identity.face_encoder_nodes")
+errors = pack("nodes.common.errors")
 
 
 def reference_tokens(sd, images, heads=8):

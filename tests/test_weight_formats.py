@@ -10,11 +10,11 @@ import torch
 import weight_fixtures as wf
 from conftest import pack
 
-formats = pack("adapters.weight_formats")
-tables = pack("adapters.layer_tables")
-safe_load = pack("adapters.safe_load")
-errors = pack("adapters.weight_errors")
-host = pack("nodes.host")
+formats = pack("adapters.formats.weight_formats")
+tables = pack("adapters.weights.layer_tables")
+safe_load = pack("adapters.weights.safe_load")
+errors = pack("adapters.weights.weight_errors")
+host = pack("nodes.common.host")
 
 SD15_INDEX = {
     1: ("input", 1, 0), 3: ("input", 2, 0), 5: ("input", 4, 0), 7: ("input", 5, 0), 9: ("input", 7, 0), 11: ("input", 8, 0),

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, pack
 
 cli = pack("weights")
-manifest_mod = pack("adapters.weights_manifest")
+manifest_mod = pack("adapters.weights.weights_manifest")
 
 NODE_IDS = sorted(pack("nodes").NODE_CLASS_MAPPINGS)  # every node the pack registers
 
@@ -78,12 +78,12 @@ def test_manifest_validator_catches(change, problem):
 
 
 def test_no_network_code_outside_the_download_command():
-    """Only adapters/weights_download.py may open connections (the CLI imports it lazily)."""
+    """Only adapters/weights/weights_download.py may open connections (the CLI imports it lazily)."""
     pattern = re.compile(r"^\s*(import|from)\s+(urllib|http\.client|socket|requests|httpx|aiohttp)\b", re.M)
     offenders = []
     for path in REPO.rglob("*.py"):
         rel = path.relative_to(REPO).as_posix()
-        if rel.startswith(("tests/", ".venv/", ".cache/", "benchmarks/", "scripts/")) or rel == "adapters/weights_download.py":
+        if rel.startswith(("tests/", ".venv/", ".cache/", "benchmarks/", "scripts/")) or rel == "adapters/weights/weights_download.py":
             continue
         if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
             offenders.append(rel)

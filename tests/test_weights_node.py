@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 import weight_fixtures as wf
 from conftest import pack
 
-weights_nodes = pack("nodes.weights_nodes")
-node_errors = pack("nodes.errors")
-manifest_mod = pack("adapters.weights_manifest")
-formats = pack("adapters.weight_formats")
-safe_load = pack("adapters.safe_load")
+weights_nodes = pack("nodes.identity.weights_nodes")
+node_errors = pack("nodes.common.errors")
+manifest_mod = pack("adapters.weights.weights_manifest")
+formats = pack("adapters.formats.weight_formats")
+safe_load = pack("adapters.weights.safe_load")
 
 import folder_paths  # noqa: E402  (the in-process host, set up by conftest)
 

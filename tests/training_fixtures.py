@@ -37,9 +37,9 @@ def tiny_pva_adapter(model, seed: int = 0, with_layers: bool = True, tokens: int
     """A PVA-format ID_ADAPTER for ``model``: a small identity transformer (+ random visual projections)."""
     from testkit import synthetic, tiny_models
 
-    host = pack("nodes.host")
-    IdAdapter = pack("adapters.id_adapter").IdAdapter
-    PVA = pack("adapters.projector_pva").PVATransformNetwork
+    host = pack("nodes.common.host")
+    IdAdapter = pack("adapters.projectors.id_adapter").IdAdapter
+    PVA = pack("adapters.projectors.projector_pva").PVATransformNetwork
     layers = host.cross_attention_layers(model)
     ctx = layers[0].context_dim
     base = host.base_model_of(model)
@@ -86,7 +86,7 @@ def all_inference(module) -> bool:
 
 def fixed_batch(model, vae, seed: int = 123, size: int = 64, rows: int = 2):
     """``(x0, sigma, eps)`` for a fixed evaluation batch of one photo."""
-    pers = pack("nodes.personalization")
+    pers = pack("nodes.training.personalization")
     with torch.inference_mode():
         x0 = pers.encode_latents(vae, model, photos(1, size, seed=seed)).expand(rows, -1, -1, -1).clone()
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@
   ``torch.load(weights_only=True)`` (tests/weight_fixtures.py ``transface_state_dict``).
 - ``IdentityAttentionLoadIdentityTokens``: a per-stage identity-token file in the pack's own format
   (safetensors ``<encoder>.keys`` / ``<encoder>.values`` ``[S, 1, width]`` and the
-  ``identity_attention_tokens`` header of adapters/stage_tokens.py, as Save identity tokens and the
+  ``identity_attention_tokens`` header of adapters/attention/stage_tokens.py, as Save identity tokens and the
   trainer write it), for the base of the workflow's checkpoint; the tiny models keep the real text
   widths (768 for SD1.5; 768 + 1280 for SDXL). Written here, not through the pack, so the file
   format itself is checked by the real loader.
@@ -24,7 +24,7 @@ from .host import Instance
 from .tiny_swap import register
 
 TRANSFACE_DEPTH = 2
-TOKEN_WIDTHS = {"sd15": {"l": 768}, "sd2": {"h": 1024}, "sdxl": {"g": 1280, "l": 768}}  # adapters/stage_tokens.py ENCODER_WIDTHS
+TOKEN_WIDTHS = {"sd15": {"l": 768}, "sd2": {"h": 1024}, "sdxl": {"g": 1280, "l": 768}}  # adapters/attention/stage_tokens.py ENCODER_WIDTHS
 TOKEN_STAGES = 5
 
 

@@ -270,7 +270,7 @@ def install_pack(insightface_dir: os.PathLike) -> Path:
 
 
 def face_analysis_module():
-    """The pack's ``adapters/face_analysis.py`` (registers the pack as ``identity_attention`` if nobody has)."""
+    """The pack's ``adapters/faces/face_analysis.py`` (registers the pack as ``identity_attention`` if nobody has)."""
     package = "identity_attention"
     if package not in sys.modules:  # as tests/conftest.py and benchmarks/host_setup.py do
         repo = Path(__file__).resolve().parents[2]
@@ -279,7 +279,7 @@ def face_analysis_module():
         module.__file__ = str(repo / "__init__.py")
         module.IDENTITY_ATTENTION_PACK = True
         sys.modules[package] = module
-    return importlib.import_module(f"{package}.adapters.face_analysis")
+    return importlib.import_module(f"{package}.adapters.faces.face_analysis")
 
 
 class IdentityScorer:
@@ -297,7 +297,7 @@ class IdentityScorer:
         # -> one float per image: cosine of its largest face to the fused reference; None = no face
 
     This is exactly what the Identity similarity node computes
-    (``adapters.face_analysis.identity_similarity``). The reference must be encoded by the
+    (``adapters.faces.face_analysis.identity_similarity``). The reference must be encoded by the
     scorer itself: an IDENTITY made with another recognizer (antelopev2: 512 values) is
     refused. SFace is weaker than antelopev2's ArcFace: compare settings with it (same person
     0.6-0.85, different people below 0.35 on these photos), do not read its values as

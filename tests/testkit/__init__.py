@@ -109,7 +109,7 @@ class DummyStage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        stage_inputs = pack_module("nodes.stage_inputs")
+        stage_inputs = pack_module("nodes.dispatch.stage_inputs")
         required = {
             "model": ("MODEL", {"tooltip": "Model to patch."}),
             "kind": (["add_tanh_q", "scale_out"], {"tooltip": "Which known contribution to add."}),
@@ -118,14 +118,14 @@ class DummyStage:
         return {"required": required, "optional": stage_inputs.mask_input()}
 
     def apply(self, model, kind, weight, start_percent, end_percent, apply_to, mask=None):
-        stage_inputs = pack_module("nodes.stage_inputs")
-        dispatcher = pack_module("nodes.dispatcher")
+        stage_inputs = pack_module("nodes.dispatch.stage_inputs")
+        dispatcher = pack_module("nodes.dispatch.dispatcher")
         schedule = stage_inputs.build_schedule(model, weight, start_percent, end_percent, apply_to, mask, node=self.DISPLAY_NAME)
         return (dispatcher.apply_attention_stage(model, make_dummy_stage(kind, schedule)),)
 
 
 def make_dummy_stage(kind, schedule):
-    dispatcher = pack_module("nodes.dispatcher")
+    dispatcher = pack_module("nodes.dispatch.dispatcher")
 
     class _Stage(dispatcher.AttentionStage):
         label = f"dummy {kind}"
@@ -153,7 +153,7 @@ class HandPatch:
         }
 
     def apply(self, model, ops):
-        host = pack_module("nodes.host")
+        host = pack_module("nodes.common.host")
         steps = [(kind, float(w)) for kind, w in (item.split(":") for item in ops.split(",") if item.strip())]
         previous = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
 
@@ -193,7 +193,7 @@ class ForeignReplace:
         }
 
     def apply(self, model, factor, block_wide):
-        host = pack_module("nodes.host")
+        host = pack_module("nodes.common.host")
         calls = self.CALLS
 
         def foreign(q, k, v, extra_options):
@@ -257,11 +257,11 @@ class SyntheticAdapter:
     def make(self, model, num_tokens, seed, visual_q, projector_input="arcface_normed"):
         from .synthetic import synthetic_adapter
 
-        host = pack_module("nodes.host")
+        host = pack_module("nodes.common.host")
         layers = host.cross_attention_layers(model)
-        if not layers and pack_module("nodes.dit_layout").dit_family(model) is not None:
+        if not layers and pack_module("nodes.common.dit_layout").dit_family(model) is not None:
             # Flux: no layers to give projections to; tokens as wide as its text context (training-free joint use)
-            width = pack_module("nodes.dit_layout").context_width(model)
+            width = pack_module("nodes.common.dit_layout").context_width(model)
             return (synthetic_adapter([], "sd15", width, num_tokens=num_tokens, seed=seed, projector_input=projector_input, mechanism="joint"),)
         base = host.base_model_of(model)
         return (
@@ -319,7 +319,7 @@ class SyntheticFactAdapter:
     def make(self, model, seed, alpha):
         from .synthetic import synthetic_fact_adapter
 
-        host = pack_module("nodes.host")
+        host = pack_module("nodes.common.host")
         layers = host.cross_attention_layers(model)
         return (synthetic_fact_adapter(layers, host.base_model_of(model), layers[0].context_dim, seed=seed, alpha=alpha),)
 

@@ -33,7 +33,7 @@ def synthetic_identity(
     clip_embed_dim: int = 1024,
     face_tokens: bool = False,
 ):
-    identity_mod = _pack("adapters.identity")
+    identity_mod = _pack("adapters.faces.identity")
     gen = torch.Generator().manual_seed(seed)
     faces = []
     for i in range(references):
@@ -63,7 +63,7 @@ def synthetic_identity(
 
 
 def _projector_class():
-    TokenProjector = _pack("adapters.id_adapter").TokenProjector
+    TokenProjector = _pack("adapters.projectors.id_adapter").TokenProjector
 
     class SyntheticProjector(TokenProjector):
         """tokens = reshape(W @ arcface_normed + b) -> [N, T, D], then LayerNorm."""
@@ -92,7 +92,7 @@ def synthetic_projector(num_tokens: int, token_dim: int, seed: int = 0):
 
 
 def _clip_projector_class():
-    TokenProjector = _pack("adapters.id_adapter").TokenProjector
+    TokenProjector = _pack("adapters.projectors.id_adapter").TokenProjector
 
     class SyntheticClipProjector(TokenProjector):
         """An image adapter's projector: tokens = LayerNorm(reshape(W @ clip_embeds + b)) -> [N, T, D]."""
@@ -161,12 +161,12 @@ def synthetic_adapter(
     mechanism: str = "decoupled",
     projector_input: str = "arcface_normed",
 ):
-    """An ID_ADAPTER for the given LayerInfo list (from ``nodes.host.cross_attention_layers``).
+    """An ID_ADAPTER for the given LayerInfo list (from ``nodes.common.host.cross_attention_layers``).
 
     ``projector_input``: "arcface_normed" (a face adapter) or "clip_embeds" (an image adapter,
     tokens from CLIP image embeds, as IP-Adapter base).
     """
-    id_adapter = _pack("adapters.id_adapter")
+    id_adapter = _pack("adapters.projectors.id_adapter")
     token_dim = token_dim or context_dim
     gen = torch.Generator().manual_seed(seed + 1)
     per_layer = {}
@@ -193,7 +193,7 @@ def synthetic_adapter(
 
 
 def _face_token_projector_class():
-    TokenProjector = _pack("adapters.id_adapter").TokenProjector
+    TokenProjector = _pack("adapters.projectors.id_adapter").TokenProjector
 
     class SyntheticFaceTokenProjector(TokenProjector):
         """Reads ``face_tokens`` ``[N, 144, 512]`` like FACT's resampler: 16 tokens per set.
@@ -260,7 +260,7 @@ def fact_layer_weights(channels: int, token_dim: int, gen: torch.Generator, alph
 
 def synthetic_fact_adapter(layers: Iterable, base: str, context_dim: int, seed: int = 0, alpha: float = 0.5, num_tokens: int = 16):
     """An ID_ADAPTER(format="fact") for the given LayerInfo list, with a face-token projector."""
-    id_adapter = _pack("adapters.id_adapter")
+    id_adapter = _pack("adapters.projectors.id_adapter")
     gen = torch.Generator().manual_seed(seed + 11)
     per_layer = {info.key: fact_layer_weights(info.inner_dim, context_dim, gen, alpha) for info in layers}
     return id_adapter.IdAdapter(

@@ -223,7 +223,7 @@ class TinyTextEncoder(torch.nn.Module):
         return torch.nn.functional.pad(v, (0, self.context_dim - v.shape[0]))
 
     # where the pack looks up a word's token embedding (``cond_stage_model.clip_<encoder>.transformer
-    # .get_input_embeddings().weight[ids]``, nodes/prompt_encoding.py): the hashed table seen as a
+    # .get_input_embeddings().weight[ids]``, nodes/common/prompt_encoding.py): the hashed table seen as a
     # real vocabulary, so "Create identity tokens" can start from a word on the tiny models
     @property
     def clip_l(self):

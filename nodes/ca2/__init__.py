@@ -1,0 +1,2 @@
+"""The CA² gate (CA-Edit): node, UNet stage and Flux path.
+"""

@@ -1,0 +1,2 @@
+"""FACT's face adapter (gated self-attention in each UNet block): node and block patch.
+"""

@@ -1,0 +1,2 @@
+"""KV-mixed cross-attention: node and its Flux path.
+"""

@@ -1,0 +1,2 @@
+"""Mixture-of-attention routing (MoA): node, UNet router stage and Flux path.
+"""

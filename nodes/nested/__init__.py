@@ -1,0 +1,2 @@
+"""Nested attention: node, UNet stage and Flux path.
+"""

@@ -1,0 +1,2 @@
+"""Per-stage K/V identity tokens: node and UNet stage patch.
+"""

@@ -1,0 +1,2 @@
+"""STFG sampler guidance: node, attention-map stage and the post-CFG update.
+"""

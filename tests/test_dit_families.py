@@ -70,6 +70,21 @@ def test_unet_models_pass_the_family_check(tiny):
     assert layout.dit_family(unet) is None and not layout.is_unknown_dit(unet)
 
 
+@pytest.mark.parametrize("module, cls, others, made_for", [  # others: the inputs between model and weight
+    ("nodes.flux.flux_identity_pulid_nodes", "ApplyPuLIDFlux", 2, "PuLID-Flux is made for Flux.1's blocks"),
+    ("nodes.flux.flux_ip_adapter_nodes", "ApplyFluxIPAdapter", 3, "XLabs' IP-Adapter is made for Flux.1's double blocks"),
+    ("nodes.flux.instantx_flux_ip_adapter_nodes", "ApplyInstantXFluxIPAdapter", 3, "InstantX's IP-Adapter is made for Flux.1's blocks"),
+])
+def test_flux_only_nodes_refuse_a_unet_model_naming_node_input_and_fix(tiny, module, cls, others, made_for):
+    errors = pack("nodes.common.errors")
+    node = getattr(pack(module), cls)
+    with pytest.raises(errors.IdentityAttentionError) as info:
+        node().apply(tiny.unet("sd15"), *([None] * others), 1.0, 0.0, 1.0, "both")
+    message = str(info.value)
+    assert f"{made_for}; this MODEL is not a Flux.1 model" in message and node.DISPLAY_NAME in message
+    assert getattr(info.value, "input_name", None) == "model" and "connect a Flux.1 model" in message
+
+
 @pytest.mark.skipif(not tiny_flux.flux_available(), reason=tiny_flux.SKIP_REASON)
 def test_model_report_on_flux_lists_blocks_effects_and_unet_only_nodes():
     from testkit.synthetic import synthetic_adapter, synthetic_identity

@@ -95,6 +95,14 @@ README_ROWS = {
 }
 
 
+def require_flux(model, node: str, made_for: str, fix: str) -> None:
+    """Refuse a MODEL that is not Flux.1 for a Flux-only node: "<made_for>; this MODEL is not a Flux.1 model"."""
+    from .errors import IdentityAttentionError
+
+    if dit_family(model) != FLUX:
+        raise IdentityAttentionError(f"{made_for}; this MODEL is not a Flux.1 model", node=node, input_name="model", fix=fix)
+
+
 def check_model_family(node_id: str, model, node: str, input_name: str = "model") -> None:
     """Refuse a DiT MODEL for a node :data:`DIT_NODES` does not mark as working on it (one clear error)."""
     from .errors import IdentityAttentionError

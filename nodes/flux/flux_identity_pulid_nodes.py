@@ -13,7 +13,7 @@ import torch
 from ...adapters.projectors.id_adapter import IdentityTokens
 from ...adapters.flux.pulid_flux import PuLIDFlux
 from ...adapters.weights.weight_errors import WeightError
-from ..common.dit_layout import FAMILY_NAMES, FLUX, dit_blocks, dit_family
+from ..common.dit_layout import dit_blocks, require_flux
 from ..common.errors import IdentityAttentionError
 from .flux_identity_pulid_patch import apply_pulid_flux
 from ..common.folders import check_weight_choice, load_weight_choice, weight_choices
@@ -105,13 +105,8 @@ class ApplyPuLIDFlux:
 
     def apply(self, model, pulid_flux, identity, weight, start_percent, end_percent, apply_to):
         node = self.DISPLAY_NAME
-        family = dit_family(model)
-        if family != FLUX:
-            raise IdentityAttentionError(
-                "PuLID-Flux is made for Flux.1's blocks; this MODEL is not a Flux.1 model",
-                node=node, input_name="model",
-                fix="connect a Flux.1 model; for SD1.5/SDXL use PuLID for SDXL (pulid_v1.1.safetensors) with 'Apply parallel visual attention'",
-            )
+        require_flux(model, node, "PuLID-Flux is made for Flux.1's blocks",
+                     fix="connect a Flux.1 model; for SD1.5/SDXL use PuLID for SDXL (pulid_v1.1.safetensors) with 'Apply parallel visual attention'")
         if not isinstance(pulid_flux, PuLIDFluxWeights):
             raise IdentityAttentionError("this is not PuLID-Flux", node=node, input_name="pulid_flux", fix="connect 'Load PuLID-Flux'")
         blocks = dit_blocks(model)

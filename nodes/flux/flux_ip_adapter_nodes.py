@@ -18,7 +18,7 @@ import torch
 from ...adapters.flux.flux_ip_adapter import XLabsFluxIPAdapter
 from ...adapters.projectors.id_adapter import IdentityTokens
 from ...adapters.weights.weight_errors import WeightError
-from ..common.dit_layout import FLUX, dit_blocks, dit_family
+from ..common.dit_layout import dit_blocks, require_flux
 from ..common.errors import IdentityAttentionError
 from .flux_ip_adapter_patch import apply_flux_ip_adapter
 from ..common.folders import check_weight_choice, load_weight_choice, weight_choices
@@ -125,12 +125,8 @@ class ApplyFluxIPAdapter:
 
     def apply(self, model, flux_ip_adapter, clip_vision, image, weight, start_percent, end_percent, apply_to):
         node = self.DISPLAY_NAME
-        if dit_family(model) != FLUX:
-            raise IdentityAttentionError(
-                "XLabs' IP-Adapter is made for Flux.1's double blocks; this MODEL is not a Flux.1 model",
-                node=node, input_name="model",
-                fix="connect a Flux.1 model; for SD1.5/SDXL use an IP-Adapter with 'Load identity adapter' and 'Apply parallel visual attention'",
-            )
+        require_flux(model, node, "XLabs' IP-Adapter is made for Flux.1's double blocks",
+                     fix="connect a Flux.1 model; for SD1.5/SDXL use an IP-Adapter with 'Load identity adapter' and 'Apply parallel visual attention'")
         if not isinstance(flux_ip_adapter, FluxIPAdapterWeights):
             raise IdentityAttentionError("this is not a Flux IP-Adapter", node=node, input_name="flux_ip_adapter",
                                          fix="connect 'Load Flux IP-Adapter (XLabs)'")

@@ -28,7 +28,7 @@ import torch
 from ...adapters.projectors.id_adapter import IdentityTokens
 from ...adapters.flux.instantx_flux_ip_adapter import InstantXFluxIPAdapter, SiglipPoolingHead
 from ...adapters.weights.weight_errors import WeightError
-from ..common.dit_layout import FLUX, dit_blocks, dit_family
+from ..common.dit_layout import dit_blocks, require_flux
 from ..common.errors import IdentityAttentionError
 from ..common.folders import check_weight_choice, load_weight_choice, weight_choices
 from .instantx_flux_ip_adapter_stage import apply_instantx_flux_ip_adapter
@@ -157,12 +157,8 @@ class ApplyInstantXFluxIPAdapter:
 
     def apply(self, model, flux_ip_adapter, clip_vision, image, weight, start_percent, end_percent, apply_to):
         node = self.DISPLAY_NAME
-        if dit_family(model) != FLUX:
-            raise IdentityAttentionError(
-                "InstantX's IP-Adapter is made for Flux.1's blocks; this MODEL is not a Flux.1 model",
-                node=node, input_name="model",
-                fix="connect a Flux.1 model; for SD1.5/SDXL use an IP-Adapter with 'Load identity adapter' and 'Apply parallel visual attention'",
-            )
+        require_flux(model, node, "InstantX's IP-Adapter is made for Flux.1's blocks",
+                     fix="connect a Flux.1 model; for SD1.5/SDXL use an IP-Adapter with 'Load identity adapter' and 'Apply parallel visual attention'")
         if not isinstance(flux_ip_adapter, InstantXFluxIPAdapterWeights):
             raise IdentityAttentionError("this is not InstantX's Flux IP-Adapter", node=node, input_name="flux_ip_adapter",
                                          fix="connect 'Load Flux IP-Adapter (InstantX)'")
